@@ -1,0 +1,114 @@
+"""GPT-2 configuration and the parameter layout shared by every trainer and file.
+
+The parameters of a GPT-2 model live in one flat array, in llm.c's order (DESIGN.md §2).
+Each tensor is a view into that array, so the optimizer, the gradient norm and the
+file readers and writers all work on a single buffer. This module is NumPy-only and
+the views work the same for NumPy arrays and torch tensors (both slice and reshape).
+"""
+
+import re
+from dataclasses import dataclass
+
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+GPT2_EOT = 50256
+
+
+def pad_vocab(vocab_size, multiple=128):
+    """The vocab rounded up to a multiple of 128 (50257 -> 50304): matmul-friendly shapes."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    max_seq_len: int = 1024  # maxT: rows of the position embedding
+    vocab_size: int = GPT2_VOCAB_SIZE  # V: tokens the model can emit
+    padded_vocab_size: int = pad_vocab(GPT2_VOCAB_SIZE)  # Vp: rows of wte
+    num_layers: int = 12  # L
+    num_heads: int = 12  # NH
+    channels: int = 768  # C
+
+    def __post_init__(self):
+        if self.channels % self.num_heads:
+            raise ValueError(f"channels ({self.channels}) must be divisible by num_heads ({self.num_heads})")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size ({self.padded_vocab_size}) < vocab_size ({self.vocab_size})")
+
+
+# GPT-2's published sizes: layers -> (channels, heads)
+_GPT2_SIZES = {12: (768, 12), 24: (1024, 16), 36: (1280, 20), 48: (1600, 25)}
+# short names for test configs
+_ALIASES = {"tiny": "d2c64h4"}
+
+
+def config_from_descriptor(descriptor):
+    """'d12', 'd24', 'd36', 'd48' (GPT-2 124M..1.5B) or 'dLcChH' (e.g. 'd2c64h4', alias 'tiny')."""
+    desc = _ALIASES.get(descriptor, descriptor)
+    m = re.fullmatch(r"d(\d+)(?:c(\d+)h(\d+))?", desc)
+    if m is None or (m.group(2) is None and int(m.group(1)) not in _GPT2_SIZES):
+        raise ValueError(f"unknown model descriptor {descriptor!r}: use d12, d24, d36, d48, tiny, or dLcChH like d2c64h4")
+    layers = int(m.group(1))
+    channels, heads = (int(m.group(2)), int(m.group(3))) if m.group(2) else _GPT2_SIZES[layers]
+    if layers < 1 or channels < 1 or heads < 1:
+        raise ValueError(f"model descriptor {descriptor!r}: layers, channels and heads must be positive")
+    return GPT2Config(num_layers=layers, num_heads=heads, channels=channels)
+
+
+def param_shapes(config):
+    """The parameter tensors in llm.c's file order, name -> shape. Weight matrices are (out, in)."""
+    Vp, C, L, maxT = config.padded_vocab_size, config.channels, config.num_layers, config.max_seq_len
+    return {
+        "wte": (Vp, C),  # token embedding, also the LM head (tied); rows >= V are zero
+        "wpe": (maxT, C),  # position embedding
+        "ln1w": (L, C),
+        "ln1b": (L, C),
+        "qkvw": (L, 3 * C, C),
+        "qkvb": (L, 3 * C),
+        "attprojw": (L, C, C),
+        "attprojb": (L, C),
+        "ln2w": (L, C),
+        "ln2b": (L, C),
+        "fcw": (L, 4 * C, C),
+        "fcb": (L, 4 * C),
+        "fcprojw": (L, C, 4 * C),
+        "fcprojb": (L, C),
+        "lnfw": (C,),
+        "lnfb": (C,),
+    }
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def num_parameters(config):
+    """Total parameter count, with the padded vocab (124,475,904 for d12)."""
+    return sum(_numel(s) for s in param_shapes(config).values())
+
+
+def split_params(config, flat):
+    """Views of a flat parameter (or gradient) buffer, name -> tensor of param_shapes' shape."""
+    if flat.shape != (num_parameters(config),):
+        raise ValueError(f"flat buffer has shape {tuple(flat.shape)}, expected ({num_parameters(config)},)")
+    views, offset = {}, 0
+    for name, shape in param_shapes(config).items():
+        n = _numel(shape)
+        views[name] = flat[offset:offset + n].reshape(shape)
+        offset += n
+    return views
+
+
+def decayed_param_names():
+    """The tensors that are 2-D per layer (embeddings and matmul weights): only these get weight decay."""
+    return ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")
+
+
+# llm.c names its files by parameter count: gpt2_124M.bin, gpt2_124M_debug_state.bin, ...
+_FILE_PREFIXES = {"d12": "gpt2_124M", "d24": "gpt2_350M", "d36": "gpt2_774M", "d48": "gpt2_1558M"}
+
+
+def file_prefix(descriptor):
+    """The name stem of the files written for a model descriptor: 'd12' -> 'gpt2_124M', 'tiny' -> 'gpt2_tiny'."""
+    return _FILE_PREFIXES.get(descriptor, f"gpt2_{descriptor}")
