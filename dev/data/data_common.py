@@ -1,0 +1,195 @@
+"""What the dataset scripts share: downloading, reading local documents, tokenizing, writing token shards.
+
+Every document becomes <|endoftext|> followed by its GPT-2 tokens, so the model sees where documents start.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
+from llmpy.config import GPT2_EOT  # noqa: E402
+from llmpy.formats import FormatError, write_shard  # noqa: E402
+from llmpy.tokenizer import TokenizerError, gpt2_encoding  # noqa: E402
+
+
+TOKENIZER_HELP = "GPT-2's BPE ranks file (tiktoken format); default: $LLMPY_TIKTOKEN_FILE, else tiktoken's download"
+
+
+class DataPrepError(Exception):
+    """A problem the user can fix (missing input, no network, ...). str() is one line."""
+
+
+def run_script(main):
+    """Runs main(); a problem with the inputs ends the script with one line on stderr and exit status 1."""
+    try:
+        main()
+    except (DataPrepError, TokenizerError, FormatError, OSError) as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+
+
+def download(url, path, hint):
+    """Downloads url to path (via a temporary file, so an interrupted download leaves nothing at path)."""
+    print(f"downloading {url} to {path}")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)
+        os.replace(tmp, path)
+    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataPrepError(f"could not download {url} ({getattr(e, 'reason', e)}): offline? {hint}") from None
+
+
+def read_documents(path, field):
+    """The `field` strings of the records of a local .jsonl (one JSON object a line) or .json (a list of objects)
+    file, as an iterator. The path is checked now, the records as they are read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataPrepError(f"{path}: file not found")
+    if path.endswith(".jsonl"):
+        return _jsonl_documents(path, field)
+    if path.endswith(".json"):
+        return _json_documents(path, field)
+    raise DataPrepError(f"{path}: expected a .jsonl or .json file of records with a {field!r} field")
+
+
+def _jsonl_documents(path, field):
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(_utf8_lines(path, f), 1):
+            if line.strip():
+                yield _document_text(path, f"line {line_number}", _parse_json(path, line, line_number), field)
+
+
+def _json_documents(path, field):
+    records = _parse_json(path, read_utf8_text(path), None)
+    if not isinstance(records, list):
+        raise DataPrepError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
+    for index, record in enumerate(records):
+        yield _document_text(path, f"record {index}", record, field)
+
+
+def read_utf8_text(path):
+    with open(path, encoding="utf-8") as f:
+        return "".join(_utf8_lines(path, f))
+
+
+def _utf8_lines(path, file):
+    try:
+        yield from file
+    except UnicodeDecodeError as e:
+        raise DataPrepError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def _parse_json(path, text, line_number):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {line_number}" if line_number else f"line {e.lineno}"
+        raise DataPrepError(f"{path}: {where}: invalid JSON ({e.msg})") from None
+
+
+def _document_text(path, where, record, field):
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise DataPrepError(f"{path}: {where}: expected an object with a string {field!r} field")
+    return record[field]
+
+
+def document_tokens(encoding, text):
+    """One document -> uint16 tokens: <|endoftext|>, then the text's BPE tokens (special tokens not parsed)."""
+    ids = encoding.encode_ordinary(text)
+    tokens = np.empty(len(ids) + 1, dtype=np.uint16)  # GPT-2's 50,257 ids fit in uint16
+    tokens[0] = GPT2_EOT
+    tokens[1:] = ids
+    return tokens
+
+
+_worker_encoding = None  # each tokenizing process's own GPT-2 encoding
+
+
+def _init_worker(ranks_file):
+    global _worker_encoding
+    _worker_encoding = gpt2_encoding(ranks_file)
+
+
+def _worker_document_tokens(text):
+    return document_tokens(_worker_encoding, text)
+
+
+def tokenize_documents(texts, ranks_file=None, processes=1):
+    """Yields each text's tokens (EOT first), in order; with processes > 1 tokenizes in a multiprocessing.Pool."""
+    encoding = gpt2_encoding(ranks_file)  # a missing tokenizer fails here, before any document is read
+    if processes <= 1:
+        yield from (document_tokens(encoding, text) for text in texts)
+        return
+    with multiprocessing.Pool(processes, initializer=_init_worker, initargs=(ranks_file,)) as pool:
+        yield from pool.imap(_worker_document_tokens, texts, chunksize=16)
+
+
+def check_no_old_shards(output_dir, name):
+    """Refuses to write next to shards of an earlier run: a smaller rerun would leave stale train shards behind
+    for the training glob to pick up."""
+    old = sorted(Path(output_dir).glob(f"{name}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
+    if old:
+        raise DataPrepError(f"{output_dir} already has {len(old)} {name} shards ({old[0].name}, ...): "
+                            f"remove them or pass another --output_dir")
+
+
+def _fill_shards(doc_tokens, shard_size):
+    """Packs the documents' tokens into shards of exactly shard_size tokens (a document may span two or more),
+    the last one shorter. Yields one reused buffer: use each shard before asking for the next."""
+    buffer = np.empty(shard_size, dtype=np.uint16)
+    fill = 0
+    for tokens in doc_tokens:
+        while len(tokens):
+            take = min(len(tokens), shard_size - fill)
+            buffer[fill: fill + take] = tokens[:take]
+            fill += take
+            tokens = tokens[take:]
+            if fill == shard_size:
+                yield buffer
+                fill = 0
+    if fill:
+        yield buffer[:fill]
+
+
+def write_shards(doc_tokens, output_dir, name, shard_size):
+    """Writes the documents' tokens as uint16 shards {name}_val_000000.bin, {name}_train_000001.bin, ...:
+    the first shard is the validation split, the rest train. Returns [(path, number of tokens)]."""
+    os.makedirs(output_dir, exist_ok=True)
+    check_no_old_shards(output_dir, name)
+    written = []
+    for index, shard in enumerate(_fill_shards(doc_tokens, shard_size)):
+        split = "val" if index == 0 else "train"
+        path = os.path.join(output_dir, f"{name}_{split}_{index:06d}.bin")
+        write_shard(path, shard)
+        print(f"wrote {path}: {len(shard):,} tokens")
+        written.append((path, len(shard)))
+    if len(written) < 2:
+        print(f"warning: all {sum(n for _, n in written):,} tokens went to the val shard and there is no train "
+              f"shard: use a smaller --shard_size", file=sys.stderr)
+    return written
+
+
+def positive_int(text):
+    """argparse type for sizes and counts."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def default_processes():
+    return max(1, (os.cpu_count() or 2) // 2)
