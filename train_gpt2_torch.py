@@ -1,0 +1,556 @@
+"""GPT-2 in PyTorch: the reference trainer.
+
+The model is an nn.Module and autograd computes the gradients, as in llm.c's train_gpt2.py and nanoGPT. This file
+is the ground truth the other implementations are tested against (`--write_tensors 1` writes llm.c's reference
+files) and the baseline they are timed against (`--compile 1 --flash 1 --dtype bfloat16` on a GPU).
+
+    python dev/data/tinyshakespeare.py                     # the token shards, once
+    python train_gpt2_torch.py --model d12                 # GPT-2 124M from random init on tiny Shakespeare
+    python train_gpt2_torch.py --model d12 --device cpu --write_tensors 1   # the reference files, then exit
+
+Layout shared with llm.c (DESIGN.md §2): the module's vocab is the real V = 50257, while files and flat buffers
+hold wte with Vp = 50304 rows (the extra rows zero), per-layer tensors stacked along a leading L axis and weight
+matrices as (out, in), which is also nn.Linear's layout.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmpy import formats
+from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_params
+from llmpy.data import DataLoader
+from llmpy.tokenizer import TokenizerError, gpt2_encoding, gpt2_token_bytes
+
+DATA_HINT = "run `python dev/data/tinyshakespeare.py` to make the tiny Shakespeare shards"
+# Hugging Face's GPT-2 checkpoints and the descriptors of their shapes
+PRETRAINED = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, flash):
+        super().__init__()
+        C = config.channels
+        self.num_heads = config.num_heads
+        self.flash = flash
+        self.c_attn = nn.Linear(C, 3 * C)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        NH, HS = self.num_heads, C // self.num_heads
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q, k, v = (t.view(B, T, NH, HS).transpose(1, 2) for t in (q, k, v))  # each (B, NH, T, HS)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(HS)  # (B, NH, T, T)
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
+            scores = scores.masked_fill(future, float("-inf"))  # position t attends to positions <= t only
+            y = F.softmax(scores, dim=-1) @ v  # (B, NH, T, HS)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C = config.channels
+        self.c_fc = nn.Linear(C, 4 * C)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU is the tanh approximation
+        self.c_proj = nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.))."""
+
+    def __init__(self, config, flash):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.channels)  # eps 1e-5, as llm.c
+        self.attn = CausalSelfAttention(config, flash)
+        self.ln_2 = nn.LayerNorm(config.channels)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 for a llmpy.config.GPT2Config. flash: F.scaled_dot_product_attention, else the explicit masked softmax."""
+
+    def __init__(self, config, flash=True):
+        super().__init__()
+        self.config = config
+        C, V = config.channels, config.vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V, C),
+            wpe=nn.Embedding(config.max_seq_len, C),
+            h=nn.ModuleList(Block(config, flash) for _ in range(config.num_layers)),
+            ln_f=nn.LayerNorm(C),
+        ))
+        self.lm_head = nn.Linear(C, V, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: the LM head is the token embedding
+
+    def forward(self, idx, targets=None):
+        """idx, targets: int (B, T). Returns logits (B, T, V) and the mean cross-entropy loss.
+
+        Without targets (sampling) only the last position's logits (B, 1, V) are computed, and the loss is None.
+        """
+        T = idx.shape[1]
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None
+        logits = self.lm_head(x)
+        # the loss in float32 even under bf16 autocast: a logsumexp over 50257 values needs the precision
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).long())
+        return logits, loss
+
+
+@torch.no_grad()
+def init_weights(model, seed):
+    """GPT-2's initialisation, reproducible from seed on any device (drawn from a CPU generator).
+
+    Matrices and embeddings N(0, 0.02); the two projections that write into the residual stream (attn.c_proj,
+    mlp.c_proj) N(0, 0.02/sqrt(2L)), so the residual stream's variance does not grow with depth (2 writes a layer);
+    biases 0; layernorm weights 1.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    residual_std = 0.02 / math.sqrt(2 * model.config.num_layers)
+    for name, p in model.named_parameters():  # lists the tied wte/lm_head weight once
+        if p.dim() >= 2:
+            std = residual_std if name.endswith("c_proj.weight") else 0.02
+            p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=generator))
+        elif ".ln_" in name and name.endswith(".weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+# llm.c's name of each per-layer tensor -> its path inside a Block; the rest are whole-model tensors
+LAYER_TENSORS = {
+    "ln1w": "ln_1.weight", "ln1b": "ln_1.bias",
+    "qkvw": "attn.c_attn.weight", "qkvb": "attn.c_attn.bias",
+    "attprojw": "attn.c_proj.weight", "attprojb": "attn.c_proj.bias",
+    "ln2w": "ln_2.weight", "ln2b": "ln_2.bias",
+    "fcw": "mlp.c_fc.weight", "fcb": "mlp.c_fc.bias",
+    "fcprojw": "mlp.c_proj.weight", "fcprojb": "mlp.c_proj.bias",
+}
+MODEL_TENSORS = {"wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight",
+                 "lnfw": "transformer.ln_f.weight", "lnfb": "transformer.ln_f.bias"}
+
+
+def llmc_parameters(model):
+    """llm.c's tensor name (param_shapes order) -> the model's parameters it is made of: one per layer, or one."""
+    params = dict(model.named_parameters())
+    layers = range(model.config.num_layers)
+    return {name: [params[f"transformer.h.{l}.{LAYER_TENSORS[name]}"] for l in layers] if name in LAYER_TENSORS
+            else [params[MODEL_TENSORS[name]]]
+            for name in param_shapes(model.config)}
+
+
+def _to_flat(model, tensor_of):
+    config = model.config
+    flat = np.zeros(num_parameters(config), dtype=np.float32)
+    views = split_params(config, flat)
+    for name, params in llmc_parameters(model).items():
+        tensor = torch.stack([tensor_of(p) for p in params]) if name in LAYER_TENSORS else tensor_of(params[0])
+        # wte fills the first V of its Vp rows; the padding rows stay zero
+        views[name][: tensor.shape[0]] = tensor.detach().float().cpu().numpy()
+    return flat
+
+
+def model_to_flat(model):
+    """The parameters in llm.c's flat layout: float32 (num_parameters(config),), wte padded to Vp rows with zeros."""
+    return _to_flat(model, lambda p: p)
+
+
+def grads_to_flat(model):
+    """The gradients (after backward) in llm.c's flat layout, like model_to_flat."""
+    return _to_flat(model, lambda p: p.grad)
+
+
+@torch.no_grad()
+def load_flat(model, flat):
+    """Copies flat float32 parameters in llm.c's layout into the model (wte's padding rows are dropped)."""
+    views = split_params(model.config, torch.from_numpy(np.asarray(flat, dtype=np.float32)))
+    for name, params in llmc_parameters(model).items():
+        sources = views[name] if name in LAYER_TENSORS else [views[name]]
+        for p, source in zip(params, sources):
+            p.copy_(source[: p.shape[0]])
+
+
+def model_from_flat(config, flat, flash=True):
+    model = GPT(config, flash)
+    load_flat(model, flat)
+    return model
+
+
+@torch.no_grad()
+def gpt_from_pretrained(name, flash=True):
+    """GPT-2 weights from Hugging Face (needs transformers and a network)."""
+    from transformers import GPT2LMHeadModel
+
+    hf_state = GPT2LMHeadModel.from_pretrained(name).state_dict()
+    model = GPT(config_from_descriptor(PRETRAINED[name]), flash)
+    # OpenAI's checkpoints store these matmul weights as Conv1D, (in, out): nn.Linear wants (out, in)
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    for key, p in model.state_dict().items():
+        p.copy_(hf_state[key].t() if key.endswith(conv1d) else hf_state[key])
+    return model
+
+
+def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
+    """AdamW with weight decay on the matrices and embeddings (dim >= 2) only, not on biases and layernorms.
+
+    These are exactly llmpy.config.decayed_param_names(). torch's decay is decoupled, w -= lr * (adam + wd * w),
+    as llm.c's. fused=True (one kernel for all tensors) on CUDA.
+    """
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+def learning_rate_at(step, max_lr, warmup_iters, num_iterations, final_lr_frac):
+    """Linear warmup over warmup_iters steps, then a cosine from max_lr down to max_lr * final_lr_frac at the last step."""
+    if step < warmup_iters:
+        return max_lr * (step + 1) / warmup_iters
+    min_lr = max_lr * final_lr_frac
+    progress = min(1.0, (step - warmup_iters) / max(1, num_iterations - 1 - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def autocast_context(device_type, amp_dtype):
+    return torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+
+def train_step(model, optimizer, x, y, learning_rate, grad_clip=1.0, amp_dtype=None):
+    """One optimizer step: forward and backward over each micro-batch, clip the gradient norm, AdamW update.
+
+    x, y: int64 (B, T), or (S, B, T) for S micro-batches whose gradients are averaged (gradient accumulation).
+    grad_clip: the maximum global gradient norm; 0 disables clipping. amp_dtype: None (float32) or torch.bfloat16
+    (the forward under autocast). Returns (mean loss, gradient norm before clipping) as Python floats.
+    """
+    if x.dim() == 2:
+        x, y = x[None], y[None]
+    num_micro = x.shape[0]
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=x.device)
+    for x_micro, y_micro in zip(x, y):
+        with autocast_context(x.device.type, amp_dtype):
+            _, loss = model(x_micro, y_micro)
+        loss_sum += loss.detach()
+        # each loss is a mean over B*T tokens; / S makes the summed gradients the mean over all S*B*T tokens
+        (loss / num_micro).backward()
+    # with max_norm = inf this only measures the norm (the clip factor min(1, inf / norm) is 1)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    optimizer.step()
+    return loss_sum.item() / num_micro, norm.item()
+
+
+@torch.no_grad()
+def generate(model, idx, num_tokens, generator, top_k=40):
+    """Extends idx (B, T0) by num_tokens tokens sampled from the top_k most likely (temperature 1). No KV cache."""
+    for _ in range(num_tokens):
+        logits, _ = model(idx[:, -model.config.max_seq_len:])  # (B, 1, V)
+        top_logits, top_ids = torch.topk(logits[:, -1, :].float(), top_k)  # (B, top_k)
+        choice = torch.multinomial(F.softmax(top_logits, dim=-1), 1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, top_ids.gather(1, choice)], dim=1)
+    return idx
+
+
+@torch.no_grad()
+def validation_loss(model, loader, steps, device, amp_dtype):
+    """The mean loss over the first `steps` batches of the validation shards."""
+    loader.reset()
+    total = 0.0
+    for _ in range(steps):
+        x, y = (torch.from_numpy(a).long().to(device) for a in loader.next_batch())
+        with autocast_context(device.type, amp_dtype):
+            total += model(x, y)[1].item()
+    return total / steps
+
+
+def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding):
+    """llm.c's reference files for one batch x, y (B, T), then the losses of 10 AdamW steps overfitting it.
+
+    Everything in float32 with TF32 off, so other implementations can be compared to it tightly.
+    """
+    torch.set_float32_matmul_precision("highest")
+    config = model.config
+    os.makedirs(write_dir, exist_ok=True)
+
+    def path(name):
+        return os.path.join(write_dir, name)
+
+    flat = model_to_flat(model)
+    formats.write_model(path(f"{prefix}.bin"), config, flat, dtype="float32")
+    formats.write_model(path(f"{prefix}_bf16.bin"), config, flat, dtype="bfloat16")
+    formats.write_tokenizer(path("gpt2_tokenizer.bin"), gpt2_token_bytes(encoding), GPT2_EOT)
+
+    hyper = {"model": descriptor, "B": x.shape[0], "T": x.shape[1], "learning_rate": 1e-4, "beta1": 0.9,
+             "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 0.0}
+    optimizer = configure_optimizer(model, hyper["learning_rate"], hyper["weight_decay"],
+                                    (hyper["beta1"], hyper["beta2"]), hyper["eps"], x.device.type)
+    losses = []
+    for step in range(10):
+        optimizer.zero_grad(set_to_none=True)
+        logits, loss = model(x, y)  # the loss before this step's update
+        loss.backward()
+        if step == 0:
+            formats.write_debug_state(path(f"{prefix}_debug_state.bin"), config, x.int().cpu().numpy(),
+                                      y.int().cpu().numpy(), logits.detach().cpu().numpy(), loss.item(),
+                                      grads_to_flat(model))
+        optimizer.step()
+        losses.append(loss.item())
+        print(f"reference step {step}: loss {losses[-1]:.6f}")
+    with open(path(f"{prefix}_debug_losses.json"), "w") as f:
+        json.dump({**hyper, "losses": losses}, f, indent=1)
+    print(f"wrote {prefix}.bin, {prefix}_bf16.bin, {prefix}_debug_state.bin, {prefix}_debug_losses.json and "
+          f"gpt2_tokenizer.bin to {write_dir}")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors as one line too, without the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(*names, help, **kwargs):
+        if kwargs.get("default") not in (None, ""):
+            help += " (default: %(default)s)"
+        p.add_argument(*names, help=help, **kwargs)
+
+    flag = dict(type=int, choices=(0, 1))
+    add("--input_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
+        help="training token shards (a glob pattern)")
+    add("--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
+        help='validation token shards (a glob pattern); "" disables validation')
+    add("--model", help="d12|d24|d36|d48 (GPT-2 124M..1.5B), tiny, or dLcChH like d2c64h4: seeded random init; "
+                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl: Hugging Face's weights (online only). "
+                        "Default: d12, or what --init_from holds")
+    add("--init_from", help="start from the weights in an llm.c model file (.bin, fp32 or bf16)")
+    add("--batch_size", "-b", type=int, default=4, help="micro-batch size B")
+    add("--sequence_length", "-t", type=int, default=64, help="sequence length T")
+    add("--total_batch_size", type=int, default=0,
+        help="tokens per optimizer step, a multiple of B*T (gradient accumulation); 0 means B*T")
+    add("--num_iterations", type=int, default=10, help="optimizer steps")
+    add("--learning_rate", type=float, default=1e-4, help="peak learning rate")
+    add("--warmup_iters", type=int, default=0, help="steps of linear learning-rate warmup")
+    add("--final_lr_frac", type=float, default=1.0,
+        help="after warmup, a cosine from learning_rate down to learning_rate * final_lr_frac at the last step; "
+             "1.0 keeps it constant")
+    add("--weight_decay", type=float, default=0.0, help="AdamW weight decay, on the matrices and embeddings only")
+    add("--grad_clip", type=float, default=1.0, help="maximum global gradient norm; 0 disables clipping")
+    add("--val_loss_every", type=int, default=0, help="validation loss every N steps and at the end; 0 never")
+    add("--val_max_steps", type=int, default=20, help="batches per validation loss")
+    add("--sample_every", type=int, default=0, help="print a sampled text every N steps and at the end; 0 never")
+    add("--sample_length", type=int, default=64, help="tokens per sample")
+    add("--overfit_single_batch", **flag, default=0, help="train on the first batch over and over")
+    add("--seed", type=int, default=42, help="seed of the initialisation and of the sampling")
+    add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    add("--dtype", default="float32", choices=("float32", "bfloat16"),
+        help="bfloat16: the forward under autocast (weights, gradients, optimizer and loss stay float32)")
+    add("--compile", **flag, default=0, help="torch.compile the model")
+    add("--flash", **flag, default=1,
+        help="attention by F.scaled_dot_product_attention (1) or by the explicit masked softmax (0)")
+    add("--tensorcores", **flag, default=0, help="allow TF32 in float32 matmuls")
+    add("--write_tensors", **flag, default=0,
+        help="write llm.c's reference files for the first batch (in float32) and exit")
+    add("--write_dir", default=".", help="folder for --write_tensors' files")
+    add("--output_prefix", help="name stem of --write_tensors' files; default from the model (d12: gpt2_124M)")
+    add("--output_dir", default="", help="folder for main.log, one line a step (s:STEP trl:LOSS, s:STEP tel:LOSS)")
+    add("--tokenizer", help="GPT-2 BPE ranks file (tiktoken format) for the samples and gpt2_tokenizer.bin; "
+                            "default $LLMPY_TIKTOKEN_FILE, else tiktoken's download")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Nonsense values -> ValueError with one line naming the flag."""
+    for name in ("batch_size", "sequence_length", "val_max_steps", "sample_length"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("total_batch_size", "num_iterations", "warmup_iters", "val_loss_every", "sample_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("weight_decay", "grad_clip"):
+        if not getattr(args, name) >= 0:  # also rejects nan
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not 0 <= args.final_lr_frac <= 1:
+        raise ValueError(f"--final_lr_frac must be in [0, 1], got {args.final_lr_frac}")
+    tokens_per_micro = args.batch_size * args.sequence_length
+    if args.total_batch_size % tokens_per_micro:
+        raise ValueError(f"--total_batch_size {args.total_batch_size} is not a multiple of B*T = "
+                         f"{args.batch_size}*{args.sequence_length} = {tokens_per_micro}")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available")
+    return device
+
+
+def model_config(descriptor):
+    try:
+        return config_from_descriptor(descriptor)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
+
+
+def descriptor_of(config):
+    """GPT-2's descriptor (d12 ...) if the config is one of its sizes, else dLcChH."""
+    for descriptor in ("d12", "d24", "d36", "d48"):
+        if config_from_descriptor(descriptor) == config:
+            return descriptor
+    return f"d{config.num_layers}c{config.channels}h{config.num_heads}"
+
+
+def build_model(args):
+    """The model from --init_from, Hugging Face, or a seeded random init; and its descriptor."""
+    flash = bool(args.flash)
+    if args.init_from:
+        config, flat = formats.read_model(args.init_from)
+        if args.model and (args.model in PRETRAINED or model_config(args.model) != config):
+            raise ValueError(f"--init_from {args.init_from} holds a {descriptor_of(config)} model, "
+                             f"but --model says {args.model}")
+        return model_from_flat(config, flat, flash), args.model or descriptor_of(config)
+    if args.model in PRETRAINED:
+        return gpt_from_pretrained(args.model, flash), PRETRAINED[args.model]
+    descriptor = args.model or "d12"
+    model = GPT(model_config(descriptor), flash)
+    init_weights(model, args.seed)
+    return model, descriptor
+
+
+def open_loader(flag, pattern, B, T, vocab_size):
+    if not glob.glob(pattern):
+        raise ValueError(f"--{flag} {pattern}: no such file; {DATA_HINT}")
+    return DataLoader(pattern, B, T, vocab_size=vocab_size)
+
+
+def load_encoding(ranks_file, required):
+    """tiktoken's GPT-2 encoding; None with a note if it cannot be had and is not required."""
+    try:
+        return gpt2_encoding(ranks_file)
+    except TokenizerError as e:
+        if required:
+            raise ValueError(f"--tokenizer: {e}") from None
+        print(f"note: samples are printed as token ids: no GPT-2 tokenizer ({e})")
+        return None
+
+
+def train(args):
+    check_args(args)
+    device = pick_device(args.device)
+    B, T = args.batch_size, args.sequence_length
+    model, descriptor = build_model(args)
+    config = model.config
+    if T > config.max_seq_len:
+        raise ValueError(f"--sequence_length {T} exceeds the model's max_seq_len {config.max_seq_len}")
+    train_loader = open_loader("input_bin", args.input_bin, B, T, config.vocab_size)
+    model.to(device)
+
+    if args.write_tensors:
+        encoding = load_encoding(args.tokenizer, required=True)
+        x, y = (torch.from_numpy(a).long().to(device) for a in train_loader.next_batch())
+        prefix = args.output_prefix or file_prefix(descriptor)
+        write_reference_files(model, x, y, args.write_dir, prefix, descriptor, encoding)
+        return
+
+    torch.set_float32_matmul_precision("high" if args.tensorcores else "highest")
+    amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    val_loader = None
+    if args.input_val_bin and args.val_loss_every > 0:
+        val_loader = open_loader("input_val_bin", args.input_val_bin, B, T, config.vocab_size)
+    encoding = load_encoding(args.tokenizer, required=False) if args.sample_every > 0 else None
+    grad_accum_steps = max(1, args.total_batch_size // (B * T))
+    tokens_per_step = grad_accum_steps * B * T
+    print(f"model {descriptor}: {num_parameters(config):,} parameters (padded vocab), device {device}, "
+          f"dtype {args.dtype}, B={B} T={T}, {grad_accum_steps} micro-batch(es) = {tokens_per_step:,} tokens a step")
+
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, device_type=device.type)
+    step_model = torch.compile(model) if args.compile else model
+    sample_generator = torch.Generator(device=device).manual_seed(args.seed)
+    log = None
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        log = open(os.path.join(args.output_dir, "main.log"), "w")
+
+    def log_line(line):
+        if log:
+            log.write(line + "\n")
+            log.flush()
+
+    first_batch = None
+    for step in range(args.num_iterations + 1):
+        last_step = step == args.num_iterations
+        if val_loader and (step % args.val_loss_every == 0 or last_step):
+            val_loss = validation_loss(step_model, val_loader, args.val_max_steps, device, amp_dtype)
+            print(f"step {step}: val loss {val_loss:.6f}")
+            log_line(f"s:{step} tel:{val_loss:.6f}")
+        if args.sample_every and (step % args.sample_every == 0 or last_step) and step > 0:
+            start = torch.full((1, 1), GPT2_EOT, dtype=torch.long, device=device)
+            ids = generate(model, start, args.sample_length, sample_generator)[0, 1:].tolist()
+            print("sample:", encoding.decode(ids) if encoding else ids)
+        if last_step:
+            break
+
+        if first_batch is not None:
+            micro_batches = first_batch
+        else:
+            micro_batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]
+            if args.overfit_single_batch:
+                first_batch = micro_batches
+        x = torch.from_numpy(np.stack([xb for xb, _ in micro_batches])).long().to(device)  # (S, B, T)
+        y = torch.from_numpy(np.stack([yb for _, yb in micro_batches])).long().to(device)
+        lr = learning_rate_at(step, args.learning_rate, args.warmup_iters, args.num_iterations, args.final_lr_frac)
+        t0 = time.perf_counter()
+        loss, norm = train_step(step_model, optimizer, x, y, lr, args.grad_clip, amp_dtype)  # .item() syncs
+        ms = (time.perf_counter() - t0) * 1000
+        print(f"step {step + 1:4d}/{args.num_iterations} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
+              f"{ms:.2f} ms | {tokens_per_step / ms * 1000:.0f} tok/s")
+        log_line(f"s:{step} trl:{loss:.6f}")
+    if log:
+        log.close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (formats.FormatError, ValueError, OSError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
