@@ -1,0 +1,119 @@
+"""Bias gradient: dbias += column sums of dout, deterministically.
+
+A bias of OC channels is added to every one of the N = B*T rows, so its gradient is the sum of dout over the rows:
+dbias[c] += sum_n dout[n, c]. The sum runs over up to 65,536 rows; float atomics would make the result depend on the
+order the GPU happens to schedule programs in, so the reduction runs in two fixed-order stages instead:
+
+1. `_column_partial_sums_kernel`: the rows are split into G contiguous groups. Program (g, j) sums the rows of group g
+   over column block j, tile by tile (a (ROWS, BLOCK_OC) tile of dout per iteration, added into an fp32 accumulator
+   of the same shape, reduced over rows once at the end) and writes the group's sums to partials[g, columns j].
+   dout is read exactly once, in wide coalesced tiles, and G * (OC / BLOCK_OC) programs keep every SM busy.
+2. `_sum_partials_kernel`: one program per column block adds partials[0..G-1] in order to the output (+=).
+   The partials are G x OC fp32, a few MB at most: small next to dout (N x OC).
+
+The result depends only on G, which `bias_backward_scratch` derives from the shapes alone, so it is the same bits
+every step. Layernorm's backward reuses stage 2 (`sum_partials`) for its weight and bias gradients.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Stage 1 aims for this many programs: several per SM on a 132-SM H100, so the load of dout is spread evenly.
+_TARGET_PROGRAMS = 1024
+_TILE_ELEMENTS = 4096  # elements of dout per tile: 16 fp32 accumulators per thread with 8 warps
+
+
+def _column_tile(num_columns):
+    """(ROWS, BLOCK_OC) of stage 1's tile: up to 256 columns (512 contiguous bytes of a bf16 row), rows to fill it."""
+    block_columns = min(256, triton.next_power_of_2(num_columns))
+    return _TILE_ELEMENTS // block_columns, block_columns
+
+
+@triton.jit
+def _column_partial_sums_kernel(
+    partials_ptr,  # fp32 (G, OC): out, partials[g, c] = sum of dout[n, c] over the rows n of group g
+    dout_ptr,  # (N, OC), the activation dtype
+    N,
+    OC,
+    rows_per_group,  # ceil(N / G)
+    ROWS: tl.constexpr,
+    BLOCK_OC: tl.constexpr,
+):
+    group = tl.program_id(0)
+    columns = tl.program_id(1) * BLOCK_OC + tl.arange(0, BLOCK_OC)
+    column_mask = columns < OC
+    first_row = group * rows_per_group
+    end_row = tl.minimum(first_row + rows_per_group, N)
+
+    accumulator = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
+    for tile_start in range(first_row, end_row, ROWS):
+        rows = tile_start + tl.arange(0, ROWS)
+        mask = (rows < end_row)[:, None] & column_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * OC + columns[None, :]
+        accumulator += tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(partials_ptr + group * OC + columns, tl.sum(accumulator, axis=0), mask=column_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    out_ptr,  # fp32 (C,): out[c] += sum_g partials[g, c]
+    partials_ptr,  # fp32 (G, C), rows partials_row_stride apart
+    G,
+    C,
+    partials_row_stride,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    column_mask = columns < C
+    accumulator = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
+    for g_start in range(0, G, BLOCK_G):
+        groups = g_start + tl.arange(0, BLOCK_G)
+        mask = (groups < G)[:, None] & column_mask[None, :]
+        offsets = groups[:, None] * partials_row_stride + columns[None, :]
+        accumulator += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+    total = tl.sum(accumulator, axis=0)
+    previous = tl.load(out_ptr + columns, mask=column_mask)
+    tl.store(out_ptr + columns, previous + total, mask=column_mask)
+
+
+def sum_partials(out, partials):
+    """out (C,) fp32 += partials (G, C) fp32 summed over G, in a fixed order. partials' rows may be strided."""
+    G, C = partials.shape
+    assert partials.stride(1) == 1 and out.is_contiguous() and out.shape == (C,)
+    block_columns = min(256, triton.next_power_of_2(C))
+    block_groups = min(16, triton.next_power_of_2(G))
+    grid = (triton.cdiv(C, block_columns),)
+    _sum_partials_kernel[grid](
+        out, partials, G, C, partials.stride(0), BLOCK_G=block_groups, BLOCK_C=block_columns, num_warps=4
+    )
+
+
+def bias_backward_scratch(N, OC, device):
+    """The fp32 (G, OC) partial-sum buffer for bias_backward on (N, OC) gradients; allocate once, reuse every step.
+
+    G groups of rows: enough that stage 1 runs about _TARGET_PROGRAMS programs, no more groups than row tiles.
+    """
+    rows, block_columns = _column_tile(OC)
+    column_blocks = triton.cdiv(OC, block_columns)
+    groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, column_blocks), triton.cdiv(N, rows)))
+    return torch.empty((groups, OC), dtype=torch.float32, device=device)
+
+
+def bias_backward(dbias, dout, scratch):
+    """dbias (OC,) fp32 += dout (N, OC).sum(0), deterministic.
+
+    dout: contiguous (N, OC) in the activation dtype (or any (..., OC), viewed as rows).
+    scratch: fp32 (G, OC) from bias_backward_scratch; any G >= 1 gives the right sums (G sets the summation order).
+    """
+    OC = dout.shape[-1]
+    N = dout.numel() // OC
+    G = scratch.shape[0]
+    assert dout.is_contiguous() and dbias.shape == (OC,) and scratch.shape[1] == OC and scratch.is_contiguous()
+    rows, block_columns = _column_tile(OC)
+    grid = (G, triton.cdiv(OC, block_columns))
+    _column_partial_sums_kernel[grid](
+        scratch, dout, N, OC, triton.cdiv(N, G), ROWS=rows, BLOCK_OC=block_columns, num_warps=8
+    )
+    sum_partials(dbias, scratch)

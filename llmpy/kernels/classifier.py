@@ -1,0 +1,110 @@
+"""The fused classifier: cross-entropy loss and its gradient from the logits, in place (llm.c's fused_classifier).
+
+The op. For each row n of the LM head's output, logits (N, Vp) with only the first V columns real:
+    lse_n      = log sum_{j < V} exp(logits[n, j])
+    losses[n]  = lse_n - logits[n, targets[n]]
+    dlogits[n] = (softmax(logits[n, :V]) - onehot(targets[n])) * dloss,   0 in the padded columns [V, Vp)
+where dloss is the gradient of the step's loss with respect to each row's loss (1 / (N * grad_accum_steps) for a
+mean). dlogits overwrites logits in place, so the (N, Vp) logits buffer is the only one of its size: no fp32 copy of
+the logits, no separate probabilities, no separate gradient. With write_dlogits=False (evaluation) the kernel only
+computes the losses and leaves the logits untouched.
+
+Kernel design: one program per row (N = B*T = 65,536 rows fill the GPU many times over), vectorised along the row in
+column blocks of BLOCK_V. Two sweeps over the row:
+1. max and sum of exponentials, online: for each block, the running max m is raised to the block's max and the
+   per-lane running sums are rescaled by exp(m_old - m_new) before adding the block's exp(x - m_new); one scalar
+   max reduction per block, one sum reduction per row at the end. Padded columns read as -inf, i.e. exp = 0.
+   Then loss = (m - logits[target]) + log(sum), the target's logit read with one scalar load.
+2. dlogits: reread the row and write (exp(x - m) / sum - [j == target]) * dloss in the logits' dtype. Padded columns
+   read as -inf again, so their gradient comes out as exactly 0 without a separate fill.
+Bytes moved per row: Vp elements read twice and written once (the second read mostly hits L2, as the row was just
+read), the floor for an in-place loss + gradient when the row (100 KB in bf16) is too big for registers. All math
+is fp32; exponentials per element: two (one per sweep).
+
+Targets outside [0, V) are not checked on the host (that would need a device sync); the kernel makes their loss NaN
+instead of reading out of bounds, so a bad target shows up in the loss.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from llmpy.kernels import INTERPRET
+from llmpy.kernels.rounding import round_to
+
+# 4096 columns per block: 16 per thread at 8 warps, read as two 16-byte vectors of bf16; 13 blocks per GPT-2 row.
+BLOCK_V = 4096
+NUM_WARPS = 8
+
+
+def _block_columns(Vp):
+    """Columns per block. The interpreter's cost is per block, not per column, so there a row takes about 8 blocks:
+    8192 for GPT-2's 50,304 columns, and 128 for the tests' rows of a few hundred, which still span several blocks."""
+    return max(128, triton.next_power_of_2(Vp) // 8) if INTERPRET else BLOCK_V
+
+
+@triton.jit
+def _load_real_columns(row_ptr, cols, V, Vp):
+    # The row's columns cols as fp32, -inf in the padded columns [V, Vp) whatever they hold. Masking the load at Vp
+    # (a multiple of 16) rather than V (odd: 50257) lets the compiler issue 16-byte vector loads; the padding is
+    # replaced after the load.
+    x = tl.load(row_ptr + cols, mask=cols < Vp, other=float("-inf")).to(tl.float32)
+    return tl.where(cols < V, x, float("-inf"))
+
+
+@triton.jit
+def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
+                             stride_row, V, Vp, dloss,
+                             BLOCK_V: tl.constexpr, WRITE_DLOGITS: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row  # (N, Vp) is over 2^31 elements for GPT-2 at B*T=65536
+    cols = tl.arange(0, BLOCK_V)
+
+    # sweep 1: row max m and per-lane sums of exp(x - m) over the real columns [0, V)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    lane_sums = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = _load_real_columns(row_ptr, start + cols, V, Vp)
+        # every block holds at least one real column, so m_new is finite and exp(m - m_new) is never NaN
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        lane_sums = lane_sums * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    # the row's softmax is exp(x - m) / sum_exp; m is kept apart from log(sum_exp) rather than folded into one
+    # lse = m + log(sum_exp), whose fp32 rounding would be large for large logits (ulp(1000) = 6e-5)
+    sum_exp = tl.sum(lane_sums, axis=0)
+    inv_sum_exp = 1.0 / sum_exp
+
+    target = tl.load(targets_ptr + row)
+    target_is_valid = (target >= 0) & (target < V)
+    target_logit = tl.load(row_ptr + target, mask=target_is_valid, other=float("nan")).to(tl.float32)
+    tl.store(losses_ptr + row, (m - target_logit) + tl.log(sum_exp))
+
+    # sweep 2: overwrite the row, padding included, with dloss * (softmax - onehot(target))
+    if WRITE_DLOGITS:
+        for start in range(0, Vp, BLOCK_V):
+            x = _load_real_columns(row_ptr, start + cols, V, Vp)
+            grad = tl.exp(x - m) * inv_sum_exp - tl.where(start + cols == target, 1.0, 0.0)
+            tl.store(row_ptr + start + cols, round_to(grad * dloss, logits_ptr.dtype.element_ty),
+                     mask=start + cols < Vp)
+
+
+def fused_classifier(logits, losses, targets, V, dloss, write_dlogits=True):
+    """Per-row cross-entropy losses and, in place, the gradient with respect to the logits.
+
+    logits: (N, Vp) bf16 or fp32, unit column stride, Vp >= V; columns [V, Vp) are ignored. With write_dlogits,
+        overwritten by dlogits = (softmax(logits[:, :V]) - onehot(targets)) * dloss, zero in columns [V, Vp).
+    losses: (N,) fp32, written: logsumexp(logits[n, :V]) - logits[n, targets[n]] (NaN where a target is not in [0, V)).
+    targets: (N,) int32 (or int64) token ids in [0, V).
+    V: the real vocabulary size. dloss: float, d(loss)/d(losses[n]) for every row, e.g. 1 / (N * grad_accum_steps).
+    """
+    N, Vp = logits.shape
+    if logits.stride(1) != 1 or not 0 < V <= Vp:
+        raise ValueError(f"fused_classifier: logits must be (N, Vp >= V={V}) with unit column stride, "
+                         f"got {tuple(logits.shape)} strides {logits.stride()}")
+    if losses.shape != (N,) or losses.dtype != torch.float32:
+        raise ValueError(f"fused_classifier: losses must be ({N},) float32, got {tuple(losses.shape)} {losses.dtype}")
+    if targets.shape != (N,) or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fused_classifier: targets must be ({N},) int32, got {tuple(targets.shape)} {targets.dtype}")
+    _fused_classifier_kernel[(N,)](logits, losses, targets, logits.stride(0), V, Vp, float(dloss),
+                                   BLOCK_V=_block_columns(Vp), WRITE_DLOGITS=write_dlogits,
+                                   num_warps=NUM_WARPS)

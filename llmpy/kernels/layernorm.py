@@ -1,0 +1,204 @@
+"""LayerNorm over the channels of each row, forward (optionally fused with the residual add) and backward.
+
+Forward, per row x of C channels:  mean = sum(x) / C,  rstd = 1 / sqrt(sum((x - mean)^2) / C + eps),
+out = (x - mean) * rstd * weight + bias. mean and rstd are kept (fp32) for the backward.
+
+Every block of GPT-2 starts with `residual = residual + branch_output` followed by a layernorm of the new residual.
+`fused_residual_layernorm_forward` does both in one pass: it reads the two inputs once, writes the sum (the residual
+stream, in the activation dtype) and the normalized output, instead of a separate add kernel that writes the sum and
+a layernorm that reads it back: one read of C values per row saved, one launch fewer.
+
+Backward, with xhat = (x - mean) * rstd and dnorm = dout * weight (all per row):
+  dinp  += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat))
+  dweight += sum over rows of dout * xhat,   dbias += sum over rows of dout
+dinp accumulates (+=) because the layernorm input is the residual stream, whose gradient also arrives straight
+through the residual connection, as in llm.c.
+
+Kernel design. A row (C <= 1600) fits in registers, so each program works on a (ROWS, BLOCK_C) tile: ROWS whole
+rows, BLOCK_C = next power of two >= C with the tail masked. Statistics are two-pass over registers (mean, then the
+centred sum of squares), so the input is read from memory once; weight and bias are loaded once per program and
+shared by its rows. ROWS is chosen so the tile holds ~4096 elements: C = 768 gives 4 rows, 65,536 rows give 16,384
+programs. The forward reads each row once and writes it once (the fused one: reads two rows, writes two) plus
+8 bytes of statistics: memory-bound, each byte touched once, in 16-byte vector accesses (Triton specializes C as a
+multiple of 16, as every GPT-2 width is).
+
+The backward runs G programs (G <= 512, from `layernorm_backward_scratch`), each over a contiguous group of rows in
+tiles of ROWS rows. Each tile's dinp is complete within the tile (a row's reductions are row-local), so it is read,
+added to and written back at once. The weight and bias gradients are summed over the group in fp32 registers and
+written as per-group partial sums to the scratch buffer; `bias.sum_partials` then adds the G partials in a fixed
+order. No atomics: the same inputs give the same bits.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .bias import sum_partials
+from .rounding import round_to
+
+
+_TILE_ELEMENTS = 4096  # elements per (ROWS, BLOCK_C) tile: 16 per thread with 8 warps
+_MAX_BACKWARD_GROUPS = 512  # ~4 programs per SM on H100; the same on every GPU, so results do not depend on it
+
+
+def _row_tile(C):
+    """(ROWS, BLOCK_C, num_warps) for rows of C channels."""
+    block_c = triton.next_power_of_2(C)
+    rows = max(1, _TILE_ELEMENTS // block_c)
+    num_warps = 8 if rows * block_c >= 4096 else 4
+    return rows, block_c, num_warps
+
+
+@triton.jit
+def _layernorm_forward_kernel(
+    out_ptr,  # (N, C) activation dtype: the normalized rows
+    mean_ptr,  # fp32 (N,)
+    rstd_ptr,  # fp32 (N,)
+    residual_out_ptr,  # (N, C): inp1 + inp2, written only when ADD_RESIDUAL
+    inp1_ptr,  # (N, C): the rows to normalize, or the residual stream when ADD_RESIDUAL
+    inp2_ptr,  # (N, C): the branch output added to inp1, read only when ADD_RESIDUAL
+    weight_ptr,  # (C,)
+    bias_ptr,  # (C,)
+    N,
+    C,
+    eps,
+    ADD_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    columns = tl.arange(0, BLOCK_C)
+    row_mask = rows < N
+    column_mask = columns < C
+    mask = row_mask[:, None] & column_mask[None, :]
+    offsets = rows.to(tl.int64)[:, None] * C + columns[None, :]
+
+    x = tl.load(inp1_ptr + offsets, mask=mask, other=0.0)
+    if ADD_RESIDUAL:
+        # the sum is rounded to the activation dtype before it is normalized: the stored residual is what the
+        # next residual add and this layernorm's backward will read, so forward and backward see the same x
+        x = x.to(tl.float32) + tl.load(inp2_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = round_to(x, residual_out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + offsets, x, mask=mask)
+    x = x.to(tl.float32)
+
+    mean = tl.sum(x, axis=1) / C  # (ROWS,)
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / C + eps)  # (ROWS,)
+    weight = tl.load(weight_ptr + columns, mask=column_mask).to(tl.float32)
+    bias = tl.load(bias_ptr + columns, mask=column_mask).to(tl.float32)
+    out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+    tl.store(out_ptr + offsets, round_to(out, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
+    """out (N, C) = layernorm(inp (N, C)) * weight (C,) + bias (C,); mean, rstd fp32 (N,) written for the backward.
+
+    All row tensors contiguous; inp and out in the activation dtype (bf16 or fp32), weight and bias in the
+    parameter dtype.
+    """
+    _launch_forward(out, mean, rstd, None, inp, None, weight, bias, eps)
+
+
+def fused_residual_layernorm_forward(residual_out, out, mean, rstd, inp1, inp2, weight, bias, eps=1e-5):
+    """residual_out = inp1 + inp2 (rounded to the activation dtype), out = layernorm(residual_out), in one pass.
+
+    Shapes as layernorm_forward; residual_out may be the same tensor as inp1 (the residual stream updated in place).
+    """
+    _launch_forward(out, mean, rstd, residual_out, inp1, inp2, weight, bias, eps)
+
+
+def _launch_forward(out, mean, rstd, residual_out, inp1, inp2, weight, bias, eps):
+    C = inp1.shape[-1]
+    N = inp1.numel() // C
+    assert inp1.is_contiguous() and out.is_contiguous() and mean.numel() == N and rstd.numel() == N
+    rows, block_c, num_warps = _row_tile(C)
+    add_residual = residual_out is not None
+    if add_residual:
+        assert inp2.is_contiguous() and residual_out.is_contiguous()
+    else:
+        residual_out, inp2 = inp1, inp1  # unused by the kernel when ADD_RESIDUAL is False
+    grid = (triton.cdiv(N, rows),)
+    _layernorm_forward_kernel[grid](
+        out, mean, rstd, residual_out, inp1, inp2, weight, bias, N, C, eps,
+        ADD_RESIDUAL=add_residual, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+    )
+
+
+@triton.jit
+def _layernorm_backward_kernel(
+    dinp_ptr,  # (N, C) activation dtype: dinp += the layernorm's input gradient
+    partials_ptr,  # fp32 (2, G, C): out, [0, g] = group g's sum of dout * xhat, [1, g] = its sum of dout
+    dout_ptr,  # (N, C)
+    inp_ptr,  # (N, C): the forward's input
+    weight_ptr,  # (C,)
+    mean_ptr,  # fp32 (N,)
+    rstd_ptr,  # fp32 (N,)
+    N,
+    C,
+    G,
+    rows_per_group,  # ceil(N / G)
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    group = tl.program_id(0)
+    columns = tl.arange(0, BLOCK_C)
+    column_mask = columns < C
+    weight = tl.load(weight_ptr + columns, mask=column_mask, other=0.0).to(tl.float32)
+    first_row = group * rows_per_group
+    end_row = tl.minimum(first_row + rows_per_group, N)
+
+    dweight_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+    dbias_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+    for tile_start in range(first_row, end_row, ROWS):
+        rows = tile_start + tl.arange(0, ROWS)
+        row_mask = rows < end_row
+        mask = row_mask[:, None] & column_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * C + columns[None, :]
+        # masked elements load as 0, so they add nothing to the sums below
+        dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dnorm = dout * weight[None, :]
+        dnorm_mean = tl.sum(dnorm, axis=1) / C  # (ROWS,)
+        dnorm_xhat_mean = tl.sum(dnorm * xhat, axis=1) / C  # (ROWS,)
+        dx = (dnorm - dnorm_mean[:, None] - xhat * dnorm_xhat_mean[:, None]) * rstd[:, None]
+        dinp = tl.load(dinp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dinp_ptr + offsets, round_to(dinp + dx, dinp_ptr.dtype.element_ty), mask=mask)
+
+        dweight_sum += dout * xhat
+        dbias_sum += dout
+    tl.store(partials_ptr + group * C + columns, tl.sum(dweight_sum, axis=0), mask=column_mask)
+    tl.store(partials_ptr + (G + group) * C + columns, tl.sum(dbias_sum, axis=0), mask=column_mask)
+
+
+def layernorm_backward_scratch(N, C, device):
+    """The fp32 (2, G, C) partial-sum buffer for layernorm_backward on (N, C) rows; allocate once, reuse every step."""
+    rows, _, _ = _row_tile(C)
+    groups = max(1, min(_MAX_BACKWARD_GROUPS, triton.cdiv(N, rows)))
+    return torch.empty((2, groups, C), dtype=torch.float32, device=device)
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
+    """dinp (N, C) += d loss / d inp;  dweight, dbias fp32 (C,) += their gradients (deterministic).
+
+    dout, inp, dinp: contiguous (N, C) in the activation dtype; mean, rstd: fp32 (N,) from the forward;
+    scratch: fp32 (2, G, C) from layernorm_backward_scratch (any G >= 1 is correct; G sets the summation order).
+    """
+    C = inp.shape[-1]
+    N = inp.numel() // C
+    G = scratch.shape[1]
+    assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous()
+    assert scratch.shape == (2, G, C) and scratch.is_contiguous() and dweight.shape == (C,) and dbias.shape == (C,)
+    rows, block_c, num_warps = _row_tile(C)
+    _layernorm_backward_kernel[(G,)](
+        dinp, scratch, dout, inp, weight, mean, rstd, N, C, G, triton.cdiv(N, G),
+        ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    sum_partials(dweight, scratch[0])
+    sum_partials(dbias, scratch[1])

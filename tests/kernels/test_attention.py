@@ -1,0 +1,130 @@
+"""Causal flash attention (llmpy/kernels/attention.py) against attention written out in float64 with autograd.
+
+The reference takes the same qkv (upcast to float64), splits it into q, k, v (B, NH, T, HS), computes
+softmax(q k^T / sqrt(HS) + causal mask) v, the per-row logsumexp of the masked scaled scores, and the gradients of
+<out, dout> with respect to q, k and v by autograd. The kernels are compared on everything they write: out, lse
+and dqkv = [dq | dk | dv].
+
+Tolerances:
+- float32 inputs: the kernels compute in fp32 with exact (IEEE) fp32 dots, so they differ from float64 only by fp32
+  rounding over sums of at most T terms: elementwise rtol = atol = 1e-5 for out and lse (values O(1)), 3e-5 for the
+  gradients (two more matmuls and the delta subtraction on the way).
+- bfloat16 inputs: the reference sees the same bf16 values, so the difference is the rounding of the outputs to
+  bf16 (relative 2^-9 = 2e-3 per element) and, on the GPU, of P and dS to bf16 for their matmuls (each 2^-9
+  relative, averaging out over the sums): ||got - ref|| / ||ref|| <= 1e-2 for out, dq, dk, dv. lse stays fp32
+  (scores are bf16 x bf16 products accumulated in fp32), so it keeps an absolute 1e-4.
+Sizes: T = 37, 50, 77 are not multiples of any block size the kernels use (16 and 32 in fp32 and under the
+interpreter), so there are full blocks below the diagonal, diagonal blocks split into several sub-blocks, and a
+partial last block. The bf16 cases T = 300 and 150 do the same for the GPU's bf16 blocks (32 to 128).
+"""
+
+import math
+
+import pytest
+import torch
+
+from llmpy.kernels.attention import attention_backward, attention_forward
+
+torch.backends.cuda.matmul.allow_tf32 = False  # the GPU reference must be true fp32 matmuls too
+
+
+def reference_attention(qkv, dout, NH):
+    """float64 causal attention on qkv (B, T, 3C): out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)."""
+    B, T, three_C = qkv.shape
+    C = three_C // 3
+    HS = C // NH
+    qkv64 = qkv.detach().to(torch.float64).requires_grad_(True)
+    q, k, v = (part.view(B, T, NH, HS).transpose(1, 2) for part in qkv64.split(C, dim=2))  # (B, NH, T, HS)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(HS)  # (B, NH, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, NH, T)
+    out = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+    out.backward(dout.to(torch.float64))
+    return out.detach(), lse.detach(), qkv64.grad
+
+
+def make_inputs(B, T, NH, HS, dtype, device, seed, channel_padding=0):
+    """Seeded random qkv and dout. With channel_padding > 0 both are views into wider buffers (row stride
+    3C + padding), which proves the kernels address q, k, v and dout through strides."""
+    generator = torch.Generator().manual_seed(seed)
+    C = NH * HS
+    qkv_buffer = torch.randn(B, T, 3 * C + channel_padding, generator=generator)
+    dout_buffer = torch.randn(B, T, C + channel_padding, generator=generator)
+    qkv = qkv_buffer.to(dtype=dtype, device=device)[:, :, : 3 * C]
+    dout = dout_buffer.to(dtype=dtype, device=device)[:, :, :C]
+    return qkv, dout
+
+
+def run_kernels(qkv, dout, NH):
+    """Forward then backward, every output poisoned with NaN first so an element left unwritten fails."""
+    B, T, three_C = qkv.shape
+    C = three_C // 3
+    out = torch.full((B, T, C), float("nan"), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.full((B, NH, T), float("nan"), dtype=torch.float32, device=qkv.device)
+    attention_forward(out, lse, qkv, NH)
+    dqkv = torch.full_like(out.new_empty(B, T, three_C), float("nan"))
+    delta = torch.full_like(lse, float("nan"))
+    attention_backward(dqkv, dout, qkv, out, lse, NH, delta)
+    return out, lse, dqkv
+
+
+def relative_error(got, ref):
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("B,T,NH,HS", [(2, 50, 2, 16), (1, 77, 3, 32), (1, 50, 1, 64), (1, 40, 1, 128)])
+def test_float32_matches_float64_reference(device, B, T, NH, HS):
+    qkv, dout = make_inputs(B, T, NH, HS, torch.float32, device, seed=T + HS)
+    out, lse, dqkv = run_kernels(qkv, dout, NH)
+    ref_out, ref_lse, ref_dqkv = reference_attention(qkv, dout, NH)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    C = NH * HS
+    for name, part in zip(("dq", "dk", "dv"), range(3)):
+        columns = slice(part * C, (part + 1) * C)
+        torch.testing.assert_close(dqkv[..., columns].double(), ref_dqkv[..., columns], rtol=3e-5, atol=3e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("B,T,NH,HS", [(2, 50, 2, 16), (1, 77, 2, 64), (1, 300, 1, 64), (1, 150, 1, 128)])
+def test_bfloat16_matches_float64_reference(device, B, T, NH, HS):
+    qkv, dout = make_inputs(B, T, NH, HS, torch.bfloat16, device, seed=1000 + T)
+    out, lse, dqkv = run_kernels(qkv, dout, NH)
+    ref_out, ref_lse, ref_dqkv = reference_attention(qkv, dout, NH)
+    assert out.dtype == torch.bfloat16 and dqkv.dtype == torch.bfloat16
+    assert relative_error(out, ref_out) <= 1e-2
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-4)
+    C = NH * HS
+    for name, part in zip(("dq", "dk", "dv"), range(3)):
+        columns = slice(part * C, (part + 1) * C)
+        error = relative_error(dqkv[..., columns], ref_dqkv[..., columns])
+        assert error <= 1e-2, f"{name}: relative error {error:.2e}"
+
+
+def test_strided_views_of_wider_buffers(device):
+    """qkv and dout as views with row strides 3C+5 and C+5: the kernels must follow the strides, not assume 3C."""
+    NH, HS = 2, 16
+    qkv, dout = make_inputs(2, 37, NH, HS, torch.float32, device, seed=7, channel_padding=5)
+    assert not qkv.is_contiguous() and not dout.is_contiguous()
+    out, lse, dqkv = run_kernels(qkv, dout, NH)
+    ref_out, ref_lse, ref_dqkv = reference_attention(qkv, dout, NH)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dqkv.double(), ref_dqkv, rtol=3e-5, atol=3e-5)
+
+
+def test_backward_is_deterministic(device):
+    """No atomics: two backward passes on the same inputs agree bit for bit."""
+    qkv, dout = make_inputs(1, 50, 2, 32, torch.bfloat16, device, seed=3)
+    _, _, first = run_kernels(qkv, dout, 2)
+    _, _, second = run_kernels(qkv, dout, 2)
+    assert torch.equal(first, second)
+
+
+def test_rejects_unsupported_head_size(device):
+    qkv = torch.randn(1, 8, 3 * 24, device=device)  # NH=1 -> HS=24
+    out = torch.empty(1, 8, 24, device=device)
+    lse = torch.empty(1, 1, 8, device=device)
+    with pytest.raises(ValueError, match="HS in"):
+        attention_forward(out, lse, qkv, 1)

@@ -1,0 +1,63 @@
+"""bias_backward (dbias += column sums of dout) against a float64 torch sum, and its determinism.
+
+dbias starts from random values and must end at dbias + dout.sum(0). Tolerance: the kernel sums N values per column
+in fp32 (per-lane running sums, then fixed trees), so its rounding error is a few times N * 2^-24 * sum|dout| at
+worst and ~sqrt(N) * 2^-24 * |dout| typically; rtol 1e-5 with atol 1e-5 (for columns whose sum is near zero; N <= 100
+values of size ~1 give sums ~10) leaves a wide margin and still catches a dropped or doubled row (error ~1).
+bf16 dout is exact in fp32, so the same tolerance holds against the float64 sum of the bf16 values.
+"""
+
+import pytest
+import torch
+
+from llmpy.kernels.bias import bias_backward, bias_backward_scratch
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def random_inputs(N, OC, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    dout = torch.randn(N, OC, generator=generator).to(device=device, dtype=dtype)
+    dbias = torch.randn(OC, generator=generator).to(device)
+    return dout, dbias
+
+
+# OC: a power of two, a non-power of two smaller than a column block, and 4 * 768 (12 column blocks of 256)
+# N: not a multiple of the row tile
+@pytest.mark.parametrize("N, OC", [(70, 64), (37, 80), (9, 3072)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adds_column_sums(device, N, OC, dtype):
+    dout, dbias = random_inputs(N, OC, dtype, device, seed=N)
+    expected = dbias.double() + dout.double().sum(0)
+    scratch = bias_backward_scratch(N, OC, device).fill_(float("nan"))
+
+    bias_backward(dbias, dout, scratch)
+
+    torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("groups", [1, 5, 8, 70])
+def test_any_number_of_row_groups_gives_the_sums(device, groups):
+    """The scratch's G (row groups, partial sums) only sets the order of additions: G = 5 gives ragged groups of 14
+    rows, which are not multiples of the row tile; G = 70 gives one row per group."""
+    N, OC = 70, 80
+    dout, dbias = random_inputs(N, OC, torch.float32, device, seed=groups)
+    expected = dbias.double() + dout.double().sum(0)
+    scratch = torch.full((groups, OC), float("nan"), device=device)
+
+    bias_backward(dbias, dout, scratch)
+
+    torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
+
+
+def test_is_deterministic(device):
+    """The same inputs and scratch give the same bits (no atomics)."""
+    N, OC = 70, 80
+    dout, dbias = random_inputs(N, OC, torch.bfloat16, device, seed=3)
+    scratch = bias_backward_scratch(N, OC, device)
+    results = []
+    for _ in range(2):
+        out = dbias.clone()
+        bias_backward(out, dout, scratch)
+        results.append(out)
+    assert torch.equal(results[0], results[1])

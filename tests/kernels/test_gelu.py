@@ -1,0 +1,77 @@
+"""GELU (tanh approximation) kernels against PyTorch's gelu(approximate="tanh") and its autograd, computed in float64.
+
+fp32: rtol 1e-5, atol 1e-6. The kernels evaluate x * sigmoid(2u) in fp32, a different but equal form of torch's
+0.5 x (1 + tanh(u)); each result carries a few fp32 roundings (~1e-7 relative), so 1e-5 has two orders of margin
+and still catches any wrong constant or term.
+bf16: inputs in bf16, the reference computed in float64 from those same inputs; the kernel rounds its fp32 result to
+bf16 once, which is off by at most 2^-8 relative (half a bf16 ulp), so rtol 2^-8 * 1.01 per element (1% for the
+fp32 math before the rounding).
+Sizes are not multiples of the kernels' 2048-element block, so the masked tail is covered; outputs are filled with NaN
+first, so an element the kernel fails to write fails the comparison.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmpy.kernels.gelu import gelu_backward, gelu_forward
+
+# x down to -12 makes sigmoid's exp(-2u) overflow to inf (the right limit, gelu -> -0); under the interpreter numpy
+# warns about it
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+BF16_TOLERANCE = dict(rtol=2**-8 * 1.01, atol=1e-6)
+SHAPE = (7, 1000)  # 7000 elements: three full blocks of 2048 and a partial one
+
+
+def reference_gelu_and_grad(x, dout):
+    """gelu(x) and dout * gelu'(x) in float64 by torch's own GELU and autograd."""
+    x64 = x.double().requires_grad_()
+    out = F.gelu(x64, approximate="tanh")
+    out.backward(dout.double())
+    return out.detach(), x64.grad
+
+
+def random_inputs(device, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(SHAPE, generator=generator)).to(device=device, dtype=dtype)  # covers both tails
+    dout = torch.randn(SHAPE, generator=generator).to(device=device, dtype=dtype)
+    return x, dout
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, FP32_TOLERANCE), (torch.bfloat16, BF16_TOLERANCE)])
+def test_forward_and_backward_match_torch(device, dtype, tolerance):
+    x, dout = random_inputs(device, dtype, seed=0)
+    expected_out, expected_dinp = reference_gelu_and_grad(x, dout)
+
+    out = torch.full_like(x, float("nan"))
+    gelu_forward(out, x)
+    dinp = torch.full_like(x, float("nan"))
+    gelu_backward(dinp, x, dout)
+
+    assert out.dtype == dinp.dtype == dtype
+    torch.testing.assert_close(out.double(), expected_out, **tolerance)
+    torch.testing.assert_close(dinp.double(), expected_dinp, **tolerance)
+
+
+def test_backward_in_place_over_dout_gives_the_same_result(device):
+    x, dout = random_inputs(device, torch.bfloat16, seed=1)
+    separate = torch.full_like(x, float("nan"))
+    gelu_backward(separate, x, dout)
+
+    gelu_backward(dout, x, dout)  # dinp is dout
+
+    assert torch.equal(dout, separate)
+
+
+def test_forward_extremes_are_exact_limits(device):
+    """Far in the tails gelu(x) is x (x >> 0) and 0 (x << 0), with gradients 1 and 0; no NaN from exp overflow."""
+    x = torch.tensor([-60.0, -20.0, 20.0, 60.0], device=device)
+    out = torch.full_like(x, float("nan"))
+    gelu_forward(out, x)
+    dinp = torch.full_like(x, float("nan"))
+    gelu_backward(dinp, x, torch.ones_like(x))
+
+    assert out.tolist() == [0.0, 0.0, 20.0, 60.0]
+    assert dinp.tolist() == [0.0, 0.0, 1.0, 1.0]

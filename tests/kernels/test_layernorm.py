@@ -1,0 +1,135 @@
+"""LayerNorm kernels against torch's layer_norm and its autograd in float64, per output tensor.
+
+Inputs are seeded random rows with a non-zero mean (x = 2 * randn + 3, so centring matters), weight ~ 1 + 0.5 randn,
+bias ~ randn; the reference is computed in float64 from the very values the kernel reads (bf16 ones upcast).
+Tolerances:
+- fp32 outputs, and every fp32 statistic or gradient (mean, rstd, dweight, dbias, also in bf16 runs): rtol 1e-5,
+  atol 1e-5. The kernels compute in fp32: one row's sums carry ~C * 2^-24 relative error at worst (C <= 768 here:
+  5e-5 worst, ~1e-6 typical), and dweight/dbias sum <= 70 rows of O(1) terms; 1e-5 is a few times the typical error
+  and orders of magnitude below any real mistake (a missing term is O(0.1..1)).
+- bf16 activations (out, residual_out, dinp): the kernel rounds its fp32 result to bf16 once, at most 2^-8 relative
+  (half a bf16 ulp), so rtol 2^-8 * 1.01 plus atol 1e-5 for values near zero after cancellation.
+Outputs are NaN-filled before the kernel (every element must be written); accumulating outputs (dinp, dweight,
+dbias) start from random values, and must end at start + gradient.
+Shapes: C = 64 (a power of two), 80 (not: masked columns), 768 (GPT-2's); N not a multiple of the row tile.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmpy.kernels.layernorm import (
+    fused_residual_layernorm_forward,
+    layernorm_backward,
+    layernorm_backward_scratch,
+    layernorm_forward,
+)
+
+EPS = 1e-5
+FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+BF16_TOLERANCE = dict(rtol=2**-8 * 1.01, atol=1e-5)
+SHAPES = [(70, 64), (37, 80), (9, 768)]  # (N, C)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tolerance_for(dtype):
+    return FP32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE
+
+
+def random_layer(N, C, dtype, device, seed):
+    """x (N, C) and the layer's weight, bias (C,), all in dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(N, C, generator=generator) + 3
+    weight = 1 + 0.5 * torch.randn(C, generator=generator)
+    bias = torch.randn(C, generator=generator)
+    return [t.to(device=device, dtype=dtype) for t in (x, weight, bias)]
+
+
+def reference_forward(x, weight, bias):
+    """out, mean, rstd in float64."""
+    x64 = x.double()
+    mean = x64.mean(-1)
+    rstd = (x64.var(-1, unbiased=False) + EPS).rsqrt()
+    out = F.layer_norm(x64, x64.shape[-1:], weight.double(), bias.double(), EPS)
+    return out, mean, rstd
+
+
+def nan_like(t, dtype=None):
+    return torch.full_like(t, float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("N, C", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_torch(device, N, C, dtype):
+    x, weight, bias = random_layer(N, C, dtype, device, seed=N)
+    expected_out, expected_mean, expected_rstd = reference_forward(x, weight, bias)
+    out, mean, rstd = nan_like(x), nan_like(x[:, 0], torch.float32), nan_like(x[:, 0], torch.float32)
+
+    layernorm_forward(out, mean, rstd, x, weight, bias, EPS)
+
+    torch.testing.assert_close(out.double(), expected_out, **tolerance_for(dtype))
+    torch.testing.assert_close(mean.double(), expected_mean, **FP32_TOLERANCE)
+    torch.testing.assert_close(rstd.double(), expected_rstd, **FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["separate", "residual_out_is_inp1"])
+@pytest.mark.parametrize("N, C", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_residual_forward_matches_add_then_layernorm(device, N, C, dtype, in_place):
+    """residual_out must equal torch's inp1 + inp2 in dtype bit for bit (both add in fp32 and round to nearest once),
+    and out, mean, rstd must be the layernorm of that rounded sum."""
+    residual, weight, bias = random_layer(N, C, dtype, device, seed=N + 1)
+    branch = torch.randn(N, C, generator=torch.Generator().manual_seed(N + 2)).to(device=device, dtype=dtype)
+    expected_residual = residual + branch
+    expected_out, expected_mean, expected_rstd = reference_forward(expected_residual, weight, bias)
+    residual_out = residual if in_place else nan_like(residual)
+    out = nan_like(residual)
+    mean, rstd = nan_like(residual[:, 0], torch.float32), nan_like(residual[:, 0], torch.float32)
+
+    fused_residual_layernorm_forward(residual_out, out, mean, rstd, residual, branch, weight, bias, EPS)
+
+    assert torch.equal(residual_out, expected_residual)
+    torch.testing.assert_close(out.double(), expected_out, **tolerance_for(dtype))
+    torch.testing.assert_close(mean.double(), expected_mean, **FP32_TOLERANCE)
+    torch.testing.assert_close(rstd.double(), expected_rstd, **FP32_TOLERANCE)
+
+
+def run_backward_case(device, N, C, dtype, scratch):
+    """Runs layernorm_backward on random inputs and checks dinp, dweight, dbias against float64 autograd."""
+    generator = torch.Generator().manual_seed(N * C)
+    x, weight, bias = random_layer(N, C, dtype, device, seed=N + 3)
+    dout = torch.randn(N, C, generator=generator).to(device=device, dtype=dtype)
+    dinp = torch.randn(N, C, generator=generator).to(device=device, dtype=dtype)
+    dweight = torch.randn(C, generator=generator).to(device)
+    dbias = torch.randn(C, generator=generator).to(device)
+    # the backward reads the forward's statistics
+    out, mean, rstd = torch.empty_like(x), torch.empty(N, device=device), torch.empty(N, device=device)
+    layernorm_forward(out, mean, rstd, x, weight, bias, EPS)
+
+    x64, weight64, bias64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    F.layer_norm(x64, (C,), weight64, bias64, EPS).backward(dout.double())
+    expected_dinp = dinp.double() + x64.grad
+    expected_dweight = dweight.double() + weight64.grad
+    expected_dbias = dbias.double() + bias64.grad
+
+    layernorm_backward(dinp, dweight, dbias, dout, x, weight, mean, rstd, scratch)
+
+    torch.testing.assert_close(dinp.double(), expected_dinp, **tolerance_for(dtype))
+    torch.testing.assert_close(dweight.double(), expected_dweight, **FP32_TOLERANCE)
+    torch.testing.assert_close(dbias.double(), expected_dbias, **FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("N, C", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_accumulates_torch_gradients(device, N, C, dtype):
+    scratch = layernorm_backward_scratch(N, C, device).fill_(float("nan"))
+    run_backward_case(device, N, C, dtype, scratch)
+
+
+@pytest.mark.parametrize("groups", [1, 5, 70])
+def test_backward_is_right_for_any_number_of_row_groups(device, groups):
+    """The scratch's G (row groups, one partial sum each) only sets the order of additions: G = 5 splits 70 rows
+    into groups of 14, not a multiple of the 32-row tile at C = 80; G = 70 gives one row per group."""
+    N, C = 70, 80
+    scratch = torch.full((2, groups, C), float("nan"), device=device)
+    run_backward_case(device, N, C, torch.float32, scratch)
