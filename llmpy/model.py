@@ -1,0 +1,249 @@
+"""GPT-2 on the GPU: parameters, activations, and the forward and backward pass written out layer by layer.
+
+Everything the model holds lives in a few flat buffers, allocated once:
+  params (P,)   the weights in the run's dtype (bf16, or fp32 for tests), llm.c's order, a view per tensor
+  master (P,)   fp32 master weights that AdamW updates (bf16 runs only; in fp32 runs params are the master)
+  grads (P,)    fp32 gradients, zeroed once per step, accumulated over micro-steps
+  m, v (P,)     fp32 AdamW moments
+and the activations for one (B, T) micro-batch. The step therefore allocates nothing, which is what lets it be
+captured in a CUDA graph. Matmuls go to cuBLAS and attention to cuDNN (llmpy.vendor) or our own flash
+attention; every other op is one of our Triton kernels (llmpy.kernels).
+
+Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from . import vendor
+from .config import num_parameters, split_params
+from .kernels import adamw, attention, bias, classifier, encoder, gelu, layernorm, norm
+
+
+class Activations:
+    """The forward's saved tensors for one micro-batch, and the backward's scratch.
+
+    recompute 0 keeps everything; 1 drops the GELU output (recomputed from fch in the backward);
+    2 also drops the layernorm outputs (recomputed from the residual stream and the saved mean/rstd).
+    """
+
+    def __init__(self, config, B, T, dtype, device, recompute, attention_impl):
+        L, C, NH, Vp = config.num_layers, config.channels, config.num_heads, config.padded_vocab_size
+        N = B * T
+        act = dict(dtype=dtype, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.encoded = torch.empty(N, C, **act)  # wte[tokens] + wpe: the residual stream entering layer 0
+        self.ln1 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln1_mean, self.ln1_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
+        self.qkv = torch.empty(L, N, 3 * C, **act)
+        # attention output (N, C), heads side by side; on the cuDNN path, cuDNN allocates it (cudnn_out)
+        self.atty = torch.empty(L, N, C, **act) if attention_impl == "triton" else None
+        self.cudnn_out = [None] * L  # (N, C) views of cuDNN's outputs
+        self.cudnn_saved = [None] * L  # what cuDNN's backward needs: its output, logsumexp, rng state
+        self.att_lse = torch.empty(L, B, NH, T, **f32)  # softmax logsumexp per query: our flash attention's backward
+        self.residual2 = torch.empty(L, N, C, **act)  # residual + attention projection
+        self.ln2 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln2_mean, self.ln2_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
+        self.fch = torch.empty(L, N, 4 * C, **act)  # MLP hidden, before GELU
+        self.fch_gelu = torch.empty(1 if recompute >= 1 else L, N, 4 * C, **act)
+        self.residual3 = torch.empty(L, N, C, **act)  # residual2 + MLP projection: the next layer's input
+        self.lnf = torch.empty(N, C, **act)
+        self.lnf_mean, self.lnf_rstd = torch.empty(N, **f32), torch.empty(N, **f32)
+        self.logits = torch.empty(N, Vp, **act)  # becomes dlogits in place in the fused classifier
+        self.losses = torch.empty(N, **f32)
+        # scratch shared by all layers
+        self.proj = torch.empty(N, C, **act)  # output of a projection, before it joins the residual stream
+        self.dresidual = torch.empty(N, C, **act)
+        self.dbtc = torch.empty(N, C, **act)
+        self.dfch = torch.empty(N, 4 * C, **act)
+        self.dqkv = torch.empty(N, 3 * C, **act)
+        self.att_delta = torch.empty(B, NH, T, **f32)
+
+
+class GPT2:
+    def __init__(self, config, B, T, dtype=torch.bfloat16, device="cuda", recompute=0, attention_impl="cudnn"):
+        if T > config.max_seq_len:
+            raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
+        if attention_impl not in ("cudnn", "triton"):
+            raise ValueError(f"--attention must be cudnn or triton, not {attention_impl!r}")
+        if attention_impl == "cudnn" and (dtype != torch.bfloat16 or not torch.device(device).type == "cuda"):
+            attention_impl = "triton"  # cuDNN's flash attention is bf16 on the GPU only
+        self.config, self.B, self.T = config, B, T
+        self.dtype, self.device = dtype, torch.device(device)
+        self.recompute, self.attention_impl = recompute, attention_impl
+        P = num_parameters(config)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.params = torch.zeros(P, dtype=dtype, device=device)
+        self.master = torch.zeros(P, **f32) if dtype != torch.float32 else None
+        self.grads = torch.zeros(P, **f32)
+        self.m, self.v = torch.zeros(P, **f32), torch.zeros(P, **f32)
+        self.p = split_params(config, self.params)  # name -> view, e.g. self.p["qkvw"] is (L, 3C, C)
+        self.g = split_params(config, self.grads)
+        self.acts = Activations(config, B, T, dtype, device, recompute, attention_impl)
+        C, N = config.channels, B * T
+        self.ln_scratch = layernorm.layernorm_backward_scratch(N, C, self.device)
+        # bias_backward's partial sums are (G, OC): one buffer per output width (qkv 3C, fc 4C, projections C)
+        self.bias_scratch = {OC: bias.bias_backward_scratch(N, OC, self.device) for OC in (C, 3 * C, 4 * C)}
+        self.norm_scratch = norm.global_norm_scratch(P, self.device)
+        self.grad_norm_sq = torch.zeros(1, **f32)
+        self.grad_scale = torch.ones(1, **f32)
+        self.hparams = torch.zeros(3, **f32)  # [lr, 1 - beta1^t, 1 - beta2^t]: read by the AdamW kernel on the device
+        self.decay_segments = adamw.decay_segments(config, self.device)
+        self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
+        self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
+
+    def load_weights(self, flat):
+        """Sets the weights from a flat fp32 array (llm.c's order), e.g. from llmpy.formats.read_model."""
+        flat = torch.as_tensor(np.asarray(flat, dtype=np.float32))
+        if flat.shape != self.params.shape:
+            raise ValueError(f"weights have {flat.numel()} values, the model needs {self.params.numel()}")
+        (self.master if self.master is not None else self.params).copy_(flat)
+        if self.master is not None:
+            self.params.copy_(self.master)  # round to bf16
+
+    def init_weights(self, seed):
+        """GPT-2's initialisation: N(0, 0.02), the residual projections N(0, 0.02/sqrt(2L)), biases 0, LN 1 and 0."""
+        cfg = self.config
+        rng = np.random.default_rng(seed)
+        flat = np.zeros(self.params.numel(), dtype=np.float32)
+        views = split_params(cfg, flat)
+        for name, view in views.items():
+            if name in ("ln1w", "ln2w", "lnfw"):
+                view[...] = 1.0
+            elif name in ("wte", "wpe", "qkvw", "fcw", "attprojw", "fcprojw"):
+                std = 0.02 / math.sqrt(2 * cfg.num_layers) if name.endswith("projw") else 0.02
+                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * std
+        views["wte"][cfg.vocab_size:] = 0  # padding rows: never a target, never an input
+        self.load_weights(flat)
+
+    def weights_fp32(self):
+        """The fp32 weights as a flat numpy array, for writing an llm.c model file."""
+        return (self.master if self.master is not None else self.params).float().cpu().numpy()
+
+    # ------------------------------------------------------------------------- forward
+
+    def forward(self, inputs, targets=None, dloss=None, train=True):
+        """inputs, targets: (B, T) integer tensors (host or device). Fills acts.logits (N, Vp) and, given targets,
+        acts.losses (N,) and overwrites the logits with dlogits scaled by dloss (default 1/N), ready for backward.
+        train=False (validation) computes the losses only and leaves the logits as they are.
+        """
+        cfg, a, p = self.config, self.acts, self.p
+        B, T, C, L = self.B, self.T, cfg.channels, cfg.num_layers
+        self.inputs.copy_(inputs, non_blocking=True)
+        encoder.encoder_forward(a.encoded.view(B, T, C), self.inputs, p["wte"], p["wpe"])
+        # the first layernorm is plain; every later one is fused with the residual add that precedes it
+        layernorm.layernorm_forward(self._ln1(0), a.ln1_mean[0], a.ln1_rstd[0], a.encoded, p["ln1w"][0], p["ln1b"][0])
+        for l in range(L):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            # attention: qkv projection, causal self-attention, output projection
+            vendor.matmul_forward(a.qkv[l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
+            self._attention_forward(l)
+            vendor.matmul_forward(a.proj, self._atty(l), p["attprojw"][l], p["attprojb"][l])
+            layernorm.fused_residual_layernorm_forward(a.residual2[l], self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l],
+                                                       residual, a.proj, p["ln2w"][l], p["ln2b"][l])
+            # MLP: fc, GELU, projection
+            vendor.matmul_forward(a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
+            gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
+            vendor.matmul_forward(a.proj, self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l])
+            if l + 1 < L:
+                layernorm.fused_residual_layernorm_forward(a.residual3[l], self._ln1(l + 1), a.ln1_mean[l + 1],
+                                                           a.ln1_rstd[l + 1], a.residual2[l], a.proj,
+                                                           p["ln1w"][l + 1], p["ln1b"][l + 1])
+            else:
+                layernorm.fused_residual_layernorm_forward(a.residual3[l], a.lnf, a.lnf_mean, a.lnf_rstd,
+                                                           a.residual2[l], a.proj, p["lnfw"], p["lnfb"])
+        vendor.matmul_forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
+        if targets is not None:
+            dloss = 1.0 / (B * T) if dloss is None else dloss
+            self.targets.copy_(targets, non_blocking=True)
+            classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,
+                                        write_dlogits=train)
+
+    def _ln1(self, l):
+        return self.acts.ln1[0 if self.recompute >= 2 else l]
+
+    def _ln2(self, l):
+        return self.acts.ln2[0 if self.recompute >= 2 else l]
+
+    def _fch_gelu(self, l):
+        return self.acts.fch_gelu[0 if self.recompute >= 1 else l]
+
+    def _atty(self, l):
+        return self.acts.cudnn_out[l] if self.attention_impl == "cudnn" else self.acts.atty[l]
+
+    def _attention_forward(self, l):
+        a, NH, B, T = self.acts, self.config.num_heads, self.B, self.T
+        qkv = a.qkv[l].view(B, T, -1)
+        if self.attention_impl == "cudnn":
+            out, a.cudnn_saved[l] = vendor.cudnn_attention_forward(qkv, NH)
+            a.cudnn_out[l] = out.view(B * T, -1)
+        else:
+            attention.attention_forward(a.atty[l].view(B, T, -1), a.att_lse[l], qkv, NH)
+
+    # ------------------------------------------------------------------------- backward
+
+    def backward(self):
+        """Backpropagates the dlogits left in acts.logits by forward(targets=...), accumulating into grads."""
+        cfg, a, p, g = self.config, self.acts, self.p, self.g
+        B, T, L = self.B, self.T, cfg.num_layers
+        # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
+        vendor.matmul_backward_input(a.dbtc, a.logits, p["wte"])
+        vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf)
+        # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
+        a.dresidual.zero_()
+        layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.dbtc, a.residual3[L - 1], p["lnfw"],
+                                     a.lnf_mean, a.lnf_rstd, self.ln_scratch)
+        for l in reversed(range(L)):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            if self.recompute >= 2:  # the layernorm outputs are recomputed from the saved statistics
+                layernorm.layernorm_forward(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], residual,
+                                            p["ln1w"][l], p["ln1b"][l])
+                layernorm.layernorm_forward(self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l],
+                                            p["ln2w"][l], p["ln2b"][l])
+            if self.recompute >= 1:
+                gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
+            # MLP projection: dresidual flows into it unchanged (residual3 = residual2 + proj)
+            self._matmul_backward(a.dfch, "fcprojw", "fcprojb", l, a.dresidual, self._fch_gelu(l))
+            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch)
+            self._matmul_backward(a.dbtc, "fcw", "fcb", l, a.dfch, self._ln2(l))
+            layernorm.layernorm_backward(a.dresidual, g["ln2w"][l], g["ln2b"][l], a.dbtc, a.residual2[l],
+                                         p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch)
+            # attention projection, attention, qkv projection
+            self._matmul_backward(a.dbtc, "attprojw", "attprojb", l, a.dresidual, self._atty(l))
+            self._attention_backward(l, a.dbtc)
+            self._matmul_backward(a.dbtc, "qkvw", "qkvb", l, a.dqkv, self._ln1(l))
+            layernorm.layernorm_backward(a.dresidual, g["ln1w"][l], g["ln1b"][l], a.dbtc, residual,
+                                         p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch)
+        encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
+
+    def _matmul_backward(self, dinp, wname, bname, l, dout, inp):
+        """For out = inp @ W^T + b: dinp = dout @ W, dW += dout^T @ inp, db += column sums of dout."""
+        vendor.matmul_backward_input(dinp, dout, self.p[wname][l])
+        vendor.matmul_backward_weight(self.g[wname][l], dout, inp)
+        bias.bias_backward(self.g[bname][l], dout, self.bias_scratch[dout.shape[1]])
+
+    def _attention_backward(self, l, datty):
+        a, NH, B, T = self.acts, self.config.num_heads, self.B, self.T
+        qkv, dqkv = a.qkv[l].view(B, T, -1), a.dqkv.view(B, T, -1)
+        if self.attention_impl == "cudnn":
+            vendor.cudnn_attention_backward(dqkv, datty.view(B, T, -1), qkv, NH, a.cudnn_saved[l])
+        else:
+            attention.attention_backward(dqkv, datty.view(B, T, -1), qkv, a.atty[l].view(B, T, -1), a.att_lse[l],
+                                         NH, a.att_delta)
+
+    # ------------------------------------------------------------------------- update
+
+    def zero_grad(self):
+        self.grads.zero_()
+
+    def clip_and_update(self, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0):
+        """Global gradient norm, clipping scale and AdamW, all on the device: nothing here waits for the GPU.
+        step counts from 1. The grad norm (before clipping) is left in grad_norm_sq for whoever wants it later.
+        """
+        norm.global_norm_squared(self.grad_norm_sq, self.grads, self.norm_scratch)
+        norm.clip_scale(self.grad_scale, self.grad_norm_sq, grad_clip)
+        adamw.set_adamw_hparams(self.hparams, lr, step, beta1, beta2)
+        adamw.adamw_update(self.params, self.master, self.grads, self.m, self.v, self.hparams, self.grad_scale,
+                           beta1, beta2, eps, weight_decay, self.decay_segments)

@@ -1,0 +1,68 @@
+"""The vendor libraries the mainline calls through torch: cuBLAS matmuls and cuDNN flash attention.
+
+These are the two places where an expert library beats anything we would write in a day, so the mainline
+calls them directly, as functions, with no autograd: the forward and backward products are spelled out here.
+On the CPU (tests under Triton's interpreter) torch's CPU matmul stands in for cuBLAS.
+"""
+
+import torch
+
+
+def matmul_forward(out, inp, weight, bias=None):
+    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,). cuBLASLt adds the bias in its epilogue."""
+    if bias is None:
+        torch.mm(inp, weight.t(), out=out)
+    else:
+        torch.addmm(bias, inp, weight.t(), out=out)
+
+
+def matmul_backward_input(dinp, dout, weight):
+    """dinp (N, C) = dout (N, OC) @ weight (OC, C)."""
+    torch.mm(dout, weight, out=dinp)
+
+
+def matmul_backward_weight(dweight, dout, inp):
+    """dweight (OC, C) fp32 += dout (N, OC)^T @ inp (N, C).
+
+    Gradients are fp32 while the operands are bf16: cuBLAS multiplies bf16 and accumulates into the fp32 gradient
+    (beta = 1) in one call, so gradient accumulation over micro-steps never rounds to bf16.
+    """
+    if dout.dtype == dweight.dtype:
+        dweight.addmm_(dout.t(), inp)
+    elif dout.is_cuda:
+        torch.addmm(dweight, dout.t(), inp, out_dtype=dweight.dtype, out=dweight)
+    else:  # CPU tests: torch has no mixed-dtype matmul on the CPU
+        dweight.addmm_(dout.t().to(dweight.dtype), inp.to(dweight.dtype))
+
+
+def _heads(qkv, NH):
+    """Views q, k, v (B, NH, T, HS) of qkv (B, T, 3C): strided views, no copies."""
+    B, T, C3 = qkv.shape
+    qkv = qkv.view(B, T, 3, NH, C3 // (3 * NH))
+    return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+def cudnn_attention_forward(qkv, NH):
+    """Causal attention of the heads in qkv (B, T, 3C) with cuDNN's flash attention.
+
+    Returns (out, saved): out is (B, T, C), a view of cuDNN's output, which cuDNN lays out like q, i.e. as
+    (B, T, NH, HS), so no copy is needed before the projection matmul; saved holds what the backward needs.
+    """
+    q, k, v = _heads(qkv, NH)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
+    out, lse, seed, offset = res[0], res[1], res[6], res[7]
+    B, _, T, HS = out.shape
+    out_btc = out.transpose(1, 2).reshape(B, T, NH * HS)  # a view when cuDNN used q's layout, else a copy
+    return out_btc, (out, lse, seed, offset)
+
+
+def cudnn_attention_backward(dqkv, dout, qkv, NH, saved):
+    """dqkv (B, T, 3C) = the gradient of causal attention, given dout (B, T, C) and the forward's saved tensors."""
+    out, lse, seed, offset = saved
+    B, T, C = dout.shape
+    q, k, v = _heads(qkv, NH)
+    dout_heads = dout.view(B, T, NH, C // NH).transpose(1, 2)
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout_heads, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
+    for dst, g in zip(_heads(dqkv, NH), grads):
+        dst.copy_(g)

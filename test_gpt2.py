@@ -1,0 +1,133 @@
+"""The mainline's match test (llm.c's test_gpt2cu): our GPU GPT-2 against the PyTorch reference, tensor by tensor.
+
+First write the reference files (fp32, on any device):
+    python train_gpt2_torch.py --model d12 --write_tensors 1
+then:
+    python test_gpt2.py                         # bf16, cuDNN attention
+    python test_gpt2.py --dtype float32 --attention triton --recompute 2
+
+It loads the model and the debug state the reference wrote (one batch's inputs, targets, logits, loss and every
+parameter gradient), runs our forward and backward on that batch and compares; then takes 10 AdamW steps on the
+same batch with the reference's hyperparameters and compares the losses. One line per tensor, then
+`overall okay: 1` (exit 0) or `overall okay: 0` (exit 1).
+
+Error measure: relative error ||ours - ref|| / ||ref|| over the whole tensor, because bf16's error is relative to
+the size of the values, and a max-abs threshold would be too loose for small tensors and too tight for large ones.
+Tolerances, from what was measured on an H100 at d12 (B=4, T=64; 2026-11-24) with a margin of about 5-10x:
+- float32 (TF32 off): the only differences are summation order (cuBLAS vs the reference's BLAS, our reductions vs
+  torch's): measured 1.4e-6 on the logits, at most 1.0e-6 on a gradient, 5e-6 on the 10 losses. Tolerance 1e-5
+  relative, 1e-4 absolute on the losses. A real bug (a missing term, a wrong layer) gives errors of 1e-2 or more.
+- bfloat16: parameters and activations are rounded to 8 significant bits (2^-9 relative per rounding), and the
+  roundings compound through the layers: measured 1.1e-2 on the logits, at most 1.05e-2 on a gradient, and the 10
+  losses (about 11 down to 3.4) within 0.014. Tolerance 5e-2 relative, 5e-2 absolute on the losses.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from llmpy.config import file_prefix, split_params
+from llmpy.formats import FormatError, read_debug_state, read_model
+
+TOLERANCES = {  # dtype -> (logits and loss, gradients: relative; each of the 10 losses: absolute)
+    "float32": (1e-5, 1e-5, 1e-4),
+    "bfloat16": (5e-2, 5e-2, 5e-2),
+}
+
+
+def relative_error(ours, ref):
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check(name, ours, ref, tol):
+    """Prints one line for a tensor; returns whether it is within tolerance."""
+    err = relative_error(ours, ref)
+    ok = bool(np.isfinite(ours).all() and err <= tol)
+    maxabs = float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64))))
+    print(f"{name:10s} rel err {err:.3e}  max abs diff {maxabs:.3e}  (tol {tol:.0e})  {'OK' if ok else 'NOT OK'}")
+    return ok
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Match the GPU mainline against the PyTorch reference's debug state.")
+    p.add_argument("--model", default="d12", help="descriptor whose reference files to load (d12 -> gpt2_124M.*)")
+    p.add_argument("--dir", default=".", help="folder holding the reference files")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--recompute", "-r", type=int, default=0, choices=[0, 1, 2])
+    p.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"])
+    p.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (tests)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: our kernels run on CPU tensors
+    import torch
+
+    from llmpy.model import GPT2
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("test_gpt2.py: no CUDA device; run with --device cpu for the Triton interpreter")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
+    torch.backends.cudnn.allow_tf32 = False
+
+    prefix = os.path.join(args.dir, file_prefix(args.model))
+    try:
+        config, weights = read_model(prefix + ".bin")
+        state = read_debug_state(prefix + "_debug_state.bin", config)
+        with open(prefix + "_debug_losses.json") as f:
+            reference = json.load(f)
+    except (FormatError, OSError) as e:
+        sys.exit(f"test_gpt2.py: {e}\n  write the reference files first: "
+                 f"python train_gpt2_torch.py --model {args.model} --write_tensors 1")
+
+    B, T = state.x.shape
+    V = config.vocab_size
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    model = GPT2(config, B, T, dtype=dtype, device=args.device, recompute=args.recompute,
+                 attention_impl=args.attention)
+    model.load_weights(weights)
+    print(f"[test_gpt2] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
+          f"attention={model.attention_impl} device={args.device}")
+    tol_logits, tol_grads, tol_loss = TOLERANCES[args.dtype]
+    x, y = torch.from_numpy(state.x), torch.from_numpy(state.y)
+    ok = True
+
+    # forward without targets leaves plain logits; with targets they become dlogits
+    model.forward(x)
+    logits = model.acts.logits.view(B, T, -1)[:, :, :V].float().cpu().numpy()
+    ok &= check("logits", logits, state.logits, tol_logits)
+    model.zero_grad()
+    model.forward(x, y)
+    loss = model.acts.losses.double().mean().item()
+    ok &= check("loss", np.array([loss]), np.array([state.loss]), tol_logits)
+    model.backward()
+    ref_grads = split_params(config, state.grads)
+    for name, grad in model.g.items():
+        ok &= check(name, grad.cpu().numpy(), ref_grads[name], tol_grads)
+
+    # 10 AdamW steps on the same batch, with the reference's hyperparameters
+    losses = []
+    for step in range(1, len(reference["losses"]) + 1):
+        model.zero_grad()
+        model.forward(x, y)
+        losses.append(model.acts.losses.double().mean().item())
+        model.backward()
+        model.clip_and_update(reference["learning_rate"], step, reference["beta1"], reference["beta2"],
+                              reference["eps"], reference["weight_decay"], reference["grad_clip"])
+    for step, (ours, ref) in enumerate(zip(losses, reference["losses"])):
+        step_ok = abs(ours - ref) <= tol_loss
+        ok &= step_ok
+        print(f"step {step}: loss {ours:.6f} reference {ref:.6f}  (tol {tol_loss:.0e})  {'OK' if step_ok else 'NOT OK'}")
+
+    print(f"overall okay: {int(ok)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""GPT-2 training on the GPU: bf16 activations, fp32 master weights, hand-written Triton kernels and backward.
+
+The mainline's training program, in the shape of llm.c's train_gpt2.cu: the same flags (long names, and llm.c's
+short ones), the same loop (validation, sampling, one optimizer step of one or more micro-batches), the same log.
+The model itself is llmpy.model.GPT2; torch is only the runtime (memory, cuBLAS, cuDNN).
+
+    python dev/data/tinyshakespeare.py          # the token shards, once
+    python train_gpt2.py                         # GPT-2 124M (d12) from random init on tiny Shakespeare
+    python train_gpt2.py -e gpt2_124M.bin -b 16 -t 1024 -d 65536 -x 100 -o log124M
+
+Tests run it on the CPU under Triton's interpreter:
+    TRITON_INTERPRET=1 python train_gpt2.py --device cpu --dtype float32 -e tiny -b 2 -t 16 -x 3
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from llmpy import formats
+from llmpy.config import config_from_descriptor, num_parameters
+from llmpy.data import DataLoader
+from llmpy.kernels import INTERPRET
+from llmpy.kernels.reduce import sum_into
+from llmpy.logger import Logger
+from llmpy.mfu import flops_per_token, mfu, peak_flops
+from llmpy.model import GPT2
+from llmpy.schedule import SCHEDULES, lr_at
+from llmpy.tokenizer import Tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+TIMING_WARMUP_STEPS = 1  # the first step compiles the Triton kernels: the averages leave it out
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's errors as one line, without the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("-i", "--input_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
+        help="training token shards (a glob pattern)")
+    add("-j", "--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
+        help="validation token shards (a glob pattern); '' disables validation")
+    add("-e", "--init", default="d12",
+        help="an llm.c model file (.bin, fp32 or bf16) to start from, or a descriptor for GPT-2's random init "
+             "with --seed: d12|d24|d36|d48 (124M..1.5B), tiny, or dLcChH like d2c64h4")
+    add("-b", "--batch_size", type=int, default=4, help="micro-batch size B")
+    add("-t", "--sequence_length", type=int, default=1024, help="sequence length T")
+    add("-d", "--total_batch_size", type=int, default=-1,
+        help="tokens per optimizer step, a multiple of B*T: the rest is gradient accumulation; -1 means B*T")
+    add("-x", "--max_steps", type=int, default=-1, help="optimizer steps; -1 means one epoch of the training data")
+    add("-l", "--learning_rate", type=float, default=3e-4, help="peak learning rate")
+    add("-u", "--warmup_iters", type=int, default=0, help="steps of linear learning-rate warmup")
+    add("-q", "--final_lr_frac", type=float, default=1.0, help="the rate decays to learning_rate * final_lr_frac")
+    add("-k", "--lr_schedule", default="cosine", choices=SCHEDULES,
+        help="after the warmup: cosine or linear decay, constant, or wsd (flat, then a 1-sqrt decay over the "
+             "last 20%% of the steps); see llmpy/schedule.py")
+    add("-c", "--weight_decay", type=float, default=0.0, help="AdamW weight decay of the matrices and embeddings")
+    add("--grad_clip", type=float, default=1.0, help="maximum global gradient norm; 0 disables clipping")
+    add("-v", "--val_loss_every", type=int, default=20, help="validation loss every N steps; 0 never")
+    add("-m", "--val_max_steps", type=int, default=20, help="batches per validation loss (at most the val data)")
+    add("-s", "--sample_every", type=int, default=20, help="print a sampled text every N steps; 0 never")
+    add("-g", "--gen_tokens", type=int, default=64, help="tokens per sample (at most T)")
+    add("-o", "--output_log_dir", default=None, help="folder for main.log (s:STEP trl:LOSS ..., s:STEP tel:LOSS)")
+    add("-a", "--overfit_single_batch", type=int, default=0, choices=(0, 1), help="train on the first batch only")
+    add("--seed", type=int, default=42, help="seed of the random init and of the sampling")
+    add("--dtype", default="bfloat16", choices=tuple(DTYPES), help="parameters and activations (grads, master "
+        "weights and optimizer state are fp32 either way)")
+    add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
+    add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
+        help="activation memory: 1 recomputes GELU in the backward, 2 also the layernorms")
+    add("--attention", default="cudnn", choices=("cudnn", "triton"),
+        help="cuDNN's flash attention or ours (float32 and CPU runs always use ours)")
+    add("--device", default="cuda", help="cuda, cuda:N; cpu only under TRITON_INTERPRET=1 (tests)")
+    add("--tokenizer", default="gpt2_tokenizer.bin", help="llm.c tokenizer file for decoding samples")
+    add("--write_model", default=None, metavar="FILE", help="write the final weights as an llm.c model file (fp32)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Nonsense values -> ValueError, one line naming the flag."""
+    positive = {"-b/--batch_size": args.batch_size, "-t/--sequence_length": args.sequence_length,
+                "-m/--val_max_steps": args.val_max_steps, "-g/--gen_tokens": args.gen_tokens}
+    non_negative = {"-u/--warmup_iters": args.warmup_iters, "-v/--val_loss_every": args.val_loss_every,
+                    "-s/--sample_every": args.sample_every, "-c/--weight_decay": args.weight_decay,
+                    "--grad_clip": args.grad_clip}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    for flag, value in non_negative.items():
+        if not value >= 0:  # also refuses nan
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    for flag, value in {"-d/--total_batch_size": args.total_batch_size, "-x/--max_steps": args.max_steps}.items():
+        if value != -1 and value <= 0:
+            raise ValueError(f"{flag} must be positive or -1, got {value}")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise ValueError(f"-l/--learning_rate must be positive, got {args.learning_rate}")
+    if not 0 <= args.final_lr_frac <= 1:
+        raise ValueError(f"-q/--final_lr_frac must be in [0, 1], got {args.final_lr_frac}")
+
+
+def pick_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available (CPU tests: TRITON_INTERPRET=1 --device cpu)")
+    if device.type == "cpu" and not INTERPRET:
+        raise ValueError("--device cpu runs the Triton kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {name}: only cuda and cpu are supported")
+    return device
+
+
+def load_init(init):
+    """-e: (config, flat fp32 weights) from an llm.c model file, or (config, None) for a random-init descriptor."""
+    if os.path.exists(init) or init.endswith(".bin"):
+        return formats.read_model(init)
+    try:
+        return config_from_descriptor(init), None
+    except ValueError as e:
+        raise ValueError(f"-e/--init {init}: no such model file, and {e}") from None
+
+
+def open_loader(flag, pattern, B, T, vocab_size):
+    """A DataLoader whose errors (no files, too small for a batch, token ids >= vocab) name the flag."""
+    try:
+        return DataLoader(pattern, B, T, vocab_size=vocab_size)
+    except (formats.FormatError, ValueError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def open_tokenizer(path, vocab_size):
+    """The tokenizer for samples, or None with a note when its file is missing (a broken file is an error)."""
+    if not os.path.exists(path):
+        print(f"note: no tokenizer file {path} (--tokenizer): samples are skipped")
+        return None
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size < vocab_size:
+        raise ValueError(f"--tokenizer {path}: has {tokenizer.vocab_size} tokens, the model's vocab is {vocab_size}")
+    return tokenizer
+
+
+def as_tensors(x, y):
+    """Host int32 (B, T) arrays as (host) tensors; the model copies them into its device buffers."""
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def train_step(model, micro_batches, lr, step, args, loss_sum):
+    """One optimizer step over the micro-batches: (mean loss, grad norm before clipping) as Python floats.
+
+    Each micro-batch's dlogits are scaled by 1 / (all tokens of the step), so the accumulated fp32 gradients are
+    the gradient of the step's mean loss; loss_sum accumulates that same mean on the device.
+    """
+    tokens = model.B * model.T * len(micro_batches)
+    model.zero_grad()
+    loss_sum.zero_()
+    for x, y in micro_batches:
+        model.forward(*as_tensors(x, y), dloss=1.0 / tokens)
+        sum_into(loss_sum, model.acts.losses, scale=1.0 / tokens)
+        model.backward()
+    model.clip_and_update(lr, step + 1, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    loss = loss_sum.item()  # waits for the GPU: the step's one synchronisation
+    return loss, math.sqrt(model.grad_norm_sq.item())
+
+
+def validation_loss(model, loader, num_batches, loss_sum):
+    """The mean loss over the first num_batches batches of the validation data (no dlogits written)."""
+    loader.reset()
+    loss_sum.zero_()
+    for _ in range(num_batches):
+        x, y = loader.next_batch()
+        model.forward(*as_tensors(x, y), train=False)
+        sum_into(loss_sum, model.acts.losses, scale=1.0 / (model.B * model.T * num_batches))
+    return loss_sum.item()
+
+
+def sample_softmax(logits, coin):
+    """A token id drawn from softmax(logits) (fp32, (V,)) by the uniform number coin in [0, 1): inverse CDF."""
+    cdf = np.cumsum(np.exp(logits - logits.max()))
+    return min(int(np.searchsorted(cdf, coin * cdf[-1], side="right")), len(logits) - 1)
+
+
+def generate(model, tokenizer, num_tokens, rng):
+    """Samples num_tokens - 1 tokens after an EOT, as llm.c: the (B, T) batch starts all EOT and position t of
+    row 0 is drawn from the logits at t - 1 (a full forward per token: no KV cache, the buffers are (B, T))."""
+    B, T, V, Vp = model.B, model.T, model.config.vocab_size, model.config.padded_vocab_size
+    num_tokens = min(num_tokens, T)
+    tokens = np.full((B, T), tokenizer.eot, dtype=np.int32)
+    for t in range(1, num_tokens):
+        model.forward(torch.from_numpy(tokens))
+        logits = model.acts.logits.view(B, T, Vp)[0, t - 1, :V].float().cpu().numpy()
+        tokens[0, t] = sample_softmax(logits, rng.random())
+    return tokenizer.decode(tokens[0, 1:num_tokens])
+
+
+def format_mfu(value):
+    return "MFU n/a" if value is None else f"MFU {100 * value:.1f}%"
+
+
+def train(args):
+    check_args(args)
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype]
+    B, T = args.batch_size, args.sequence_length
+    config, weights = load_init(args.init)
+    if T > config.max_seq_len:
+        raise ValueError(f"-t/--sequence_length {T} is longer than the model's max_seq_len {config.max_seq_len}")
+    tokens_per_micro_batch = B * T
+    total_batch_size = tokens_per_micro_batch if args.total_batch_size == -1 else args.total_batch_size
+    if total_batch_size % tokens_per_micro_batch:
+        raise ValueError(f"-d/--total_batch_size {total_batch_size} is not a multiple of B*T = {B}*{T} = "
+                         f"{tokens_per_micro_batch}")
+    grad_accum_steps = total_batch_size // tokens_per_micro_batch
+
+    train_loader = open_loader("-i/--input_bin", args.input_bin, B, T, config.vocab_size)
+    val_loader = None
+    if args.input_val_bin and args.val_loss_every > 0:
+        val_loader = open_loader("-j/--input_val_bin", args.input_val_bin, B, T, config.vocab_size)
+    max_steps = args.max_steps
+    if max_steps == -1:  # one epoch
+        max_steps = train_loader.num_batches_per_epoch // grad_accum_steps
+        if max_steps == 0:
+            raise ValueError(f"-i/--input_bin {args.input_bin}: one epoch has {train_loader.num_batches_per_epoch} "
+                             f"micro-batches, fewer than the {grad_accum_steps} of one step (-d)")
+    tokenizer = open_tokenizer(args.tokenizer, config.vocab_size) if args.sample_every > 0 else None
+
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    model = GPT2(config, B, T, dtype=dtype, device=device, recompute=args.recompute, attention_impl=args.attention)
+    if weights is None:
+        model.init_weights(args.seed)
+    else:
+        model.load_weights(weights)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    flops = flops_per_token(config, T)
+    peak = peak_flops(device_name, args.dtype, args.tf32) if device.type == "cuda" else None
+    print(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
+          f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
+          f"{num_parameters(config):,} parameters")
+    print(f"device {device_name}, dtype {args.dtype}, attention {model.attention_impl}, recompute {args.recompute}")
+    print(f"B={B} T={T}, {grad_accum_steps} micro-batch(es) = {total_batch_size:,} tokens a step, {max_steps} steps; "
+          f"train data {train_loader.num_batches_per_epoch} micro-batches an epoch")
+    val_batches = min(args.val_max_steps, val_loader.num_batches_per_epoch) if val_loader else 0
+    if val_loader:
+        print(f"validation: {val_batches} batches every {args.val_loss_every} steps")
+    print(f"{flops / 1e9:.3f} GFLOPs a token; peak {'unknown' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
+
+    logger = Logger(args.output_log_dir)
+    loss_sum = torch.zeros(1, dtype=torch.float32, device=device)
+    sample_rng = np.random.default_rng(args.seed)
+    single_batch = None
+    timed_ms = []
+    for step in range(max_steps + 1):
+        last_step = step == max_steps
+        if val_loader and (step % args.val_loss_every == 0 or last_step):
+            val_loss = validation_loss(model, val_loader, val_batches, loss_sum)
+            print(f"val loss {val_loss:.6f}")
+            logger.log_val(step, val_loss)
+        if tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
+            print(f"generating:\n---\n{generate(model, tokenizer, args.gen_tokens, sample_rng)}\n---")
+        if last_step:
+            break
+
+        t0 = time.perf_counter()  # a step is timed as llm.c's: from reading its batches to its loss on the host
+        if args.overfit_single_batch:  # llm.c resets the loader before every micro-batch: the same batch always
+            if single_batch is None:
+                single_batch = train_loader.next_batch()
+            micro_batches = [single_batch] * grad_accum_steps
+        else:
+            micro_batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]
+        lr = lr_at(step, max_steps, args.learning_rate, args.warmup_iters, args.final_lr_frac, args.lr_schedule)
+        loss, grad_norm = train_step(model, micro_batches, lr, step, args, loss_sum)
+        ms = (time.perf_counter() - t0) * 1000
+        tokens_per_second = total_batch_size / ms * 1000
+        if step >= TIMING_WARMUP_STEPS:
+            timed_ms.append(ms)
+        print(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {grad_norm:.4f} | lr {lr:.2e} | "
+              f"{ms:.2f} ms | {format_mfu(mfu(flops, tokens_per_second, peak))} | {tokens_per_second:.0f} tok/s")
+        logger.log_train(step, loss, lr, grad_norm, ms, tokens_per_second)
+    logger.close()
+
+    if timed_ms:
+        ms = sum(timed_ms) / len(timed_ms)
+        tokens_per_second = total_batch_size / ms * 1000
+        print(f"average over steps {TIMING_WARMUP_STEPS + 1}..{max_steps}: {ms:.2f} ms/step, {tokens_per_second:.0f} "
+              f"tok/s, {format_mfu(mfu(flops, tokens_per_second, peak))}")
+    else:
+        print("no average time: the first step compiles the kernels and is left out")
+    if device.type == "cuda":
+        print(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+    if args.write_model:
+        formats.write_model(args.write_model, config, model.weights_fp32(), dtype="float32")
+        print(f"wrote {args.write_model}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except torch.cuda.OutOfMemoryError:
+        fail(f"CUDA out of memory with -b {args.batch_size} -t {args.sequence_length} -r {args.recompute}: use a "
+             f"smaller -b (with -d to keep the tokens a step) or -r 1 / -r 2 to recompute activations")
+    except (formats.FormatError, ValueError, OSError) as e:
+        fail(str(e))
+
+
+def fail(message):
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
