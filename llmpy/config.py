@@ -6,8 +6,11 @@ file readers and writers all work on a single buffer. This module is NumPy-only 
 the views work the same for NumPy arrays and torch tensors (both slice and reshape).
 """
 
+import math
 import re
 from dataclasses import dataclass
+
+import numpy as np
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 GPT2_EOT = 50256
@@ -76,16 +79,9 @@ def param_shapes(config):
     }
 
 
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def num_parameters(config):
     """Total parameter count, with the padded vocab (124,475,904 for d12)."""
-    return sum(_numel(s) for s in param_shapes(config).values())
+    return sum(math.prod(s) for s in param_shapes(config).values())
 
 
 def split_params(config, flat):
@@ -94,7 +90,7 @@ def split_params(config, flat):
         raise ValueError(f"flat buffer has shape {tuple(flat.shape)}, expected ({num_parameters(config)},)")
     views, offset = {}, 0
     for name, shape in param_shapes(config).items():
-        n = _numel(shape)
+        n = math.prod(shape)
         views[name] = flat[offset:offset + n].reshape(shape)
         offset += n
     return views
@@ -112,3 +108,20 @@ _FILE_PREFIXES = {"d12": "gpt2_124M", "d24": "gpt2_350M", "d36": "gpt2_774M", "d
 def file_prefix(descriptor):
     """The name stem of the files written for a model descriptor: 'd12' -> 'gpt2_124M', 'tiny' -> 'gpt2_tiny'."""
     return _FILE_PREFIXES.get(descriptor, f"gpt2_{descriptor}")
+
+
+def gpt2_init(config, seed):
+    """GPT-2's initialisation as a flat float32 buffer, seeded: weights and embeddings N(0, 0.02), the residual
+    projections (attprojw, fcprojw) N(0, 0.02/sqrt(2L)) so the residual stream's variance does not grow with depth,
+    biases 0, layernorm weights 1 and biases 0, wte's padding rows 0."""
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(num_parameters(config), dtype=np.float32)
+    views = split_params(config, flat)
+    residual_std = 0.02 / math.sqrt(2 * config.num_layers)
+    for name in decayed_param_names():
+        std = residual_std if name in ("attprojw", "fcprojw") else 0.02
+        views[name][...] = rng.standard_normal(views[name].shape, dtype=np.float32) * np.float32(std)
+    views["wte"][config.vocab_size:] = 0
+    for name in ("ln1w", "ln2w", "lnfw"):
+        views[name][...] = 1
+    return flat

@@ -12,13 +12,11 @@ attention; every other op is one of our Triton kernels (llmpy.kernels).
 Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
 """
 
-import math
-
 import numpy as np
 import torch
 
 from . import vendor
-from .config import num_parameters, split_params
+from .config import gpt2_init, num_parameters, split_params
 from .kernels import adamw, attention, bias, classifier, encoder, gelu, layernorm, norm
 
 
@@ -58,7 +56,7 @@ class Activations:
         self.dresidual = torch.empty(N, C, **act)
         self.dbtc = torch.empty(N, C, **act)
         self.dfch = torch.empty(N, 4 * C, **act)
-        self.dqkv = torch.empty(N, 3 * C, **act)
+        self.dqkv = torch.empty(N, 3 * C, **act) if attention_impl == "triton" else None  # cuDNN allocates its own
         self.att_delta = torch.empty(B, NH, T, **f32)
 
 
@@ -84,8 +82,8 @@ class GPT2:
         self.acts = Activations(config, B, T, dtype, device, recompute, attention_impl)
         C, N = config.channels, B * T
         self.ln_scratch = layernorm.layernorm_backward_scratch(N, C, self.device)
-        # bias_backward's partial sums are (G, OC): one buffer per output width (qkv 3C, fc 4C, projections C)
-        self.bias_scratch = {OC: bias.bias_backward_scratch(N, OC, self.device) for OC in (C, 3 * C, 4 * C)}
+        # bias_backward's partial sums are (G, OC): one buffer per output width (fc 4C; q, k, v and projections C)
+        self.bias_scratch = {OC: bias.bias_backward_scratch(N, OC, self.device) for OC in (C, 4 * C)}
         self.norm_scratch = norm.global_norm_scratch(P, self.device)
         self.grad_norm_sq = torch.zeros(1, **f32)
         self.grad_scale = torch.ones(1, **f32)
@@ -104,19 +102,8 @@ class GPT2:
             self.params.copy_(self.master)  # round to bf16
 
     def init_weights(self, seed):
-        """GPT-2's initialisation: N(0, 0.02), the residual projections N(0, 0.02/sqrt(2L)), biases 0, LN 1 and 0."""
-        cfg = self.config
-        rng = np.random.default_rng(seed)
-        flat = np.zeros(self.params.numel(), dtype=np.float32)
-        views = split_params(cfg, flat)
-        for name, view in views.items():
-            if name in ("ln1w", "ln2w", "lnfw"):
-                view[...] = 1.0
-            elif name in ("wte", "wpe", "qkvw", "fcw", "attprojw", "fcprojw"):
-                std = 0.02 / math.sqrt(2 * cfg.num_layers) if name.endswith("projw") else 0.02
-                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * std
-        views["wte"][cfg.vocab_size:] = 0  # padding rows: never a target, never an input
-        self.load_weights(flat)
+        """GPT-2's seeded random initialisation (llmpy.config.gpt2_init)."""
+        self.load_weights(gpt2_init(self.config, seed))
 
     def weights_fp32(self):
         """The fp32 weights as a flat numpy array, for writing an llm.c model file."""
@@ -212,8 +199,8 @@ class GPT2:
                                          p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch)
             # attention projection, attention, qkv projection
             self._matmul_backward(a.dbtc, "attprojw", "attprojb", l, a.dresidual, self._atty(l))
-            self._attention_backward(l, a.dbtc)
-            self._matmul_backward(a.dbtc, "qkvw", "qkvb", l, a.dqkv, self._ln1(l))
+            dq, dk, dv = self._attention_backward(l, a.dbtc)
+            self._qkv_backward(a.dbtc, l, (dq, dk, dv), self._ln1(l))
             layernorm.layernorm_backward(a.dresidual, g["ln1w"][l], g["ln1b"][l], a.dbtc, residual,
                                          p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch)
         encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
@@ -224,14 +211,28 @@ class GPT2:
         vendor.matmul_backward_weight(self.g[wname][l], dout, inp)
         bias.bias_backward(self.g[bname][l], dout, self.bias_scratch[dout.shape[1]])
 
+    def _qkv_backward(self, dinp, l, dqkv_parts, inp):
+        """The qkv projection's backward, its output gradient given as three (N, C) column blocks dq, dk, dv:
+        dinp = sum_i d_i @ W_i, dW_i += d_i^T @ inp, db_i += column sums of d_i, for W_i the i-th C rows of qkvw."""
+        C = self.config.channels
+        for i, dpart in enumerate(dqkv_parts):
+            rows = slice(i * C, (i + 1) * C)
+            if i == 0:
+                vendor.matmul_backward_input(dinp, dpart, self.p["qkvw"][l][rows])
+            else:
+                dinp.addmm_(dpart, self.p["qkvw"][l][rows])
+            vendor.matmul_backward_weight(self.g["qkvw"][l][rows], dpart, inp)
+            bias.bias_backward(self.g["qkvb"][l][rows], dpart, self.bias_scratch[C])
+
     def _attention_backward(self, l, datty):
-        a, NH, B, T = self.acts, self.config.num_heads, self.B, self.T
-        qkv, dqkv = a.qkv[l].view(B, T, -1), a.dqkv.view(B, T, -1)
+        """Returns dq, dk, dv as (N, C) matrices."""
+        a, NH, B, T, C = self.acts, self.config.num_heads, self.B, self.T, self.config.channels
+        qkv = a.qkv[l].view(B, T, -1)
         if self.attention_impl == "cudnn":
-            vendor.cudnn_attention_backward(dqkv, datty.view(B, T, -1), qkv, NH, a.cudnn_saved[l])
-        else:
-            attention.attention_backward(dqkv, datty.view(B, T, -1), qkv, a.atty[l].view(B, T, -1), a.att_lse[l],
-                                         NH, a.att_delta)
+            return vendor.cudnn_attention_backward(datty.view(B, T, -1), qkv, NH, a.cudnn_saved[l])
+        attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, a.atty[l].view(B, T, -1),
+                                     a.att_lse[l], NH, a.att_delta)
+        return [a.dqkv[:, i * C:(i + 1) * C] for i in range(3)]
 
     # ------------------------------------------------------------------------- update
 

@@ -36,6 +36,19 @@ def test_adds_column_sums(device, N, OC, dtype):
     torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
 
 
+def test_rows_may_be_strided(device):
+    """dout may be a column slice of a wider matrix (the k part of dqkv): only those columns are summed."""
+    N, C = 37, 80
+    wide, dbias = random_inputs(N, 3 * C, torch.bfloat16, device, seed=11)
+    dbias = dbias[:C].clone()
+    dout = wide[:, C:2 * C]  # rows 3C apart
+    expected = dbias.double() + dout.double().sum(0)
+
+    bias_backward(dbias, dout, bias_backward_scratch(N, C, device).fill_(float("nan")))
+
+    torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
+
+
 @pytest.mark.parametrize("groups", [1, 5, 8, 70])
 def test_any_number_of_row_groups_gives_the_sums(device, groups):
     """The scratch's G (row groups, partial sums) only sets the order of additions: G = 5 gives ragged groups of 14
