@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
-#   bash dev/gpu_check.sh [kernels] [match] [train] [compare]      (no argument: all of them)
+#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [bench]      (no argument: all of them)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
 # LLMPY_TIKTOKEN_FILE. Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare bench)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -40,14 +40,19 @@ for step in "${steps[@]}"; do
     train)
         run python3 train_gpt2.py -e d12 -b 16 -t 1024 -x 30 -v 10 -m 4 -s 30 -g 32 -o "${OUT:-.}/train_log" ;;
     compare)
-        # the mainline and the PyTorch reference from the same init, same data and hyperparameters
-        run python3 train_gpt2.py -e gpt2_124M.bin -b 32 -t 1024 -x 200 -l 3e-4 -u 20 -q 0.1 -c 0.1 -v 25 -m 8 -s 0 \
-            -o "${OUT:-.}/compare_mainline"
-        run python3 train_gpt2_torch.py --init_from gpt2_124M.bin -b 32 -t 1024 --num_iterations 200 \
-            --learning_rate 3e-4 --warmup_iters 20 --final_lr_frac 0.1 --weight_decay 0.1 --val_loss_every 25 \
-            --val_max_steps 8 --sample_every 0 --dtype bfloat16 --flash 1 --compile 1 --output_dir "${OUT:-.}/compare_torch" ;;
+        # the mainline and the PyTorch reference (torch.compile, bf16) from the same init, data and hyperparameters:
+        # batches of 32 x 1024 tokens as 2 micro-batches of 16 (tiny Shakespeare's val split is one batch of 16)
+        [ -f gpt2_124M.bin ] || run python3 train_gpt2_torch.py --model d12 --write_tensors 1 --device cuda
+        run python3 train_gpt2.py -e gpt2_124M.bin -b 16 -t 1024 -d 32768 -x 200 -l 3e-4 -u 20 -q 0.1 -c 0.1 \
+            -v 25 -m 1 -s 0 -o "${OUT:-.}/compare_mainline"
+        run python3 train_gpt2_torch.py --init_from gpt2_124M.bin -b 16 -t 1024 --total_batch_size 32768 \
+            --num_iterations 200 --learning_rate 3e-4 --warmup_iters 20 --final_lr_frac 0.1 --weight_decay 0.1 \
+            --val_loss_every 25 --val_max_steps 1 --sample_every 0 --dtype bfloat16 --flash 1 --compile 1 \
+            --output_dir "${OUT:-.}/compare_torch" ;;
+    bench)
+        run python3 dev/bench.py --json "${OUT:-.}/bench_d12.json" ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare)"; status=1 ;;
+        echo "unknown step $step (kernels, match, train, compare, bench)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

@@ -1,0 +1,187 @@
+"""GPU benchmark: the llm.py mainline against PyTorch, eager and torch.compile'd, training the same model.
+
+    python dev/bench.py                                   # d12, B=64, T=1024, bf16: the headline comparison
+    python dev/bench.py --model d24 -b 32 --json bench_d24.json
+    python dev/bench.py --contenders mainline,compile --attention triton
+
+Every contender trains the same GPT-2 from the same weights (llmpy.config.gpt2_init with --seed) on the same
+batches of tiny Shakespeare (or random tokens when the shards are missing), with the same hyperparameters (AdamW
+lr 3e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1, grad clip 1.0), each in its own process so that one's
+memory and compiled state cannot help or hurt another:
+  mainline   train_gpt2.py's training step: our kernels, cuBLAS, cuDNN attention (or ours with --attention triton)
+  eager      train_gpt2_torch.py's model, flash SDPA, bf16 autocast, fused AdamW; B/2 x 2 micro-batches by
+             default (--eager_micro 0 for none), since eager at B=64 needs more memory than the GPU has
+  compile    the same under torch.compile: the baseline to beat
+A step is timed from its first byte of data to the loss on the host (one synchronisation, as in training); the
+median over --steps steps after --warmup untimed ones is reported, with tok/s, MFU (llmpy/mfu.py: 6N + 12LCT FLOPs
+a token over the GPU's dense bf16 peak) and the peak device memory (torch.cuda.max_memory_allocated). The last
+column is each contender's tok/s over torch.compile's.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
+from llmpy.data import DataLoader  # noqa: E402
+from llmpy.mfu import flops_per_token, mfu, peak_flops  # noqa: E402
+
+LR, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
+SHARD = os.path.join(ROOT, "dev/data/tinyshakespeare/tiny_shakespeare_train.bin")
+
+
+def batches(config, B, T, seed):
+    """An endless stream of (x, y) int32 (B, T): tiny Shakespeare's training batches, or random tokens."""
+    if os.path.exists(SHARD):
+        loader = DataLoader(SHARD, B, T)
+        while True:
+            yield loader.next_batch()
+    rng = np.random.default_rng(seed)
+    while True:
+        tokens = rng.integers(0, config.vocab_size, (B, T + 1), dtype=np.int32)
+        yield tokens[:, :-1], tokens[:, 1:]
+
+
+def mainline_steps(config, flat, args):
+    """Yields after each training step of the mainline; the step's loss is on the host by then."""
+    import torch
+
+    from llmpy.model import GPT2
+    from train_gpt2 import train_step
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    model = GPT2(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda",
+                 recompute=args.recompute, attention_impl=args.attention)
+    model.load_weights(flat)
+    loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
+    hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
+    data = batches(config, args.batch_size, args.sequence_length, args.seed)
+    step = 0
+    while True:
+        loss, _ = train_step(model, [next(data)], LR, step, hyper, loss_sum)
+        step += 1
+        yield loss
+
+
+def torch_steps(config, flat, args, compile):
+    """Yields after each training step of the PyTorch reference (eager or compiled)."""
+    import torch
+
+    from train_gpt2_torch import configure_optimizer, model_from_flat, train_step
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model = model_from_flat(config, flat, flash=True).cuda()
+    optimizer = configure_optimizer(model, LR, WEIGHT_DECAY, device_type="cuda")
+    if compile:
+        model = torch.compile(model)
+    micro = args.batch_size if compile or args.eager_micro == 0 else args.eager_micro
+    if args.batch_size % micro:
+        raise SystemExit(f"bench.py: --eager_micro {micro} must divide -b {args.batch_size}")
+    data = batches(config, args.batch_size, args.sequence_length, args.seed)
+    amp = torch.bfloat16 if args.dtype == "bfloat16" else None
+    while True:
+        x, y = (torch.from_numpy(a).long().cuda().view(-1, micro, args.sequence_length) for a in next(data))
+        loss, _ = train_step(model, optimizer, x, y, LR, GRAD_CLIP, amp)
+        yield loss
+
+
+def worker(args):
+    """Times one contender in this process and prints its results as one JSON line."""
+    import torch
+
+    config = config_from_descriptor(args.model)
+    flat = gpt2_init(config, args.seed)
+    if args.worker == "mainline":
+        steps = mainline_steps(config, flat, args)
+    else:
+        steps = torch_steps(config, flat, args, compile=args.worker == "compile")
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(next(steps))  # the loss is on the host: the step has finished
+        times.append(time.perf_counter() - t0)
+    ms = 1000 * statistics.median(times[args.warmup:])
+    tokens_per_second = args.batch_size * args.sequence_length / (ms / 1000)
+    peak = peak_flops(torch.cuda.get_device_name(), args.dtype, tf32=True)
+    print(json.dumps({"ms": ms, "tok_s": tokens_per_second, "losses": losses,
+                      "mfu": mfu(flops_per_token(config, args.sequence_length), tokens_per_second, peak),
+                      "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                      "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="d12", help="model descriptor: d12, d24, d36, d48, ...")
+    ap.add_argument("-b", "--batch_size", type=int, default=64)
+    ap.add_argument("-t", "--sequence_length", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"], help="the mainline's attention")
+    ap.add_argument("-r", "--recompute", type=int, default=0, choices=[0, 1, 2], help="the mainline's recompute")
+    ap.add_argument("--contenders", default="mainline,eager,compile")
+    ap.add_argument("--eager_micro", type=int, default=-1, help="eager's micro-batch (default B/2; 0: B)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.eager_micro == -1:
+        args.eager_micro = max(1, args.batch_size // 2)
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    contenders = args.contenders.split(",")
+    unknown = set(contenders) - {"mainline", "eager", "compile"}
+    if unknown or args.steps < 1 or args.warmup < 0:
+        sys.exit(f"bench.py: contenders are mainline, eager, compile (got {args.contenders}); --steps >= 1")
+    results = {}
+    for name in contenders:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name] + sys.argv[1:]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"{name}: failed ({tail})")
+            results[name] = None
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[name]
+        print(f"{name}: {r['ms']:.1f} ms/step, losses {r['losses'][0]:.4f} .. {r['losses'][-1]:.4f}")
+
+    base = (results.get("compile") or {}).get("tok_s")
+    device = next((r["device"] for r in results.values() if r), "?")
+    torch_version = next((r["torch"] for r in results.values() if r), "?")
+    print(f"\n{args.model} B={args.batch_size} T={args.sequence_length} {args.dtype}, {device}, torch {torch_version}, "
+          f"median of {args.steps} steps after {args.warmup}, {time.strftime('%Y-%m-%d')}")
+    print(f"{'contender':10s} {'ms/step':>9s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs compile':>11s}")
+    for name, r in results.items():
+        if r is None:
+            print(f"{name:10s} {'failed':>9s}")
+            continue
+        ratio = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
+        mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{name:10s} {r['ms']:9.1f} {r['tok_s']:10.0f} {mfu_text:>6s} {r['peak_mem_gib']:9.1f} {ratio:>11s}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch_version,
+                       "config": {k: v for k, v in vars(args).items() if k not in ("worker", "json")},
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

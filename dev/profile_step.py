@@ -1,0 +1,76 @@
+"""Where a mainline training step spends its time: a torch.profiler trace of a few steps, summarised.
+
+    python dev/profile_step.py                      # d12, B=64, T=1024, bf16, cuDNN attention
+    python dev/profile_step.py -b 16 --attention triton --trace trace.json
+
+Prints the GPU time per kernel (grouped by name, sorted), the step's wall time, and the GPU's busy time within it:
+wall minus busy is time the GPU sat idle (launch gaps, host work, synchronisation).
+"""
+
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
+from llmpy.model import GPT2  # noqa: E402
+from train_gpt2 import train_step  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="d12")
+    ap.add_argument("-b", "--batch_size", type=int, default=64)
+    ap.add_argument("-t", "--sequence_length", type=int, default=1024)
+    ap.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"])
+    ap.add_argument("-r", "--recompute", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--trace", help="also write a Chrome trace here")
+    args = ap.parse_args()
+
+    config = config_from_descriptor(args.model)
+    B, T = args.batch_size, args.sequence_length
+    model = GPT2(config, B, T, recompute=args.recompute, attention_impl=args.attention)
+    model.load_weights(gpt2_init(config, 0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32)
+    y = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32)
+    loss_sum = torch.zeros(1, device="cuda")
+    hyper = SimpleNamespace(weight_decay=0.1, grad_clip=1.0)
+    for step in range(3):
+        train_step(model, [(x.numpy(), y.numpy())], 3e-4, step, hyper, loss_sum)
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for step in range(args.steps):
+            train_step(model, [(x.numpy(), y.numpy())], 3e-4, 3 + step, hyper, loss_sum)
+        torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - t0) / args.steps
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name if len(event.name) < 70 else event.name[:67] + "..."
+            total, count = kernels.get(name, (0.0, 0))
+            kernels[name] = (total + event.device_time / 1000, count + 1)  # device_time is in microseconds
+    busy_ms = sum(total for total, _ in kernels.values()) / args.steps
+    print(f"{args.model} B={B} T={T} attention={args.attention} recompute={args.recompute}: "
+          f"wall {wall_ms:.1f} ms/step (profiled), GPU busy {busy_ms:.1f} ms, idle {wall_ms - busy_ms:.1f} ms")
+    print(f"{'ms/step':>8s} {'calls':>6s}  kernel")
+    for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        print(f"{total / args.steps:8.2f} {count // args.steps:6d}  {name}")
+
+
+if __name__ == "__main__":
+    main()
