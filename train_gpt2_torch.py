@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from llmpy import formats
 from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_params
 from llmpy.data import DataLoader
+from llmpy.schedule import lr_at
 from llmpy.tokenizer import TokenizerError, gpt2_encoding, gpt2_token_bytes
 
 DATA_HINT = "run `python dev/data/tinyshakespeare.py` to make the tiny Shakespeare shards"
@@ -226,15 +227,6 @@ def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), e
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
-
-
-def learning_rate_at(step, max_lr, warmup_iters, num_iterations, final_lr_frac):
-    """Linear warmup over warmup_iters steps, then a cosine from max_lr down to max_lr * final_lr_frac at the last step."""
-    if step < warmup_iters:
-        return max_lr * (step + 1) / warmup_iters
-    min_lr = max_lr * final_lr_frac
-    progress = min(1.0, (step - warmup_iters) / max(1, num_iterations - 1 - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
 def autocast_context(device_type, amp_dtype):
@@ -532,7 +524,7 @@ def train(args):
                 first_batch = micro_batches
         x = torch.from_numpy(np.stack([xb for xb, _ in micro_batches])).long().to(device)  # (S, B, T)
         y = torch.from_numpy(np.stack([yb for _, yb in micro_batches])).long().to(device)
-        lr = learning_rate_at(step, args.learning_rate, args.warmup_iters, args.num_iterations, args.final_lr_frac)
+        lr = lr_at(step, args.num_iterations, args.learning_rate, args.warmup_iters, args.final_lr_frac, "cosine")
         t0 = time.perf_counter()
         loss, norm = train_step(step_model, optimizer, x, y, lr, args.grad_clip, amp_dtype)  # .item() syncs
         ms = (time.perf_counter() - t0) * 1000

@@ -229,13 +229,14 @@ def test_bfloat16_autocast_step_is_close_to_float32():
 
 
 def test_learning_rate_schedule():
-    lr = lambda step: ref.learning_rate_at(step, 1e-3, warmup_iters=4, num_iterations=20, final_lr_frac=0.1)
+    """The reference's schedule is llmpy.schedule's cosine: linear warmup, then down to lr * final_lr_frac."""
+    lr = lambda step: ref.lr_at(step, 20, 1e-3, warmup=4, final_frac=0.1, kind="cosine")
     assert [lr(s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     decay = [lr(s) for s in range(4, 20)]
     assert decay[0] == pytest.approx(1e-3) and decay[-1] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(decay, decay[1:]))
     assert lr(12) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 8 / 15)) * 9e-4)
-    assert all(ref.learning_rate_at(s, 1e-3, 0, 20, 1.0) == 1e-3 for s in range(20))
+    assert all(ref.lr_at(s, 20, 1e-3, 0, 1.0, "cosine") == 1e-3 for s in range(20))
 
 
 def run_trainer(*args, cwd=REPO):
