@@ -5,9 +5,10 @@ Everything the model holds lives in a few flat buffers, allocated once:
   master (P,)   fp32 master weights that AdamW updates (bf16 runs only; in fp32 runs params are the master)
   grads (P,)    fp32 gradients, zeroed once per step, accumulated over micro-steps
   m, v (P,)     fp32 AdamW moments
-and the activations for one (B, T) micro-batch. The step therefore allocates nothing, which is what lets it be
-captured in a CUDA graph. Matmuls go to cuBLAS and attention to cuDNN (llmpy.vendor) or our own flash
-attention; every other op is one of our Triton kernels (llmpy.kernels).
+and the activations for one (B, T) micro-batch. The step allocates nothing of its own; only cuDNN's attention
+returns fresh tensors (its output, logsumexp and gradients), which torch's caching allocator serves from memory it
+already holds. Matmuls go to cuBLAS and attention to cuDNN (llmpy.vendor) or our own flash attention; every
+other op is one of our Triton kernels (llmpy.kernels).
 
 Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
 """
@@ -40,7 +41,8 @@ class Activations:
         self.atty = torch.empty(L, N, C, **act) if attention_impl == "triton" else None
         self.cudnn_out = [None] * L  # (N, C) views of cuDNN's outputs
         self.cudnn_saved = [None] * L  # what cuDNN's backward needs: its output, logsumexp, rng state
-        self.att_lse = torch.empty(L, B, NH, T, **f32)  # softmax logsumexp per query: our flash attention's backward
+        # our flash attention's softmax logsumexp per query, for its backward (cuDNN keeps its own in cudnn_saved)
+        self.att_lse = torch.empty(L, B, NH, T, **f32) if attention_impl == "triton" else None
         self.residual2 = torch.empty(L, N, C, **act)  # residual + attention projection
         self.ln2 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
         self.ln2_mean, self.ln2_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
@@ -57,7 +59,7 @@ class Activations:
         self.dbtc = torch.empty(N, C, **act)
         self.dfch = torch.empty(N, 4 * C, **act)
         self.dqkv = torch.empty(N, 3 * C, **act) if attention_impl == "triton" else None  # cuDNN allocates its own
-        self.att_delta = torch.empty(B, NH, T, **f32)
+        self.att_delta = torch.empty(B, NH, T, **f32) if attention_impl == "triton" else None
 
 
 class GPT2:
