@@ -133,9 +133,7 @@ def adamw_update(params, master, grads, m, v, hparams, grad_scale, beta1, beta2,
     assert grads.dtype == m.dtype == v.dtype == torch.float32 and segments.dtype == torch.int64
     has_master = master is not None
     _adamw_kernel[(triton.cdiv(P, _BLOCK),)](
-        # without a master the kernel never touches master_ptr; it gets grads (read-only), not params: Triton's
-        # interpreter copies every tensor argument back after the launch, and a second, stale copy of params
-        # would overwrite the update
+        # without a master the kernel never touches master_ptr: it gets a read-only buffer as a placeholder
         params, master if has_master else grads, grads, m, v, hparams, grad_scale, segments,
         P, beta1, beta2, eps, weight_decay,
         NUM_SEGMENTS=segments.shape[0], HAS_MASTER=has_master, BLOCK=_BLOCK, num_warps=4,
