@@ -6,7 +6,7 @@ Deterministic, in two stages:
    blocks of 4096 elements into a (4096,) fp32 accumulator (elementwise, so the loop carries no reduction), sums the
    accumulator once at the end and writes partials[g]. x is read once, in 16-byte vector loads; 1024 programs are
    several per SM, enough to saturate memory bandwidth. Offsets are int64: P * 4 bytes exceeds 2^31.
-2. One program adds the G partials in a fixed order and writes out[0].
+2. One program adds the G partials in a fixed order into out[0] (reduce.sum_into, after zeroing out).
 Each lane's accumulator adds P / (G * 4096) values (~30 for GPT-2 124M), so the fp32 sum stays accurate.
 
 `clip_scale`: scale = min(1, max_norm / (sqrt(norm_sq) + 1e-6)) in a one-program kernel, so the gradient scale stays
@@ -16,6 +16,8 @@ on the GPU: AdamW reads it from device memory, and a captured step never waits f
 import torch
 import triton
 import triton.language as tl
+
+from .reduce import sum_into
 
 _BLOCK = 4096
 _MAX_PROGRAMS = 1024
@@ -37,15 +39,6 @@ def _sum_of_squares_partials_kernel(
         accumulator += x * x
         offsets += BLOCK
     tl.store(partials_ptr + program, tl.sum(accumulator, axis=0))
-
-
-@triton.jit
-def _sum_partials_kernel(out_ptr, partials_ptr, G, BLOCK: tl.constexpr):
-    accumulator = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, G, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        accumulator += tl.load(partials_ptr + offsets, mask=offsets < G, other=0.0)
-    tl.store(out_ptr, tl.sum(accumulator, axis=0))
 
 
 @triton.jit
@@ -71,7 +64,8 @@ def global_norm_squared(out, x, scratch):
     G = scratch.numel()
     blocks_per_program = triton.cdiv(triton.cdiv(P, _BLOCK), G)
     _sum_of_squares_partials_kernel[(G,)](scratch, x, P, blocks_per_program, BLOCK=_BLOCK, num_warps=8)
-    _sum_partials_kernel[(1,)](out, scratch, G, BLOCK=1024, num_warps=4)
+    out.zero_()
+    sum_into(out, scratch)
 
 
 def clip_scale(scale_out, norm_sq, max_norm):
