@@ -2,9 +2,12 @@
 
     python dev/profile_step.py                      # d12, B=64, T=1024, bf16, cuDNN attention
     python dev/profile_step.py -b 16 --attention triton --trace trace.json
+    python dev/profile_step.py --model d36 -b 16 --contender compile   # the same for torch.compile's step
 
-Prints the GPU time per kernel (grouped by name, sorted), the step's wall time, and the GPU's busy time within it:
-wall minus busy is time the GPU sat idle (launch gaps, host work, synchronisation).
+Prints the GPU time per kernel (grouped by name, sorted) and per kind of kernel (matmul, attention, the rest), the
+step's wall time, and the GPU's busy time within it: wall minus busy is time the GPU sat idle (launch gaps, host
+work, synchronisation). With --contender compile it profiles dev/bench.py's torch.compile step instead, so the two
+breakdowns can be set side by side.
 """
 
 import argparse
@@ -23,6 +26,35 @@ from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
 from llmpy.model import GPT2  # noqa: E402
 from train_gpt2 import train_step  # noqa: E402
 
+# kernel name fragments -> kind; the first match wins
+KINDS = [("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
+         ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "splitk", "Kernel2"))]
+
+
+def kind_of(name):
+    lowered = name.lower()
+    return next((kind for kind, parts in KINDS if any(p.lower() in lowered for p in parts)), "other")
+
+
+def mainline_step(config, B, T, args):
+    """A function running one mainline training step on fixed random batches."""
+    model = GPT2(config, B, T, recompute=args.recompute, attention_impl=args.attention)
+    model.load_weights(gpt2_init(config, 0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
+    y = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
+    loss_sum = torch.zeros(1, device="cuda")
+    hyper = SimpleNamespace(weight_decay=0.1, grad_clip=1.0)
+    return lambda step: train_step(model, [(x, y)], 3e-4, step, hyper, loss_sum)
+
+
+def compile_step(config, B, T, args):
+    """The same for dev/bench.py's torch.compile contender."""
+    import bench
+    args = SimpleNamespace(batch_size=B, sequence_length=T, seed=0, dtype="bfloat16", eager_micro=0)
+    steps = bench.torch_steps(config, gpt2_init(config, 0), args, compile=True)
+    return lambda step: next(steps)
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,25 +66,20 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace", help="also write a Chrome trace here")
+    ap.add_argument("--contender", default="mainline", choices=["mainline", "compile"])
     args = ap.parse_args()
 
     config = config_from_descriptor(args.model)
     B, T = args.batch_size, args.sequence_length
-    model = GPT2(config, B, T, recompute=args.recompute, attention_impl=args.attention)
-    model.load_weights(gpt2_init(config, 0))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32)
-    y = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32)
-    loss_sum = torch.zeros(1, device="cuda")
-    hyper = SimpleNamespace(weight_decay=0.1, grad_clip=1.0)
+    run_step = (mainline_step if args.contender == "mainline" else compile_step)(config, B, T, args)
     for step in range(3):
-        train_step(model, [(x.numpy(), y.numpy())], 3e-4, step, hyper, loss_sum)
+        run_step(step)
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for step in range(args.steps):
-            train_step(model, [(x.numpy(), y.numpy())], 3e-4, 3 + step, hyper, loss_sum)
+            run_step(3 + step)
         torch.cuda.synchronize()
         wall_ms = 1000 * (time.perf_counter() - t0) / args.steps
     if args.trace:
@@ -65,8 +92,12 @@ def main():
             total, count = kernels.get(name, (0.0, 0))
             kernels[name] = (total + event.device_time / 1000, count + 1)  # device_time is in microseconds
     busy_ms = sum(total for total, _ in kernels.values()) / args.steps
-    print(f"{args.model} B={B} T={T} attention={args.attention} recompute={args.recompute}: "
+    by_kind = {}
+    for name, (total, _) in kernels.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + total / args.steps
+    print(f"{args.contender} {args.model} B={B} T={T} attention={args.attention} recompute={args.recompute}: "
           f"wall {wall_ms:.1f} ms/step (profiled), GPU busy {busy_ms:.1f} ms, idle {wall_ms - busy_ms:.1f} ms")
+    print("by kind: " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])))
     print(f"{'ms/step':>8s} {'calls':>6s}  kernel")
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{total / args.steps:8.2f} {count // args.steps:6d}  {name}")

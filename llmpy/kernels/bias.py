@@ -14,7 +14,12 @@ order the GPU happens to schedule programs in, so the reduction runs in two fixe
    so it takes narrow blocks: OC / 32 programs, each reading (64, 32) tiles down the groups.
 
 The result depends only on G, which `bias_backward_scratch` derives from the shapes alone, so it is the same bits
-every step. Layernorm's backward reuses stage 2 (`sum_partials`) for its weight and bias gradients.
+every step. Layernorm's and GELU's backward reuse stage 2 (`sum_partials`) for the column sums they fuse in.
+
+Stage 1 can also copy dout while it reads it (`copy_to`): cuDNN's attention backward returns dq, dk and dv as three
+separate (N, C) matrices, and the qkv projection's backward wants them side by side as one (N, 3C) dqkv, so that its
+two products are one matmul each instead of three smaller ones. Copying each block into its columns of dqkv while
+summing it for the bias costs only the writes: the reads are the bias gradient's anyway.
 """
 
 import torch
@@ -26,36 +31,45 @@ _TARGET_PROGRAMS = 1024
 _TILE_ELEMENTS = 4096  # elements of dout per tile: 16 fp32 accumulators per thread with 8 warps
 
 
-def _column_tile(num_columns):
+def column_tile(num_columns):
     """(ROWS, BLOCK_OC) of stage 1's tile: up to 256 columns (512 contiguous bytes of a bf16 row), rows to fill it."""
     block_columns = min(256, triton.next_power_of_2(num_columns))
     return _TILE_ELEMENTS // block_columns, block_columns
 
 
 @triton.jit
+def row_group_column_block(N, OC, rows_per_group, BLOCK_OC: tl.constexpr):
+    """Program (g, j)'s share of an (N, OC) matrix: column block j (and its mask) of the rows [first_row, end_row)."""
+    columns = tl.program_id(1) * BLOCK_OC + tl.arange(0, BLOCK_OC)
+    first_row = tl.program_id(0) * rows_per_group
+    return columns, columns < OC, first_row, tl.minimum(first_row + rows_per_group, N)
+
+
+@triton.jit
 def _column_partial_sums_kernel(
     partials_ptr,  # fp32 (G, OC): out, partials[g, c] = sum of dout[n, c] over the rows n of group g
     dout_ptr,  # (N, OC), the activation dtype, rows stride_row apart
+    copy_ptr,  # (N, OC): out, a copy of dout, rows copy_stride_row apart (written only when COPY)
     N,
     OC,
     stride_row,
+    copy_stride_row,
     rows_per_group,  # ceil(N / G)
+    COPY: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_OC: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    columns = tl.program_id(1) * BLOCK_OC + tl.arange(0, BLOCK_OC)
-    column_mask = columns < OC
-    first_row = group * rows_per_group
-    end_row = tl.minimum(first_row + rows_per_group, N)
-
+    columns, column_mask, first_row, end_row = row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
     accumulator = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
     for tile_start in range(first_row, end_row, ROWS):
         rows = tile_start + tl.arange(0, ROWS)
         mask = (rows < end_row)[:, None] & column_mask[None, :]
         offsets = rows.to(tl.int64)[:, None] * stride_row + columns[None, :]
-        accumulator += tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(partials_ptr + group * OC + columns, tl.sum(accumulator, axis=0), mask=column_mask)
+        tile = tl.load(dout_ptr + offsets, mask=mask, other=0.0)
+        if COPY:
+            tl.store(copy_ptr + rows.to(tl.int64)[:, None] * copy_stride_row + columns[None, :], tile, mask=mask)
+        accumulator += tile.to(tl.float32)
+    tl.store(partials_ptr + tl.program_id(0) * OC + columns, tl.sum(accumulator, axis=0), mask=column_mask)
 
 
 @triton.jit
@@ -94,29 +108,34 @@ def sum_partials(out, partials):
 
 
 def bias_backward_scratch(N, OC, device):
-    """The fp32 (G, OC) partial-sum buffer for bias_backward on (N, OC) gradients; allocate once, reuse every step.
+    """The fp32 (G, OC) partial-sum buffer for bias_backward on (N, OC) gradients; allocate once, reuse every step."""
+    return torch.empty((bias_backward_groups(N, OC), OC), dtype=torch.float32, device=device)
 
-    G groups of rows: enough that stage 1 runs about _TARGET_PROGRAMS programs, no more groups than row tiles.
-    """
-    rows, block_columns = _column_tile(OC)
+
+def bias_backward_groups(N, OC):
+    """G, the number of row groups for (N, OC): stage 1 runs about _TARGET_PROGRAMS programs, G <= the row tiles."""
+    rows, block_columns = column_tile(OC)
     column_blocks = triton.cdiv(OC, block_columns)
-    groups = max(1, min(triton.cdiv(_TARGET_PROGRAMS, column_blocks), triton.cdiv(N, rows)))
-    return torch.empty((groups, OC), dtype=torch.float32, device=device)
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, column_blocks), triton.cdiv(N, rows)))
 
 
-def bias_backward(dbias, dout, scratch):
-    """dbias (OC,) fp32 += dout (N, OC).sum(0), deterministic.
+def bias_backward(dbias, dout, scratch, copy_to=None):
+    """dbias (OC,) fp32 += dout (N, OC).sum(0), deterministic; with copy_to (N, OC), also copy_to = dout.
 
-    dout: (N, OC) in the activation dtype with unit column stride; rows may be strided (a column slice of a wider
-    matrix, e.g. the q, k or v part of dqkv).
+    dout, copy_to: (N, OC) in the activation dtype with unit column stride; rows may be strided (a column slice of a
+    wider matrix, e.g. the q, k or v part of dqkv).
     scratch: fp32 (G, OC) from bias_backward_scratch; any G >= 1 gives the right sums (G sets the summation order).
     """
     N, OC = dout.shape
     G = scratch.shape[0]
     assert dout.stride(1) == 1 and dbias.shape == (OC,) and scratch.shape[1] == OC and scratch.is_contiguous()
-    rows, block_columns = _column_tile(OC)
+    copy = copy_to is not None
+    if copy:
+        assert copy_to.shape == dout.shape and copy_to.stride(1) == 1 and copy_to.dtype == dout.dtype
+    rows, block_columns = column_tile(OC)
     grid = (G, triton.cdiv(OC, block_columns))
     _column_partial_sums_kernel[grid](
-        scratch, dout, N, OC, dout.stride(0), triton.cdiv(N, G), ROWS=rows, BLOCK_OC=block_columns, num_warps=8
+        scratch, dout, copy_to if copy else dout, N, OC, dout.stride(0), copy_to.stride(0) if copy else 0,
+        triton.cdiv(N, G), COPY=copy, ROWS=rows, BLOCK_OC=block_columns, num_warps=8
     )
     sum_partials(dbias, scratch)

@@ -7,15 +7,22 @@ no tanh (Triton's core language has none) and no cancellation in 1 + tanh(u) for
 The derivative, by the product rule, with sigmoid' = s * (1 - s) and u' = sqrt(2 / pi) * (1 + 3 * 0.044715 * x^2):
   gelu'(x) = s + x * s * (1 - s) * 2u'.
 
-Kernel design: elementwise over the flat buffer. Each program handles BLOCK = 2048 contiguous elements; with 8 warps
-every thread moves 8 contiguous values (16 bytes in bf16: one vector load or store). The forward reads and writes
-each element once, the backward reads x and dout and writes dinp once: pure bandwidth, the arithmetic is hidden under
-it. An MLP activation of d12 at B=64, T=1024 is 65,536 x 3072 = 2e8 elements, about 98,000 programs.
+Forward kernel: elementwise over the flat buffer. Each program handles BLOCK = 2048 contiguous elements; with 8 warps
+every thread moves 8 contiguous values (16 bytes in bf16: one vector load or store). It reads and writes each
+element once: pure bandwidth, the arithmetic is hidden under it. An MLP activation of d12 at B=64, T=1024 is
+65,536 x 3072 = 2e8 elements, about 98,000 programs.
+
+Backward kernel: reads x and dout and writes dinp once, and can add up dinp's columns on the way: dinp is the
+gradient of the fc matmul's output, whose column sums are the fc bias's gradient. Summing here saves the bias
+gradient's own pass over dinp (N x 4C, the largest activation: 400 MB at d12, B=64). So the backward walks the
+matrix as llmpy.kernels.bias does: program (g, j) covers the rows of group g in column block j, tile by tile, and
+writes its column sums to partials[g]; bias.sum_partials adds the G partials up in a fixed order.
 """
 
 import triton
 import triton.language as tl
 
+from .bias import bias_backward_groups, column_tile, row_group_column_block, sum_partials
 from .rounding import round_to
 
 _BLOCK = 2048
@@ -33,16 +40,36 @@ def _gelu_forward_kernel(out_ptr, inp_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gelu_backward_kernel(dinp_ptr, inp_ptr, dout_ptr, numel, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-    du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-    s = tl.sigmoid(2.0 * u)
-    dgelu_dx = s + x * s * (1.0 - s) * 2.0 * du_dx
-    tl.store(dinp_ptr + offsets, round_to(dout * dgelu_dx, dinp_ptr.dtype.element_ty), mask=mask)
+def _gelu_backward_kernel(
+    dinp_ptr,  # (N, OC): out, dout * gelu'(inp); may be dout itself
+    partials_ptr,  # fp32 (G, OC): out, partials[g, c] = sum of dinp[n, c] over the rows n of group g (if SUM_COLUMNS)
+    inp_ptr,  # (N, OC): the forward's input, the pre-activation
+    dout_ptr,  # (N, OC)
+    N,
+    OC,
+    rows_per_group,  # ceil(N / G)
+    SUM_COLUMNS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_OC: tl.constexpr,
+):
+    columns, column_mask, first_row, end_row = row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
+    column_sums = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
+    for tile_start in range(first_row, end_row, ROWS):
+        rows = tile_start + tl.arange(0, ROWS)
+        mask = (rows < end_row)[:, None] & column_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * OC + columns[None, :]
+        x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        s = tl.sigmoid(2.0 * u)
+        dgelu_dx = s + x * s * (1.0 - s) * 2.0 * du_dx
+        dinp = round_to(dout * dgelu_dx, dinp_ptr.dtype.element_ty)
+        tl.store(dinp_ptr + offsets, dinp, mask=mask)
+        if SUM_COLUMNS:  # the stored (rounded) values, as a separate pass over dinp would read them
+            column_sums += dinp.to(tl.float32)
+    if SUM_COLUMNS:
+        tl.store(partials_ptr + tl.program_id(0) * OC + columns, tl.sum(column_sums, axis=0), mask=column_mask)
 
 
 def gelu_forward(out, inp):
@@ -52,10 +79,25 @@ def gelu_forward(out, inp):
     _gelu_forward_kernel[(triton.cdiv(numel, _BLOCK),)](out, inp, numel, BLOCK=_BLOCK, num_warps=8)
 
 
-def gelu_backward(dinp, inp, dout):
-    """dinp = dout * gelu'(inp), elementwise. dinp may be dout itself (in place): each element is read, then written,
-    by the same program. inp is the forward's input (the pre-activation)."""
+def gelu_backward(dinp, inp, dout, dbias=None, scratch=None):
+    """dinp = dout * gelu'(inp), and with dbias, dbias (OC,) fp32 += dinp.sum(0) (deterministic).
+
+    inp, dout, dinp: contiguous (N, OC), inp the forward's input (the pre-activation). dinp may be dout itself (in
+    place): each element is read, then written, by the same program. scratch: fp32 (G, OC) partial sums from
+    bias.bias_backward_scratch, needed with dbias.
+    """
     assert dinp.is_contiguous() and inp.is_contiguous() and dout.is_contiguous()
-    assert dinp.shape == inp.shape == dout.shape
-    numel = inp.numel()
-    _gelu_backward_kernel[(triton.cdiv(numel, _BLOCK),)](dinp, inp, dout, numel, BLOCK=_BLOCK, num_warps=8)
+    assert dinp.shape == inp.shape == dout.shape and inp.dim() == 2
+    N, OC = inp.shape
+    sum_columns = dbias is not None
+    if sum_columns:
+        assert dbias.shape == (OC,) and scratch.shape[1] == OC and scratch.is_contiguous()
+    G = scratch.shape[0] if sum_columns else bias_backward_groups(N, OC)
+    rows, block_columns = column_tile(OC)
+    grid = (G, triton.cdiv(OC, block_columns))
+    _gelu_backward_kernel[grid](
+        dinp, scratch if sum_columns else dinp, inp, dout, N, OC, triton.cdiv(N, G),
+        SUM_COLUMNS=sum_columns, ROWS=rows, BLOCK_OC=block_columns, num_warps=8,
+    )
+    if sum_columns:
+        sum_partials(dbias, scratch)

@@ -27,6 +27,11 @@ tiles of ROWS rows. Each tile's dinp is complete within the tile (a row's reduct
 added to and written back at once. The weight and bias gradients are summed over the group in fp32 registers and
 written as per-group partial sums to the scratch buffer; `bias.sum_partials` then adds the G partials in a fixed
 order. No atomics: the same inputs give the same bits.
+
+The backward can also sum the columns of the dinp it writes: dinp is the residual stream's gradient, and the
+residual stream's gradient at that point is also the output gradient of the projection (attention or MLP) whose
+output was added into the stream just before, so its column sums are that projection's bias gradient. Summing here
+saves the bias gradient a pass over an (N, C) matrix.
 """
 
 import torch
@@ -130,7 +135,8 @@ def _launch_forward(out, mean, rstd, residual_out, inp1, inp2, weight, bias, eps
 @triton.jit
 def _layernorm_backward_kernel(
     dinp_ptr,  # (N, C) activation dtype: dinp += the layernorm's input gradient
-    partials_ptr,  # fp32 (2, G, C): out, [0, g] = group g's sum of dout * xhat, [1, g] = its sum of dout
+    partials_ptr,  # fp32 (3, G, C): out, [0, g] = group g's sum of dout * xhat, [1, g] = its sum of dout,
+    #                [2, g] = its sum of the updated dinp (written only when SUM_DINP)
     dout_ptr,  # (N, C)
     inp_ptr,  # (N, C): the forward's input
     weight_ptr,  # (C,)
@@ -140,6 +146,7 @@ def _layernorm_backward_kernel(
     C,
     G,
     rows_per_group,  # ceil(N / G)
+    SUM_DINP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -152,6 +159,7 @@ def _layernorm_backward_kernel(
 
     dweight_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     dbias_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+    dinp_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     for tile_start in range(first_row, end_row, ROWS):
         rows = tile_start + tl.arange(0, ROWS)
         row_mask = rows < end_row
@@ -169,36 +177,45 @@ def _layernorm_backward_kernel(
         dnorm_xhat_mean = tl.sum(dnorm * xhat, axis=1) / C  # (ROWS,)
         dx = (dnorm - dnorm_mean[:, None] - xhat * dnorm_xhat_mean[:, None]) * rstd[:, None]
         dinp = tl.load(dinp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dinp_ptr + offsets, round_to(dinp + dx, dinp_ptr.dtype.element_ty), mask=mask)
+        dinp = round_to(dinp + dx, dinp_ptr.dtype.element_ty)
+        tl.store(dinp_ptr + offsets, dinp, mask=mask)
 
         dweight_sum += dout * xhat
         dbias_sum += dout
+        if SUM_DINP:  # the stored (rounded) values, as a separate pass over dinp would read them
+            dinp_sum += dinp.to(tl.float32)
     tl.store(partials_ptr + group * C + columns, tl.sum(dweight_sum, axis=0), mask=column_mask)
     tl.store(partials_ptr + (G + group) * C + columns, tl.sum(dbias_sum, axis=0), mask=column_mask)
+    if SUM_DINP:
+        tl.store(partials_ptr + (2 * G + group) * C + columns, tl.sum(dinp_sum, axis=0), mask=column_mask)
 
 
 def layernorm_backward_scratch(N, C, device):
-    """The fp32 (2, G, C) partial-sum buffer for layernorm_backward on (N, C) rows; allocate once, reuse every step."""
+    """The fp32 (3, G, C) partial-sum buffer for layernorm_backward on (N, C) rows; allocate once, reuse every step."""
     rows, _, _ = _row_tile(C)
     groups = max(1, min(_MAX_BACKWARD_GROUPS, triton.cdiv(N, rows)))
-    return torch.empty((2, groups, C), dtype=torch.float32, device=device)
+    return torch.empty((3, groups, C), dtype=torch.float32, device=device)
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, dinp_column_sums=None):
     """dinp (N, C) += d loss / d inp;  dweight, dbias fp32 (C,) += their gradients (deterministic).
+    With dinp_column_sums, fp32 (C,): dinp_column_sums += the updated dinp summed over its rows (deterministic).
 
     dout, inp, dinp: contiguous (N, C) in the activation dtype; mean, rstd: fp32 (N,) from the forward;
-    scratch: fp32 (2, G, C) from layernorm_backward_scratch (any G >= 1 is correct; G sets the summation order).
+    scratch: fp32 (3, G, C) from layernorm_backward_scratch (any G >= 1 is correct; G sets the summation order).
     """
     C = inp.shape[-1]
     N = inp.numel() // C
     G = scratch.shape[1]
     assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous()
-    assert scratch.shape == (2, G, C) and scratch.is_contiguous() and dweight.shape == (C,) and dbias.shape == (C,)
+    assert scratch.shape == (3, G, C) and scratch.is_contiguous() and dweight.shape == (C,) and dbias.shape == (C,)
+    sum_dinp = dinp_column_sums is not None
     rows, block_c, num_warps = _row_tile(C)
     _layernorm_backward_kernel[(G,)](
         dinp, scratch, dout, inp, weight, mean, rstd, N, C, G, triton.cdiv(N, G),
-        ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+        SUM_DINP=sum_dinp, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
     )
     sum_partials(dweight, scratch[0])
     sum_partials(dbias, scratch[1])
+    if sum_dinp:
+        sum_partials(dinp_column_sums, scratch[2])

@@ -49,6 +49,21 @@ def test_rows_may_be_strided(device):
     torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
 
 
+def test_copies_dout_into_a_column_block(device):
+    """With copy_to, dout (the k part of cuDNN's gradients, say) is also copied exactly into a column block of a wider
+    matrix (dqkv), and the other columns are left alone."""
+    N, C = 37, 80
+    dout, dbias = random_inputs(N, C, torch.bfloat16, device, seed=12)
+    expected = dbias.double() + dout.double().sum(0)
+    wide = torch.full((N, 3 * C), float("nan"), dtype=torch.bfloat16, device=device)
+
+    bias_backward(dbias, dout, bias_backward_scratch(N, C, device).fill_(float("nan")), copy_to=wide[:, C:2 * C])
+
+    torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
+    assert torch.equal(wide[:, C:2 * C], dout)
+    assert wide[:, :C].isnan().all() and wide[:, 2 * C:].isnan().all()
+
+
 @pytest.mark.parametrize("groups", [1, 5, 8, 70])
 def test_any_number_of_row_groups_gives_the_sums(device, groups):
     """The scratch's G (row groups, partial sums) only sets the order of additions: G = 5 gives ragged groups of 14

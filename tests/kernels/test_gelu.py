@@ -6,14 +6,17 @@ and still catches any wrong constant or term.
 bf16: inputs in bf16, the reference computed in float64 from those same inputs; the kernel rounds its fp32 result to
 bf16 once, which is off by at most 2^-8 relative (half a bf16 ulp), so rtol 2^-8 * 1.01 per element (1% for the
 fp32 math before the rounding).
-Sizes are not multiples of the kernels' 2048-element block, so the masked tail is covered; outputs are filled with NaN
-first, so an element the kernel fails to write fails the comparison.
+Sizes are not multiples of the kernels' blocks (2048 elements forward; 256-column tiles backward), so the masked
+tails are covered; outputs are filled with NaN first, so an element the kernel fails to write fails the comparison.
+The backward's optional column sums (the fc bias gradient) are checked against a float64 sum of the dinp the kernel
+wrote: fp32 sums of N values of size ~1, so rtol 1e-5, atol 1e-5 as in test_bias.py.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llmpy.kernels.bias import bias_backward_scratch
 from llmpy.kernels.gelu import gelu_backward, gelu_forward
 
 # x down to -12 makes sigmoid's exp(-2u) overflow to inf (the right limit, gelu -> -0); under the interpreter numpy
@@ -65,13 +68,31 @@ def test_backward_in_place_over_dout_gives_the_same_result(device):
     assert torch.equal(dout, separate)
 
 
+@pytest.mark.parametrize("N, OC", [(7, 1000), (37, 80), (9, 3072)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_adds_the_column_sums_of_dinp(device, N, OC, dtype):
+    generator = torch.Generator().manual_seed(N)
+    x = (3 * torch.randn(N, OC, generator=generator)).to(device=device, dtype=dtype)
+    dout = torch.randn(N, OC, generator=generator).to(device=device, dtype=dtype)
+    dbias = torch.randn(OC, generator=generator).to(device)
+    expected_dbias = dbias.double()
+    _, expected_dinp = reference_gelu_and_grad(x, dout)
+    dinp = torch.full_like(x, float("nan"))
+
+    gelu_backward(dinp, x, dout, dbias, bias_backward_scratch(N, OC, device).fill_(float("nan")))
+
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE
+    torch.testing.assert_close(dinp.double(), expected_dinp, **tolerance)
+    torch.testing.assert_close(dbias.double(), expected_dbias + dinp.double().sum(0), rtol=1e-5, atol=1e-5)
+
+
 def test_forward_extremes_are_exact_limits(device):
     """Far in the tails gelu(x) is x (x >> 0) and 0 (x << 0), with gradients 1 and 0; no NaN from exp overflow."""
-    x = torch.tensor([-60.0, -20.0, 20.0, 60.0], device=device)
+    x = torch.tensor([[-60.0, -20.0, 20.0, 60.0]], device=device)
     out = torch.full_like(x, float("nan"))
     gelu_forward(out, x)
     dinp = torch.full_like(x, float("nan"))
     gelu_backward(dinp, x, torch.ones_like(x))
 
-    assert out.tolist() == [0.0, 0.0, 20.0, 60.0]
-    assert dinp.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert out.tolist() == [[0.0, 0.0, 20.0, 60.0]]
+    assert dinp.tolist() == [[0.0, 0.0, 1.0, 1.0]]

@@ -95,13 +95,16 @@ def test_fused_residual_forward_matches_add_then_layernorm(device, N, C, dtype, 
 
 
 def run_backward_case(device, N, C, dtype, scratch):
-    """Runs layernorm_backward on random inputs and checks dinp, dweight, dbias against float64 autograd."""
+    """Runs layernorm_backward on random inputs and checks dinp, dweight, dbias against float64 autograd, and the
+    optional column sums of the updated dinp (the preceding projection's bias gradient) against a float64 sum of the
+    dinp the kernel wrote: an fp32 sum of N values, FP32_TOLERANCE as for dweight and dbias."""
     generator = torch.Generator().manual_seed(N * C)
     x, weight, bias = random_layer(N, C, dtype, device, seed=N + 3)
     dout = torch.randn(N, C, generator=generator).to(device=device, dtype=dtype)
     dinp = torch.randn(N, C, generator=generator).to(device=device, dtype=dtype)
     dweight = torch.randn(C, generator=generator).to(device)
     dbias = torch.randn(C, generator=generator).to(device)
+    dinp_column_sums = torch.randn(C, generator=generator).to(device)
     # the backward reads the forward's statistics
     out, mean, rstd = torch.empty_like(x), torch.empty(N, device=device), torch.empty(N, device=device)
     layernorm_forward(out, mean, rstd, x, weight, bias, EPS)
@@ -112,11 +115,15 @@ def run_backward_case(device, N, C, dtype, scratch):
     expected_dweight = dweight.double() + weight64.grad
     expected_dbias = dbias.double() + bias64.grad
 
-    layernorm_backward(dinp, dweight, dbias, dout, x, weight, mean, rstd, scratch)
+    expected_dinp_column_sums = dinp_column_sums.double()  # + the written dinp's column sums, below
+
+    layernorm_backward(dinp, dweight, dbias, dout, x, weight, mean, rstd, scratch, dinp_column_sums=dinp_column_sums)
 
     torch.testing.assert_close(dinp.double(), expected_dinp, **tolerance_for(dtype))
     torch.testing.assert_close(dweight.double(), expected_dweight, **FP32_TOLERANCE)
     torch.testing.assert_close(dbias.double(), expected_dbias, **FP32_TOLERANCE)
+    expected_dinp_column_sums += dinp.double().sum(0)
+    torch.testing.assert_close(dinp_column_sums.double(), expected_dinp_column_sums, **FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize("N, C", SHAPES)
@@ -131,5 +138,5 @@ def test_backward_is_right_for_any_number_of_row_groups(device, groups):
     """The scratch's G (row groups, one partial sum each) only sets the order of additions: G = 5 splits 70 rows
     into groups of 14, not a multiple of the 32-row tile at C = 80; G = 70 gives one row per group."""
     N, C = 70, 80
-    scratch = torch.full((2, groups, C), float("nan"), device=device)
+    scratch = torch.full((3, groups, C), float("nan"), device=device)
     run_backward_case(device, N, C, torch.float32, scratch)
