@@ -16,10 +16,11 @@ order the GPU happens to schedule programs in, so the reduction runs in two fixe
 The result depends only on G, which `bias_backward_scratch` derives from the shapes alone, so it is the same bits
 every step. Layernorm's and GELU's backward reuse stage 2 (`sum_partials`) for the column sums they fuse in.
 
-Stage 1 can also copy dout while it reads it (`copy_to`): cuDNN's attention backward returns dq, dk and dv as three
-separate (N, C) matrices, and the qkv projection's backward wants them side by side as one (N, 3C) dqkv, so that its
-two products are one matmul each instead of three smaller ones. Copying each block into its columns of dqkv while
-summing it for the bias costs only the writes: the reads are the bias gradient's anyway.
+Stage 1 can also copy dout while it reads it (`concat_columns_backward`): cuDNN's attention backward returns dq, dk
+and dv as three separate (N, C) matrices, and the qkv projection's backward wants them side by side as one (N, 3C)
+dqkv, so that its two products are one matmul each instead of three smaller ones. Copying each block into its columns
+of dqkv while summing it for the bias costs only the writes: the reads are the bias gradient's anyway. The three
+blocks' partial sums land side by side in one (G, 3C) buffer, so one stage 2 adds them all.
 """
 
 import torch
@@ -47,13 +48,15 @@ def row_group_column_block(N, OC, rows_per_group, BLOCK_OC: tl.constexpr):
 
 @triton.jit
 def _column_partial_sums_kernel(
-    partials_ptr,  # fp32 (G, OC): out, partials[g, c] = sum of dout[n, c] over the rows n of group g
+    partials_ptr,  # fp32 (G, OC): out, partials[g, c] = sum of dout[n, c] over the rows n of group g; rows
+    #                partials_stride_row apart
     dout_ptr,  # (N, OC), the activation dtype, rows stride_row apart
     copy_ptr,  # (N, OC): out, a copy of dout, rows copy_stride_row apart (written only when COPY)
     N,
     OC,
     stride_row,
     copy_stride_row,
+    partials_stride_row,
     rows_per_group,  # ceil(N / G)
     COPY: tl.constexpr,
     ROWS: tl.constexpr,
@@ -69,21 +72,27 @@ def _column_partial_sums_kernel(
         if COPY:
             tl.store(copy_ptr + rows.to(tl.int64)[:, None] * copy_stride_row + columns[None, :], tile, mask=mask)
         accumulator += tile.to(tl.float32)
-    tl.store(partials_ptr + tl.program_id(0) * OC + columns, tl.sum(accumulator, axis=0), mask=column_mask)
+    partials_ptr += tl.program_id(0) * partials_stride_row
+    tl.store(partials_ptr + columns, tl.sum(accumulator, axis=0), mask=column_mask)
 
 
 @triton.jit
 def _sum_partials_kernel(
-    out_ptr,  # fp32 (C,): out[c] += sum_g partials[g, c]
-    partials_ptr,  # fp32 (G, C), rows partials_row_stride apart
+    out0_ptr,  # fp32 (C,): out_k[c] += sum_g partials[k, g, c], for k = program_id(1) < K
+    out1_ptr,  # (K >= 2)
+    out2_ptr,  # (K = 3)
+    partials_ptr,  # fp32 (K, G, C), rows partials_row_stride apart, blocks partials_block_stride apart
     G,
     C,
     partials_row_stride,
+    partials_block_stride,
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    k = tl.program_id(1)
     columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     column_mask = columns < C
+    partials_ptr += k * partials_block_stride
     accumulator = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
     for g_start in range(0, G, BLOCK_G):
         groups = g_start + tl.arange(0, BLOCK_G)
@@ -91,25 +100,40 @@ def _sum_partials_kernel(
         offsets = groups[:, None] * partials_row_stride + columns[None, :]
         accumulator += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
     total = tl.sum(accumulator, axis=0)
+    out_ptr = out0_ptr
+    if k == 1:
+        out_ptr = out1_ptr
+    if k == 2:
+        out_ptr = out2_ptr
     previous = tl.load(out_ptr + columns, mask=column_mask)
     tl.store(out_ptr + columns, previous + total, mask=column_mask)
 
 
 def sum_partials(out, partials):
-    """out (C,) fp32 += partials (G, C) fp32 summed over G, in a fixed order. partials' rows may be strided."""
-    G, C = partials.shape
-    assert partials.stride(1) == 1 and out.is_contiguous() and out.shape == (C,)
+    """out (C,) fp32 += partials (G, C) fp32 summed over G, in a fixed order. partials' rows may be strided.
+
+    Or up to three sums in one launch (layernorm's backward has three): out a list of K fp32 (C,) tensors and
+    partials (K, G, C), out[k] += partials[k] summed over G.
+    """
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    partials = partials if partials.dim() == 3 else partials[None]
+    K, G, C = partials.shape
+    assert K == len(outs) <= 3 and partials.stride(2) == 1
+    assert all(o.is_contiguous() and o.shape == (C,) and o.dtype == torch.float32 for o in outs)
+    outs += [outs[0]] * (3 - K)  # unused pointers
     block_columns = min(32, triton.next_power_of_2(C))
     block_groups = min(64, triton.next_power_of_2(G))
-    grid = (triton.cdiv(C, block_columns),)
+    grid = (triton.cdiv(C, block_columns), K)
     _sum_partials_kernel[grid](
-        out, partials, G, C, partials.stride(0), BLOCK_G=block_groups, BLOCK_C=block_columns, num_warps=4
+        *outs, partials, G, C, partials.stride(1), partials.stride(0),
+        BLOCK_G=block_groups, BLOCK_C=block_columns, num_warps=4
     )
 
 
-def bias_backward_scratch(N, OC, device):
-    """The fp32 (G, OC) partial-sum buffer for bias_backward on (N, OC) gradients; allocate once, reuse every step."""
-    return torch.empty((bias_backward_groups(N, OC), OC), dtype=torch.float32, device=device)
+def bias_backward_scratch(N, OC, device, blocks=1):
+    """The fp32 (G, blocks * OC) partial-sum buffer for bias_backward on (N, OC) gradients, or for
+    concat_columns_backward of `blocks` (N, OC) blocks; allocate once, reuse every step."""
+    return torch.empty((bias_backward_groups(N, OC), blocks * OC), dtype=torch.float32, device=device)
 
 
 def bias_backward_groups(N, OC):
@@ -119,23 +143,43 @@ def bias_backward_groups(N, OC):
     return max(1, min(triton.cdiv(_TARGET_PROGRAMS, column_blocks), triton.cdiv(N, rows)))
 
 
-def bias_backward(dbias, dout, scratch, copy_to=None):
-    """dbias (OC,) fp32 += dout (N, OC).sum(0), deterministic; with copy_to (N, OC), also copy_to = dout.
-
-    dout, copy_to: (N, OC) in the activation dtype with unit column stride; rows may be strided (a column slice of a
-    wider matrix, e.g. the q, k or v part of dqkv).
-    scratch: fp32 (G, OC) from bias_backward_scratch; any G >= 1 gives the right sums (G sets the summation order).
-    """
+def _column_partial_sums(partials, dout, copy_to=None):
+    """Stage 1: partials (G, OC) = dout's column sums over G groups of rows; with copy_to, also copy_to = dout."""
     N, OC = dout.shape
-    G = scratch.shape[0]
-    assert dout.stride(1) == 1 and dbias.shape == (OC,) and scratch.shape[1] == OC and scratch.is_contiguous()
+    G = partials.shape[0]
+    assert dout.stride(1) == 1 and partials.shape[1] == OC and partials.stride(1) == 1
     copy = copy_to is not None
     if copy:
         assert copy_to.shape == dout.shape and copy_to.stride(1) == 1 and copy_to.dtype == dout.dtype
     rows, block_columns = column_tile(OC)
-    grid = (G, triton.cdiv(OC, block_columns))
-    _column_partial_sums_kernel[grid](
-        scratch, dout, copy_to if copy else dout, N, OC, dout.stride(0), copy_to.stride(0) if copy else 0,
-        triton.cdiv(N, G), COPY=copy, ROWS=rows, BLOCK_OC=block_columns, num_warps=8
+    _column_partial_sums_kernel[(G, triton.cdiv(OC, block_columns))](
+        partials, dout, copy_to if copy else dout, N, OC, dout.stride(0), copy_to.stride(0) if copy else 0,
+        partials.stride(0), triton.cdiv(N, G), COPY=copy, ROWS=rows, BLOCK_OC=block_columns, num_warps=8
     )
+
+
+def bias_backward(dbias, dout, scratch):
+    """dbias (OC,) fp32 += dout (N, OC).sum(0), deterministic.
+
+    dout: (N, OC) in the activation dtype with unit column stride; rows may be strided (a column slice of a wider
+    matrix, e.g. the q, k or v part of dqkv).
+    scratch: fp32 (G, OC) from bias_backward_scratch; any G >= 1 gives the right sums (G sets the summation order).
+    """
+    assert dbias.shape == (dout.shape[1],) and scratch.is_contiguous()
+    _column_partial_sums(scratch, dout)
+    sum_partials(dbias, scratch)
+
+
+def concat_columns_backward(out, dbias, blocks, scratch):
+    """out (N, K*C) = the K (N, C) blocks side by side, and dbias (K*C,) fp32 += out.sum(0), deterministic.
+
+    blocks: (N, C) in the activation dtype, unit column stride (cuDNN's dq, dk, dv); out: contiguous (N, K*C).
+    scratch: fp32 (G, K*C) from bias_backward_scratch(N, C, blocks=K).
+    """
+    C = blocks[0].shape[1]
+    assert out.shape == (blocks[0].shape[0], len(blocks) * C) and dbias.shape == (out.shape[1],)
+    assert scratch.shape[1] == out.shape[1] and scratch.is_contiguous()
+    for i, block in enumerate(blocks):
+        columns = slice(i * C, (i + 1) * C)
+        _column_partial_sums(scratch[:, columns], block, copy_to=out[:, columns])
     sum_partials(dbias, scratch)

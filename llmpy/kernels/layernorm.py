@@ -215,7 +215,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
         dinp, scratch, dout, inp, weight, mean, rstd, N, C, G, triton.cdiv(N, G),
         SUM_DINP=sum_dinp, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
     )
-    sum_partials(dweight, scratch[0])
-    sum_partials(dbias, scratch[1])
     if sum_dinp:
-        sum_partials(dinp_column_sums, scratch[2])
+        sum_partials([dweight, dbias, dinp_column_sums], scratch)
+    else:
+        sum_partials([dweight, dbias], scratch[:2])

@@ -10,7 +10,7 @@ bf16 dout is exact in fp32, so the same tolerance holds against the float64 sum 
 import pytest
 import torch
 
-from llmpy.kernels.bias import bias_backward, bias_backward_scratch
+from llmpy.kernels.bias import bias_backward, bias_backward_scratch, concat_columns_backward, sum_partials
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -49,19 +49,33 @@ def test_rows_may_be_strided(device):
     torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
 
 
-def test_copies_dout_into_a_column_block(device):
-    """With copy_to, dout (the k part of cuDNN's gradients, say) is also copied exactly into a column block of a wider
-    matrix (dqkv), and the other columns are left alone."""
+def test_concat_columns_copies_the_blocks_and_adds_their_column_sums(device):
+    """concat_columns_backward: three (N, C) blocks (cuDNN's dq, dk, dv) are copied exactly, side by side, into an
+    (N, 3C) matrix (dqkv), and the (3C,) bias gradient gains the column sums of all three."""
     N, C = 37, 80
-    dout, dbias = random_inputs(N, C, torch.bfloat16, device, seed=12)
-    expected = dbias.double() + dout.double().sum(0)
-    wide = torch.full((N, 3 * C), float("nan"), dtype=torch.bfloat16, device=device)
+    blocks = [random_inputs(N, C, torch.bfloat16, device, seed=12 + i)[0] for i in range(3)]
+    dbias = random_inputs(N, 3 * C, torch.bfloat16, device, seed=15)[1]
+    out = torch.full((N, 3 * C), float("nan"), dtype=torch.bfloat16, device=device)
+    expected = dbias.double() + torch.cat(blocks, dim=1).double().sum(0)
 
-    bias_backward(dbias, dout, bias_backward_scratch(N, C, device).fill_(float("nan")), copy_to=wide[:, C:2 * C])
+    concat_columns_backward(out, dbias, blocks, bias_backward_scratch(N, C, device, blocks=3).fill_(float("nan")))
 
+    assert torch.equal(out, torch.cat(blocks, dim=1))
     torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
-    assert torch.equal(wide[:, C:2 * C], dout)
-    assert wide[:, :C].isnan().all() and wide[:, 2 * C:].isnan().all()
+
+
+def test_sum_partials_adds_up_to_three_sums_in_one_launch(device):
+    """sum_partials with a list of K outputs and (K, G, C) partials: out[k] += partials[k].sum(0), each k its own."""
+    G, C = 70, 80
+    generator = torch.Generator().manual_seed(5)
+    partials = torch.randn(3, G, C, generator=generator).to(device)
+    outs = [torch.randn(C, generator=generator).to(device) for _ in range(3)]
+    expected = [o.double() + p.double().sum(0) for o, p in zip(outs, partials)]
+
+    sum_partials(outs, partials)
+
+    for out, want in zip(outs, expected):
+        torch.testing.assert_close(out.double(), want, **TOLERANCE)
 
 
 @pytest.mark.parametrize("groups", [1, 5, 8, 70])
