@@ -10,6 +10,11 @@ The model itself is llmpy.model.GPT2; torch is only the runtime (memory, cuBLAS,
 
 Tests run it on the CPU under Triton's interpreter:
     TRITON_INTERPRET=1 python train_gpt2.py --device cpu --dtype float32 -e tiny -b 2 -t 16 -x 3
+
+On several GPUs, one process each (README, "Multiple GPUs and nodes"; scripts/multi_node/):
+    torchrun --standalone --nproc_per_node 8 train_gpt2.py -e d12 -b 16 -t 1024 -d 524288 -z 1
+Each rank reads its own batches; the gradients are summed over the ranks with NCCL (-z 0), or reduce-scattered so
+that each rank updates its shard of the master weights and AdamW moments, then all-gathered (-z 1, ZeRO stage 1).
 """
 
 import argparse
@@ -24,6 +29,7 @@ import torch
 from llmpy import formats
 from llmpy.config import config_from_descriptor, num_parameters
 from llmpy.data import DataLoader
+from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
 from llmpy.kernels import INTERPRET
 from llmpy.kernels.reduce import sum_into
 from llmpy.logger import Logger
@@ -78,9 +84,28 @@ def parse_args(argv=None):
         help="activation memory: 1 recomputes GELU in the backward, 2 also the layernorms")
     add("--attention", default="cudnn", choices=("cudnn", "triton"),
         help="cuDNN's flash attention or ours (float32 and CPU runs always use ours)")
+    add("--cuda_graphs", type=int, default=1, choices=(0, 1),
+        help="replay each micro-batch's forward and backward from a CUDA graph (GPU only)")
     add("--device", default="cuda", help="cuda, cuda:N; cpu only under TRITON_INTERPRET=1 (tests)")
     add("--tokenizer", default="gpt2_tokenizer.bin", help="llm.c tokenizer file for decoding samples")
     add("--write_model", default=None, metavar="FILE", help="write the final weights as an llm.c model file (fp32)")
+    add("-z", "--zero_stage", type=int, default=0, choices=(0, 1),
+        help="several processes: 0 every rank updates all weights; 1 ZeRO stage 1, each rank updates its shard of "
+             "the master weights and AdamW moments (their memory per rank falls by the number of processes)")
+    add("-pi", "--init_method", default="auto", choices=INIT_METHODS,
+        help="how the processes meet (not -e/--init, the model's init): env (torchrun), tcp (-ps), fs (-pf), mpi "
+             "(mpirun); auto: env under torchrun, mpi under mpirun, else tcp given -ps, fs given -pf, else one process")
+    add("-ps", "--server_ip", default=None, metavar="HOST[:PORT]", help="-pi tcp: rank 0's host (port 29500 unless "
+        "given); -pi mpi without mpi4py: the same")
+    add("-pf", "--fs_path", default=None, help="-pi fs: a folder on a file system shared by all processes")
+    add("-pn", "--num_processes", type=int, default=None,
+        help="processes in all, for -pi tcp/fs; None: from the launcher's environment (e.g. srun's SLURM_NTASKS)")
+    add("-pr", "--process_rank", type=int, default=None,
+        help="this process's rank, for -pi tcp/fs; None: from the launcher's environment (e.g. SLURM_PROCID)")
+    add("-pg", "--gpus_per_node", type=int, default=None,
+        help="GPUs a node, to pick a rank's GPU when no launcher gives its local rank; None: the GPUs visible")
+    add("--dist_timeout", type=float, default=600.0,
+        help="seconds to wait for the other processes at the rendezvous and in a collective before giving up")
     return p.parse_args(argv)
 
 
@@ -130,10 +155,10 @@ def load_init(init):
         raise ValueError(f"-e/--init {init}: no such model file, and {e}") from None
 
 
-def open_loader(flag, pattern, B, T, vocab_size):
-    """A DataLoader whose errors (no files, too small for a batch, token ids >= vocab) name the flag."""
+def open_loader(flag, pattern, B, T, vocab_size, dist):
+    """This rank's DataLoader, whose errors (no files, too small for a batch, token ids >= vocab) name the flag."""
     try:
-        return DataLoader(pattern, B, T, vocab_size=vocab_size)
+        return DataLoader(pattern, B, T, rank=dist.rank, world_size=dist.world_size, vocab_size=vocab_size)
     except (formats.FormatError, ValueError) as e:
         raise ValueError(f"{flag}: {e}") from None
 
@@ -155,31 +180,33 @@ def as_tensors(x, y):
 
 
 def train_step(model, micro_batches, lr, step, args, loss_sum):
-    """One optimizer step over the micro-batches: (mean loss, grad norm before clipping) as Python floats.
+    """One optimizer step over this rank's micro-batches: (mean loss, grad norm before clipping) as Python floats.
 
-    Each micro-batch's dlogits are scaled by 1 / (all tokens of the step), so the accumulated fp32 gradients are
-    the gradient of the step's mean loss; loss_sum accumulates that same mean on the device.
+    Each micro-batch's dlogits are scaled by 1 / (all tokens of the step, over all ranks), so the fp32 gradients
+    accumulated here and summed over the ranks in clip_and_update are the gradient of the step's mean loss;
+    loss_sum accumulates that same mean on the device (this rank's part, then summed over the ranks).
     """
-    tokens = model.B * model.T * len(micro_batches)
+    tokens = model.B * model.T * len(micro_batches) * model.dist.world_size
     model.zero_grad()
     loss_sum.zero_()
     for x, y in micro_batches:
-        model.forward(*as_tensors(x, y), dloss=1.0 / tokens)
-        sum_into(loss_sum, model.acts.losses, scale=1.0 / tokens)
-        model.backward()
+        model.train_micro_batch(*as_tensors(x, y), 1.0 / tokens, loss_sum)
     model.clip_and_update(lr, step + 1, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    model.dist.all_reduce_sum_(loss_sum, "the loss")
     loss = loss_sum.item()  # waits for the GPU: the step's one synchronisation
     return loss, math.sqrt(model.grad_norm_sq.item())
 
 
 def validation_loss(model, loader, num_batches, loss_sum):
-    """The mean loss over the first num_batches batches of the validation data (no dlogits written)."""
+    """The mean loss over the first num_batches validation batches of every rank (no dlogits written): the ranks
+    read disjoint batches, together the first num_batches * world_size of the data."""
     loader.reset()
     loss_sum.zero_()
     for _ in range(num_batches):
         x, y = loader.next_batch()
         model.forward(*as_tensors(x, y), train=False)
-        sum_into(loss_sum, model.acts.losses, scale=1.0 / (model.B * model.T * num_batches))
+        sum_into(loss_sum, model.acts.losses, scale=1.0 / (model.B * model.T * num_batches * model.dist.world_size))
+    model.dist.all_reduce_sum_(loss_sum, "the validation loss")
     return loss_sum.item()
 
 
@@ -209,34 +236,49 @@ def format_mfu(value):
 def train(args):
     check_args(args)
     device = pick_device(args.device)
+    dist = init_distributed(args.init_method, args.server_ip, args.fs_path, args.num_processes, args.process_rank,
+                            args.gpus_per_node, device, args.dist_timeout)
+    try:
+        train_on(args, dist)
+    finally:
+        dist.destroy()
+
+
+def train_on(args, dist):
+    """The run of this rank; only rank 0 (dist.is_main) prints, logs, samples and writes files."""
+    say = print if dist.is_main else lambda *_, **__: None
+    device, world = dist.device, dist.world_size
     dtype = DTYPES[args.dtype]
     B, T = args.batch_size, args.sequence_length
     config, weights = load_init(args.init)
     if T > config.max_seq_len:
         raise ValueError(f"-t/--sequence_length {T} is longer than the model's max_seq_len {config.max_seq_len}")
-    tokens_per_micro_batch = B * T
+    tokens_per_micro_batch = B * T * world  # one micro-batch on every rank
     total_batch_size = tokens_per_micro_batch if args.total_batch_size == -1 else args.total_batch_size
     if total_batch_size % tokens_per_micro_batch:
-        raise ValueError(f"-d/--total_batch_size {total_batch_size} is not a multiple of B*T = {B}*{T} = "
+        processes = f"B*T = {B}*{T}" if world == 1 else f"B*T*processes = {B}*{T}*{world}"
+        raise ValueError(f"-d/--total_batch_size {total_batch_size} is not a multiple of {processes} = "
                          f"{tokens_per_micro_batch}")
     grad_accum_steps = total_batch_size // tokens_per_micro_batch
 
-    train_loader = open_loader("-i/--input_bin", args.input_bin, B, T, config.vocab_size)
+    train_loader = open_loader("-i/--input_bin", args.input_bin, B, T, config.vocab_size, dist)
     val_loader = None
     if args.input_val_bin and args.val_loss_every > 0:
-        val_loader = open_loader("-j/--input_val_bin", args.input_val_bin, B, T, config.vocab_size)
+        val_loader = open_loader("-j/--input_val_bin", args.input_val_bin, B, T, config.vocab_size, dist)
     max_steps = args.max_steps
     if max_steps == -1:  # one epoch
         max_steps = train_loader.num_batches_per_epoch // grad_accum_steps
         if max_steps == 0:
             raise ValueError(f"-i/--input_bin {args.input_bin}: one epoch has {train_loader.num_batches_per_epoch} "
-                             f"micro-batches, fewer than the {grad_accum_steps} of one step (-d)")
-    tokenizer = open_tokenizer(args.tokenizer, config.vocab_size) if args.sample_every > 0 else None
+                             f"micro-batches a process, fewer than the {grad_accum_steps} of one step (-d)")
+    sampling = dist.is_main and args.sample_every > 0
+    tokenizer = open_tokenizer(args.tokenizer, config.vocab_size) if sampling else None
 
     if device.index is not None:
         torch.cuda.set_device(device)
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
-    model = GPT2(config, B, T, dtype=dtype, device=device, recompute=args.recompute, attention_impl=args.attention)
+    model = GPT2(config, B, T, dtype=dtype, device=device, recompute=args.recompute, attention_impl=args.attention,
+                 dist=dist, zero_stage=args.zero_stage, cuda_graphs=bool(args.cuda_graphs))
     if weights is None:
         model.init_weights(args.seed)
     else:
@@ -245,18 +287,23 @@ def train(args):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     flops = flops_per_token(config, T)
     peak = peak_flops(device_name, args.dtype, args.tf32) if device.type == "cuda" else None
-    print(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
-          f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
-          f"{num_parameters(config):,} parameters")
-    print(f"device {device_name}, dtype {args.dtype}, attention {model.attention_impl}, recompute {args.recompute}")
-    print(f"B={B} T={T}, {grad_accum_steps} micro-batch(es) = {total_batch_size:,} tokens a step, {max_steps} steps; "
-          f"train data {train_loader.num_batches_per_epoch} micro-batches an epoch")
-    val_batches = min(args.val_max_steps, val_loader.num_batches_per_epoch) if val_loader else 0
+    say(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
+        f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
+        f"{num_parameters(config):,} parameters")
+    say(f"device {device_name}, dtype {args.dtype}, attention {model.attention_impl}, recompute {args.recompute}")
+    say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
+        f", zero stage {args.zero_stage}")
+    per_process = (f" x {world} processes", f" for each of {world} processes") if world > 1 else ("", "")
+    say(f"B={B} T={T}, {grad_accum_steps} micro-batch(es){per_process[0]} = {total_batch_size:,} tokens a step, "
+        f"{max_steps} steps; train data {train_loader.num_batches_per_epoch} micro-batches an epoch{per_process[1]}")
+    # -m counts the validation batches of all ranks together, so that a run's val loss does not depend on its world
+    # size when -m is a multiple of it; each rank reads its share, at most the val data
+    val_batches = min(-(-args.val_max_steps // world), val_loader.num_batches_per_epoch) if val_loader else 0
     if val_loader:
-        print(f"validation: {val_batches} batches every {args.val_loss_every} steps")
-    print(f"{flops / 1e9:.3f} GFLOPs a token; peak {'unknown' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
+        say(f"validation: {val_batches * world} batches every {args.val_loss_every} steps")
+    say(f"{flops / 1e9:.3f} GFLOPs a token; peak {'unknown' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
 
-    logger = Logger(args.output_log_dir)
+    logger = Logger(args.output_log_dir if dist.is_main else None)
     loss_sum = torch.zeros(1, dtype=torch.float32, device=device)
     sample_rng = np.random.default_rng(args.seed)
     single_batch = None
@@ -265,10 +312,10 @@ def train(args):
         last_step = step == max_steps
         if val_loader and (step % args.val_loss_every == 0 or last_step):
             val_loss = validation_loss(model, val_loader, val_batches, loss_sum)
-            print(f"val loss {val_loss:.6f}")
+            say(f"val loss {val_loss:.6f}")
             logger.log_val(step, val_loss)
         if tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
-            print(f"generating:\n---\n{generate(model, tokenizer, args.gen_tokens, sample_rng)}\n---")
+            say(f"generating:\n---\n{generate(model, tokenizer, args.gen_tokens, sample_rng)}\n---")
         if last_step:
             break
 
@@ -282,26 +329,28 @@ def train(args):
         lr = lr_at(step, max_steps, args.learning_rate, args.warmup_iters, args.final_lr_frac, args.lr_schedule)
         loss, grad_norm = train_step(model, micro_batches, lr, step, args, loss_sum)
         ms = (time.perf_counter() - t0) * 1000
-        tokens_per_second = total_batch_size / ms * 1000
+        tokens_per_second = total_batch_size / ms * 1000  # all ranks' tokens; MFU is per GPU
         if step >= TIMING_WARMUP_STEPS:
             timed_ms.append(ms)
-        print(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {grad_norm:.4f} | lr {lr:.2e} | "
-              f"{ms:.2f} ms | {format_mfu(mfu(flops, tokens_per_second, peak))} | {tokens_per_second:.0f} tok/s")
+        say(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {grad_norm:.4f} | lr {lr:.2e} | "
+            f"{ms:.2f} ms | {format_mfu(mfu(flops, tokens_per_second / world, peak))} | {tokens_per_second:.0f} tok/s")
         logger.log_train(step, loss, lr, grad_norm, ms, tokens_per_second)
     logger.close()
 
     if timed_ms:
         ms = sum(timed_ms) / len(timed_ms)
         tokens_per_second = total_batch_size / ms * 1000
-        print(f"average over steps {TIMING_WARMUP_STEPS + 1}..{max_steps}: {ms:.2f} ms/step, {tokens_per_second:.0f} "
-              f"tok/s, {format_mfu(mfu(flops, tokens_per_second, peak))}")
+        say(f"average over steps {TIMING_WARMUP_STEPS + 1}..{max_steps}: {ms:.2f} ms/step, {tokens_per_second:.0f} "
+            f"tok/s, {format_mfu(mfu(flops, tokens_per_second / world, peak))}")
     else:
-        print("no average time: the first step compiles the kernels and is left out")
+        say("no average time: the first step compiles the kernels and is left out")
     if device.type == "cuda":
-        print(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+        say(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
     if args.write_model:
-        formats.write_model(args.write_model, config, model.weights_fp32(), dtype="float32")
-        print(f"wrote {args.write_model}")
+        weights = model.weights_fp32()  # under -z 1 a collective: every rank takes part
+        if dist.is_main:
+            formats.write_model(args.write_model, config, weights, dtype="float32")
+            say(f"wrote {args.write_model}")
 
 
 def main(argv=None):
@@ -311,7 +360,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         fail(f"CUDA out of memory with -b {args.batch_size} -t {args.sequence_length} -r {args.recompute}: use a "
              f"smaller -b (with -d to keep the tokens a step) or -r 1 / -r 2 to recompute activations")
-    except (formats.FormatError, ValueError, OSError) as e:
+    except (formats.FormatError, ValueError, OSError, DistributedError) as e:
         fail(str(e))
 
 

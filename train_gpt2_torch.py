@@ -7,6 +7,10 @@ files) and the baseline they are timed against (`--compile 1 --flash 1 --dtype b
     python dev/data/tinyshakespeare.py                     # the token shards, once
     python train_gpt2_torch.py --model d12                 # GPT-2 124M from random init on tiny Shakespeare
     python train_gpt2_torch.py --model d12 --device cpu --write_tensors 1   # the reference files, then exit
+    torchrun --standalone --nproc_per_node 8 train_gpt2_torch.py --model d12 -b 16 -t 1024 --total_batch_size 524288
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on the CPU):
+each rank reads its own batches and only rank 0 prints, logs and samples, as train_gpt2.py does.
 
 Layout shared with llm.c (DESIGN.md §2): the module's vocab is the real V = 50257, while files and flat buffers
 hold wte with Vp = 50304 rows (the extra rows zero), per-layer tensors stacked along a leading L axis and weight
@@ -14,6 +18,7 @@ matrices as (out, in), which is also nn.Linear's layout.
 """
 
 import argparse
+import gc
 import glob
 import json
 import math
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from llmpy import formats
 from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_params
@@ -243,14 +249,18 @@ def train_step(model, optimizer, x, y, learning_rate, grad_clip=1.0, amp_dtype=N
     if x.dim() == 2:
         x, y = x[None], y[None]
     num_micro = x.shape[0]
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile, the module it compiled
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=x.device)
-    for x_micro, y_micro in zip(x, y):
-        with autocast_context(x.device.type, amp_dtype):
-            _, loss = model(x_micro, y_micro)
-        loss_sum += loss.detach()
-        # each loss is a mean over B*T tokens; / S makes the summed gradients the mean over all S*B*T tokens
-        (loss / num_micro).backward()
+    for i, (x_micro, y_micro) in enumerate(zip(x, y)):
+        # DDP averages the gradients over the ranks in the last micro-batch's backward only
+        last = i == num_micro - 1
+        with nullcontext() if last or not isinstance(ddp, DistributedDataParallel) else ddp.no_sync():
+            with autocast_context(x.device.type, amp_dtype):
+                _, loss = model(x_micro, y_micro)
+            loss_sum += loss.detach()
+            # each loss is a mean over B*T tokens; / S makes the summed gradients the mean over all S*B*T tokens
+            (loss / num_micro).backward()
     # with max_norm = inf this only measures the norm (the clip factor min(1, inf / norm) is 1)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:
@@ -443,10 +453,10 @@ def build_model(args):
     return model, descriptor
 
 
-def open_loader(flag, pattern, B, T, vocab_size):
+def open_loader(flag, pattern, B, T, vocab_size, rank=0, world_size=1):
     if not glob.glob(pattern):
         raise ValueError(f"--{flag} {pattern}: no such file; {DATA_HINT}")
-    return DataLoader(pattern, B, T, vocab_size=vocab_size)
+    return DataLoader(pattern, B, T, rank=rank, world_size=world_size, vocab_size=vocab_size)
 
 
 def load_encoding(ranks_file, required):
@@ -460,18 +470,55 @@ def load_encoding(ranks_file, required):
         return None
 
 
+def init_ddp(device):
+    """Under torchrun with WORLD_SIZE > 1: joins the process group (NCCL on GPUs, gloo on the CPU) and returns
+    (rank, world size, this rank's device: cuda:LOCAL_RANK on GPUs); otherwise (0, 1, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world_size, device
+
+
+def mean_over_ranks(value, world_size, device):
+    """A Python float averaged over the ranks: all-reduced as a sum (gloo has no average), then divided."""
+    if world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.item() / world_size
+
+
 def train(args):
     check_args(args)
-    device = pick_device(args.device)
+    rank, world_size, device = init_ddp(pick_device(args.device))
+    try:
+        train_on(args, device, rank, world_size)
+    finally:
+        if world_size > 1:
+            # DDP's reducer lives in reference cycles: collected after the group is gone, at exit, gloo aborts the
+            # process (torch 2.13, ~1 run in 4); collected first, it leaves cleanly
+            gc.collect()
+            torch.distributed.destroy_process_group()
+
+
+def train_on(args, device, rank, world_size):
+    """This rank's run; only rank 0 prints, logs and samples."""
+    say = print if rank == 0 else lambda *_, **__: None
     B, T = args.batch_size, args.sequence_length
     model, descriptor = build_model(args)
     config = model.config
     if T > config.max_seq_len:
         raise ValueError(f"--sequence_length {T} exceeds the model's max_seq_len {config.max_seq_len}")
-    train_loader = open_loader("input_bin", args.input_bin, B, T, config.vocab_size)
+    train_loader = open_loader("input_bin", args.input_bin, B, T, config.vocab_size, rank, world_size)
     model.to(device)
 
     if args.write_tensors:
+        if world_size > 1:
+            raise ValueError("--write_tensors runs in one process, not under torchrun")
         encoding = load_encoding(args.tokenizer, required=True)
         x, y = (torch.from_numpy(a).long().to(device) for a in train_loader.next_batch())
         prefix = args.output_prefix or file_prefix(descriptor)
@@ -482,18 +529,28 @@ def train(args):
     amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     val_loader = None
     if args.input_val_bin and args.val_loss_every > 0:
-        val_loader = open_loader("input_val_bin", args.input_val_bin, B, T, config.vocab_size)
-    encoding = load_encoding(args.tokenizer, required=False) if args.sample_every > 0 else None
-    grad_accum_steps = max(1, args.total_batch_size // (B * T))
-    tokens_per_step = grad_accum_steps * B * T
-    print(f"model {descriptor}: {num_parameters(config):,} parameters (padded vocab), device {device}, "
-          f"dtype {args.dtype}, B={B} T={T}, {grad_accum_steps} micro-batch(es) = {tokens_per_step:,} tokens a step")
+        val_loader = open_loader("input_val_bin", args.input_val_bin, B, T, config.vocab_size, rank, world_size)
+    encoding = load_encoding(args.tokenizer, required=False) if args.sample_every > 0 and rank == 0 else None
+    tokens_per_micro = B * T * world_size  # one micro-batch on every rank
+    if args.total_batch_size % tokens_per_micro:
+        raise ValueError(f"--total_batch_size {args.total_batch_size} is not a multiple of B*T*processes = "
+                         f"{B}*{T}*{world_size} = {tokens_per_micro}")
+    grad_accum_steps = max(1, args.total_batch_size // tokens_per_micro)
+    tokens_per_step = grad_accum_steps * tokens_per_micro
+    say(f"model {descriptor}: {num_parameters(config):,} parameters (padded vocab), device {device}, "
+        f"dtype {args.dtype}, B={B} T={T}, {grad_accum_steps} micro-batch(es)"
+        f"{f' x {world_size} processes (DDP)' if world_size > 1 else ''} = {tokens_per_step:,} tokens a step")
+    # the ranks read disjoint validation batches: --val_max_steps of them together (rounded up to a multiple)
+    val_steps = -(-args.val_max_steps // world_size)
 
     optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, device_type=device.type)
-    step_model = torch.compile(model) if args.compile else model
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(ddp_model) if args.compile else ddp_model
     sample_generator = torch.Generator(device=device).manual_seed(args.seed)
     log = None
-    if args.output_dir:
+    if args.output_dir and rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         log = open(os.path.join(args.output_dir, "main.log"), "w")
 
@@ -506,10 +563,11 @@ def train(args):
     for step in range(args.num_iterations + 1):
         last_step = step == args.num_iterations
         if val_loader and (step % args.val_loss_every == 0 or last_step):
-            val_loss = validation_loss(step_model, val_loader, args.val_max_steps, device, amp_dtype)
-            print(f"step {step}: val loss {val_loss:.6f}")
+            val_loss = validation_loss(step_model, val_loader, val_steps, device, amp_dtype)
+            val_loss = mean_over_ranks(val_loss, world_size, device)
+            say(f"step {step}: val loss {val_loss:.6f}")
             log_line(f"s:{step} tel:{val_loss:.6f}")
-        if args.sample_every and (step % args.sample_every == 0 or last_step) and step > 0:
+        if args.sample_every and (step % args.sample_every == 0 or last_step) and step > 0 and rank == 0:
             start = torch.full((1, 1), GPT2_EOT, dtype=torch.long, device=device)
             ids = generate(model, start, args.sample_length, sample_generator)[0, 1:].tolist()
             print("sample:", encoding.decode(ids) if encoding else ids)
@@ -528,8 +586,9 @@ def train(args):
         t0 = time.perf_counter()
         loss, norm = train_step(step_model, optimizer, x, y, lr, args.grad_clip, amp_dtype)  # .item() syncs
         ms = (time.perf_counter() - t0) * 1000
-        print(f"step {step + 1:4d}/{args.num_iterations} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
-              f"{ms:.2f} ms | {tokens_per_step / ms * 1000:.0f} tok/s")
+        loss = mean_over_ranks(loss, world_size, device)  # norm is global already: DDP averaged the gradients
+        say(f"step {step + 1:4d}/{args.num_iterations} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
+            f"{ms:.2f} ms | {tokens_per_step / ms * 1000:.0f} tok/s")
         log_line(f"s:{step} trl:{loss:.6f}")
     if log:
         log.close()

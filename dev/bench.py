@@ -3,6 +3,7 @@
     python dev/bench.py                                   # d12, B=64, T=1024, bf16: the headline comparison
     python dev/bench.py --model d24 -b 32 --json bench_d24.json
     python dev/bench.py --contenders mainline,compile --attention triton
+    python dev/bench.py --contenders mainline,ddp,zero1   # data parallel's overhead at world size 1
 
 Every contender trains the same GPT-2 from the same weights (llmpy.config.gpt2_init with --seed) on the same
 batches of tiny Shakespeare (or random tokens when the shards are missing), with the same hyperparameters (AdamW
@@ -12,6 +13,9 @@ memory and compiled state cannot help or hurt another:
   eager      train_gpt2_torch.py's model, flash SDPA, bf16 autocast, fused AdamW; B/2 x 2 micro-batches by
              default (--eager_micro 0 for none), since eager at B=64 needs more memory than the GPU has
   compile    the same under torch.compile: the baseline to beat
+  ddp        mainline's step in a process group of one process (llmpy.distributed, -z 0): its all-reduces run
+  zero1      the same with -z 1 (ZeRO-1): reduce-scatter, sharded AdamW, all-gather, all over one rank
+             (ddp and zero1 against mainline: the world-size-1 overhead of data parallelism; not run by default)
 A step is timed from its first byte of data to the loss on the host (one synchronisation, as in training); the
 median over --steps steps after --warmup untimed ones is reported, with tok/s, MFU (llmpy/mfu.py: 6N + 12LCT FLOPs
 a token over the GPU's dense bf16 peak) and the peak device memory (torch.cuda.max_memory_allocated). The last
@@ -24,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -52,8 +57,9 @@ def batches(config, B, T, seed):
         yield tokens[:, :-1], tokens[:, 1:]
 
 
-def mainline_steps(config, flat, args):
-    """Yields after each training step of the mainline; the step's loss is on the host by then."""
+def mainline_steps(config, flat, args, dist=None, zero_stage=0):
+    """Yields after each training step of the mainline; the step's loss is on the host by then.
+    dist, zero_stage: as train_gpt2.py's (ddp and zero1)."""
     import torch
 
     from llmpy.model import GPT2
@@ -61,7 +67,8 @@ def mainline_steps(config, flat, args):
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = GPT2(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda",
-                 recompute=args.recompute, attention_impl=args.attention)
+                 recompute=args.recompute, attention_impl=args.attention, dist=dist, zero_stage=zero_stage,
+                 cuda_graphs=bool(args.cuda_graphs))
     model.load_weights(flat)
     loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
     hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
@@ -102,8 +109,16 @@ def worker(args):
 
     config = config_from_descriptor(args.model)
     flat = gpt2_init(config, args.seed)
+    dist = None
     if args.worker == "mainline":
         steps = mainline_steps(config, flat, args)
+    elif args.worker in ("ddp", "zero1"):
+        from llmpy.distributed import init_distributed
+
+        # one process meeting itself through a file: a real NCCL process group, every collective of the step runs
+        dist = init_distributed("fs", fs_path=tempfile.mkdtemp(prefix="bench_rendezvous_"), num_processes=1,
+                                process_rank=0, device="cuda")
+        steps = mainline_steps(config, flat, args, dist, zero_stage=1 if args.worker == "zero1" else 0)
     else:
         steps = torch_steps(config, flat, args, compile=args.worker == "compile")
     times, losses = [], []
@@ -119,6 +134,8 @@ def worker(args):
                       "mfu": mfu(flops_per_token(config, args.sequence_length), tokens_per_second, peak),
                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                       "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
+    if dist is not None:
+        dist.destroy()
 
 
 def parse_args():
@@ -128,6 +145,7 @@ def parse_args():
     ap.add_argument("-t", "--sequence_length", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"], help="the mainline's attention")
+    ap.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1], help="the mainline's CUDA graphs")
     ap.add_argument("-r", "--recompute", type=int, default=0, choices=[0, 1, 2], help="the mainline's recompute")
     ap.add_argument("--contenders", default="mainline,eager,compile")
     ap.add_argument("--eager_micro", type=int, default=-1, help="eager's micro-batch (default B/2; 0: B)")
@@ -147,9 +165,10 @@ def main():
     if args.worker:
         return worker(args)
     contenders = args.contenders.split(",")
-    unknown = set(contenders) - {"mainline", "eager", "compile"}
+    unknown = set(contenders) - {"mainline", "eager", "compile", "ddp", "zero1"}
     if unknown or args.steps < 1 or args.warmup < 0:
-        sys.exit(f"bench.py: contenders are mainline, eager, compile (got {args.contenders}); --steps >= 1")
+        sys.exit(f"bench.py: contenders are mainline, eager, compile, ddp, zero1 (got {args.contenders}); "
+                 f"--steps >= 1")
     results = {}
     for name in contenders:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name] + sys.argv[1:]

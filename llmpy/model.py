@@ -8,7 +8,8 @@ Everything the model holds lives in a few flat buffers, allocated once:
 and the activations for one (B, T) micro-batch. The step allocates nothing of its own; only cuDNN's attention
 returns fresh tensors (its output, logsumexp and gradients), which torch's caching allocator serves from memory it
 already holds. Matmuls go to cuBLAS and attention to cuDNN (llmpy.vendor) or our own flash attention; every
-other op is one of our Triton kernels (llmpy.kernels).
+other op is one of our Triton kernels (llmpy.kernels). A training micro-batch, forward and backward, can be replayed
+from a CUDA graph (train_micro_batch).
 
 Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
 """
@@ -18,7 +19,8 @@ import torch
 
 from . import vendor
 from .config import gpt2_init, num_parameters, split_params
-from .kernels import adamw, attention, bias, classifier, encoder, gelu, layernorm, norm
+from .distributed import Dist
+from .kernels import adamw, attention, bias, classifier, encoder, gelu, layernorm, norm, reduce
 
 
 class Activations:
@@ -58,12 +60,13 @@ class Activations:
         self.dresidual = torch.empty(N, C, **act)
         self.dbtc = torch.empty(N, C, **act)
         self.dfch = torch.empty(N, 4 * C, **act)
-        self.dqkv = torch.empty(N, 3 * C, **act) if attention_impl == "triton" else None  # cuDNN allocates its own
+        self.dqkv = torch.empty(N, 3 * C, **act)
         self.att_delta = torch.empty(B, NH, T, **f32) if attention_impl == "triton" else None
 
 
 class GPT2:
-    def __init__(self, config, B, T, dtype=torch.bfloat16, device="cuda", recompute=0, attention_impl="cudnn"):
+    def __init__(self, config, B, T, dtype=torch.bfloat16, device="cuda", recompute=0, attention_impl="cudnn",
+                 dist=None, zero_stage=0, cuda_graphs=False):
         if T > config.max_seq_len:
             raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
         if attention_impl not in ("cudnn", "triton"):
@@ -73,43 +76,73 @@ class GPT2:
         self.config, self.B, self.T = config, B, T
         self.dtype, self.device = dtype, torch.device(device)
         self.recompute, self.attention_impl = recompute, attention_impl
+        if zero_stage not in (0, 1):
+            raise ValueError(f"-z/--zero_stage must be 0 or 1, not {zero_stage}")
+        self.dist, self.zero_stage = dist if dist is not None else Dist(), zero_stage  # Dist(): one plain process
         P = num_parameters(config)
+        # Data parallel: every rank holds all parameters and gradients. -z 0: every rank also holds all master weights
+        # and moments and updates everything. -z 1 (ZeRO stage 1): params and grads are padded to P_pad, a multiple
+        # of the world size (the padding's gradient is zero, so it stays zero), and this rank updates only its shard,
+        # [shard.start, shard.stop) of P_pad, holding the master weights and moments of that shard only.
+        world, rank = (self.dist.world_size, self.dist.rank) if zero_stage == 1 else (1, 0)
+        P_pad = -(-P // world) * world
+        shard_size = P_pad // world
+        self.shard = slice(rank * shard_size, (rank + 1) * shard_size)
         f32 = dict(dtype=torch.float32, device=device)
-        self.params = torch.zeros(P, dtype=dtype, device=device)
-        self.master = torch.zeros(P, **f32) if dtype != torch.float32 else None
-        self.grads = torch.zeros(P, **f32)
-        self.m, self.v = torch.zeros(P, **f32), torch.zeros(P, **f32)
-        self.p = split_params(config, self.params)  # name -> view, e.g. self.p["qkvw"] is (L, 3C, C)
-        self.g = split_params(config, self.grads)
+        self.params = torch.zeros(P_pad, dtype=dtype, device=device)
+        self.master = torch.zeros(shard_size, **f32) if dtype != torch.float32 else None
+        self.grads = torch.zeros(P_pad, **f32)
+        self.m, self.v = torch.zeros(shard_size, **f32), torch.zeros(shard_size, **f32)
+        self.p = split_params(config, self.params[:P])  # name -> view, e.g. self.p["qkvw"] is (L, 3C, C)
+        self.g = split_params(config, self.grads[:P])
         self.acts = Activations(config, B, T, dtype, device, recompute, attention_impl)
         C, N = config.channels, B * T
         self.ln_scratch = layernorm.layernorm_backward_scratch(N, C, self.device)
-        # bias_backward's partial sums are (G, OC): one buffer per output width (fc 4C; q, k, v and projections C)
-        self.bias_scratch = {OC: bias.bias_backward_scratch(N, OC, self.device) for OC in (C, 4 * C)}
-        self.norm_scratch = norm.global_norm_scratch(P, self.device)
+        # column partial sums for the bias gradients, (G, OC): qkv (3C) and fc (4C) need them, the projections' are
+        # the layernorms'; the qkv gradient comes from cuDNN as three (N, C) blocks, from ours as one (N, 3C)
+        self.bias_scratch = {"qkv": bias.bias_backward_scratch(N, C, self.device, blocks=3) if attention_impl == "cudnn"
+                             else bias.bias_backward_scratch(N, 3 * C, self.device),
+                             "fc": bias.bias_backward_scratch(N, 4 * C, self.device)}
+        self.norm_scratch = norm.global_norm_scratch(shard_size, self.device)
         self.grad_norm_sq = torch.zeros(1, **f32)
         self.grad_scale = torch.ones(1, **f32)
         self.hparams = torch.zeros(3, **f32)  # [lr, 1 - beta1^t, 1 - beta2^t]: read by the AdamW kernel on the device
-        self.decay_segments = adamw.decay_segments(config, self.device)
+        self.hparams_staging = torch.zeros(3).pin_memory() if self.device.type == "cuda" else None
+        self.decay_segments = adamw.decay_segments(config, self.device, self.shard.start, self.shard.stop)
         self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graph, self._graph_key = None, None  # train_micro_batch's CUDA graph and what it was captured for
 
     def load_weights(self, flat):
         """Sets the weights from a flat fp32 array (llm.c's order), e.g. from llmpy.formats.read_model."""
         flat = torch.as_tensor(np.asarray(flat, dtype=np.float32))
-        if flat.shape != self.params.shape:
-            raise ValueError(f"weights have {flat.numel()} values, the model needs {self.params.numel()}")
-        (self.master if self.master is not None else self.params).copy_(flat)
-        if self.master is not None:
-            self.params.copy_(self.master)  # round to bf16
+        P = num_parameters(self.config)
+        if flat.shape != (P,):
+            raise ValueError(f"weights have {flat.numel()} values, the model needs {P}")
+        self.params[:P].copy_(flat)  # rounds to nearest in bf16
+        if self.master is not None:  # this rank's shard (all of them under -z 0); the padding past P stays zero
+            in_range = flat[self.shard.start:self.shard.stop]
+            self.master[:in_range.numel()].copy_(in_range)
 
     def init_weights(self, seed):
         """GPT-2's seeded random initialisation (llmpy.config.gpt2_init)."""
         self.load_weights(gpt2_init(self.config, seed))
 
     def weights_fp32(self):
-        """The fp32 weights as a flat numpy array, for writing an llm.c model file."""
-        return (self.master if self.master is not None else self.params).float().cpu().numpy()
+        """The fp32 weights as a flat numpy array, for writing an llm.c model file.
+
+        Under -z 1 with master weights each rank holds a shard of them, gathered here: every rank must call this.
+        """
+        P = num_parameters(self.config)
+        if self.master is None:
+            return self.params[:P].float().cpu().numpy()
+        if self.zero_stage == 0:
+            return self.master.cpu().numpy()
+        gathered = torch.zeros(self.params.numel(), dtype=torch.float32, device=self.device)
+        gathered[self.shard] = self.master
+        self.dist.all_gather_(gathered, "the master weights")
+        return gathered[:P].cpu().numpy()
 
     # ------------------------------------------------------------------------- forward
 
@@ -118,9 +151,16 @@ class GPT2:
         acts.losses (N,) and overwrites the logits with dlogits scaled by dloss (default 1/N), ready for backward.
         train=False (validation) computes the losses only and leaves the logits as they are.
         """
+        self.inputs.copy_(inputs, non_blocking=True)
+        if targets is not None:
+            self.targets.copy_(targets, non_blocking=True)
+        dloss = 1.0 / (self.B * self.T) if dloss is None else dloss
+        self._forward(targets is not None, dloss, train)
+
+    def _forward(self, has_targets, dloss, train):
+        """The forward of the batch in self.inputs (and self.targets): no host work but launches."""
         cfg, a, p = self.config, self.acts, self.p
         B, T, C, L = self.B, self.T, cfg.channels, cfg.num_layers
-        self.inputs.copy_(inputs, non_blocking=True)
         encoder.encoder_forward(a.encoded.view(B, T, C), self.inputs, p["wte"], p["wpe"])
         # the first layernorm is plain; every later one is fused with the residual add that precedes it
         layernorm.layernorm_forward(self._ln1(0), a.ln1_mean[0], a.ln1_rstd[0], a.encoded, p["ln1w"][0], p["ln1b"][0])
@@ -144,11 +184,38 @@ class GPT2:
                 layernorm.fused_residual_layernorm_forward(a.residual3[l], a.lnf, a.lnf_mean, a.lnf_rstd,
                                                            a.residual2[l], a.proj, p["lnfw"], p["lnfb"])
         vendor.matmul_forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
-        if targets is not None:
-            dloss = 1.0 / (B * T) if dloss is None else dloss
-            self.targets.copy_(targets, non_blocking=True)
+        if has_targets:
             classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,
                                         write_dlogits=train)
+
+    def train_micro_batch(self, inputs, targets, dloss, loss_sum):
+        """One micro-batch of a training step: forward with targets (dlogits scaled by dloss), loss_sum (fp32 (1,))
+        += dloss * the sum of the losses, then backward (the gradients accumulate).
+
+        With cuda_graphs, the first call for a given (dloss, loss_sum) runs eagerly: it compiles the kernels and lets
+        cuBLAS and cuDNN choose their plans, which a capture cannot. The second captures the whole micro-batch, some
+        300 + 25 L launches, into one CUDA graph and replays it, and every later call only copies the batch into the
+        input buffers and replays: the GPU no longer waits for Python between kernels. A graph replays the same
+        kernels on the same buffers with the same arguments, which is why the step reads everything that changes
+        (tokens, learning rate, step count) from device memory.
+        """
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.targets.copy_(targets, non_blocking=True)
+        key = (dloss, loss_sum.data_ptr())
+        if not self.cuda_graphs or self._graph_key != key:
+            self._micro_batch(dloss, loss_sum)
+            self._graph_key, self._graph = key, None
+            return
+        if self._graph is None:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._micro_batch(dloss, loss_sum)
+        self._graph.replay()
+
+    def _micro_batch(self, dloss, loss_sum):
+        self._forward(True, dloss, train=True)
+        reduce.sum_into(loss_sum, self.acts.losses, scale=dloss)
+        self.backward()
 
     def _ln1(self, l):
         return self.acts.ln1[0 if self.recompute >= 2 else l]
@@ -174,7 +241,12 @@ class GPT2:
     # ------------------------------------------------------------------------- backward
 
     def backward(self):
-        """Backpropagates the dlogits left in acts.logits by forward(targets=...), accumulating into grads."""
+        """Backpropagates the dlogits left in acts.logits by forward(targets=...), accumulating into grads.
+
+        The bias gradients (column sums of an output gradient) are fused into the kernel that writes that gradient:
+        a projection's output gradient is the residual stream's gradient, written by the next layernorm's backward;
+        fc's is written by the GELU backward; qkv's is gathered into dqkv, and summed, from the attention backward.
+        """
         cfg, a, p, g = self.config, self.acts, self.p, self.g
         B, T, L = self.B, self.T, cfg.num_layers
         # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
@@ -183,7 +255,7 @@ class GPT2:
         # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
         a.dresidual.zero_()
         layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.dbtc, a.residual3[L - 1], p["lnfw"],
-                                     a.lnf_mean, a.lnf_rstd, self.ln_scratch)
+                                     a.lnf_mean, a.lnf_rstd, self.ln_scratch, dinp_column_sums=g["fcprojb"][L - 1])
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             if self.recompute >= 2:  # the layernorm outputs are recomputed from the saved statistics
@@ -194,47 +266,38 @@ class GPT2:
             if self.recompute >= 1:
                 gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
             # MLP projection: dresidual flows into it unchanged (residual3 = residual2 + proj)
-            self._matmul_backward(a.dfch, "fcprojw", "fcprojb", l, a.dresidual, self._fch_gelu(l))
-            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch)
-            self._matmul_backward(a.dbtc, "fcw", "fcb", l, a.dfch, self._ln2(l))
+            self._matmul_backward(a.dfch, "fcprojw", l, a.dresidual, self._fch_gelu(l))
+            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, g["fcb"][l], self.bias_scratch["fc"])
+            self._matmul_backward(a.dbtc, "fcw", l, a.dfch, self._ln2(l))
             layernorm.layernorm_backward(a.dresidual, g["ln2w"][l], g["ln2b"][l], a.dbtc, a.residual2[l],
-                                         p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch)
+                                         p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch,
+                                         dinp_column_sums=g["attprojb"][l])
             # attention projection, attention, qkv projection
-            self._matmul_backward(a.dbtc, "attprojw", "attprojb", l, a.dresidual, self._atty(l))
-            dq, dk, dv = self._attention_backward(l, a.dbtc)
-            self._qkv_backward(a.dbtc, l, (dq, dk, dv), self._ln1(l))
+            self._matmul_backward(a.dbtc, "attprojw", l, a.dresidual, self._atty(l))
+            self._attention_backward(l, a.dbtc)
+            self._matmul_backward(a.dbtc, "qkvw", l, a.dqkv, self._ln1(l))
             layernorm.layernorm_backward(a.dresidual, g["ln1w"][l], g["ln1b"][l], a.dbtc, residual,
-                                         p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch)
+                                         p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch,
+                                         dinp_column_sums=g["fcprojb"][l - 1] if l > 0 else None)
         encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
 
-    def _matmul_backward(self, dinp, wname, bname, l, dout, inp):
-        """For out = inp @ W^T + b: dinp = dout @ W, dW += dout^T @ inp, db += column sums of dout."""
+    def _matmul_backward(self, dinp, wname, l, dout, inp):
+        """For out = inp @ W^T + b: dinp = dout @ W, dW += dout^T @ inp (db is summed where dout is written)."""
         vendor.matmul_backward_input(dinp, dout, self.p[wname][l])
         vendor.matmul_backward_weight(self.g[wname][l], dout, inp)
-        bias.bias_backward(self.g[bname][l], dout, self.bias_scratch[dout.shape[1]])
-
-    def _qkv_backward(self, dinp, l, dqkv_parts, inp):
-        """The qkv projection's backward, its output gradient given as three (N, C) column blocks dq, dk, dv:
-        dinp = sum_i d_i @ W_i, dW_i += d_i^T @ inp, db_i += column sums of d_i, for W_i the i-th C rows of qkvw."""
-        C = self.config.channels
-        for i, dpart in enumerate(dqkv_parts):
-            rows = slice(i * C, (i + 1) * C)
-            if i == 0:
-                vendor.matmul_backward_input(dinp, dpart, self.p["qkvw"][l][rows])
-            else:
-                dinp.addmm_(dpart, self.p["qkvw"][l][rows])
-            vendor.matmul_backward_weight(self.g["qkvw"][l][rows], dpart, inp)
-            bias.bias_backward(self.g["qkvb"][l][rows], dpart, self.bias_scratch[C])
 
     def _attention_backward(self, l, datty):
-        """Returns dq, dk, dv as (N, C) matrices."""
+        """Writes dqkv (N, 3C) from datty (N, C), and adds the qkv bias gradient (dqkv's column sums)."""
         a, NH, B, T, C = self.acts, self.config.num_heads, self.B, self.T, self.config.channels
-        qkv = a.qkv[l].view(B, T, -1)
+        qkv, dqkvb = a.qkv[l].view(B, T, -1), self.g["qkvb"][l]
         if self.attention_impl == "cudnn":
-            return vendor.cudnn_attention_backward(datty.view(B, T, -1), qkv, NH, a.cudnn_saved[l])
-        attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, a.atty[l].view(B, T, -1),
-                                     a.att_lse[l], NH, a.att_delta)
-        return [a.dqkv[:, i * C:(i + 1) * C] for i in range(3)]
+            # cuDNN returns dq, dk, dv as three (N, C) matrices: copied into dqkv's column blocks while summed
+            parts = vendor.cudnn_attention_backward(datty.view(B, T, -1), qkv, NH, a.cudnn_saved[l])
+            bias.concat_columns_backward(a.dqkv, dqkvb, parts, self.bias_scratch["qkv"])
+        else:
+            attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv,
+                                         a.atty[l].view(B, T, -1), a.att_lse[l], NH, a.att_delta)
+            bias.bias_backward(dqkvb, a.dqkv, self.bias_scratch["qkv"])
 
     # ------------------------------------------------------------------------- update
 
@@ -242,11 +305,33 @@ class GPT2:
         self.grads.zero_()
 
     def clip_and_update(self, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0):
-        """Global gradient norm, clipping scale and AdamW, all on the device: nothing here waits for the GPU.
+        """Sums the gradients over the ranks, then the global gradient norm, clipping scale and AdamW, all on the
+        device: nothing here waits for the GPU (NCCL's collectives are queued on the stream like kernels).
         step counts from 1. The grad norm (before clipping) is left in grad_norm_sq for whoever wants it later.
+
+        Every micro-batch's dloss is 1 / (the step's tokens over all ranks), so the sum over ranks is the gradient of
+        the step's mean loss (a sum, not torch's AVG: gloo has no AVG).
         """
-        norm.global_norm_squared(self.grad_norm_sq, self.grads, self.norm_scratch)
+        grads = self._reduce_gradients()
+        norm.global_norm_squared(self.grad_norm_sq, grads, self.norm_scratch)
+        if self.zero_stage == 1:  # each rank summed the squares of its shard; the padding adds zeros
+            self.dist.all_reduce_sum_(self.grad_norm_sq, "the gradient norm")
         norm.clip_scale(self.grad_scale, self.grad_norm_sq, grad_clip)
-        adamw.set_adamw_hparams(self.hparams, lr, step, beta1, beta2)
-        adamw.adamw_update(self.params, self.master, self.grads, self.m, self.v, self.hparams, self.grad_scale,
+        adamw.set_adamw_hparams(self.hparams, lr, step, beta1, beta2, self.hparams_staging)
+        adamw.adamw_update(self.params[self.shard], self.master, grads, self.m, self.v, self.hparams, self.grad_scale,
                            beta1, beta2, eps, weight_decay, self.decay_segments)
+        if self.zero_stage == 1:  # every rank's updated parameters (bf16, or fp32 in fp32 runs) to every rank
+            self.dist.all_gather_(self.params, "the updated parameters")
+
+    def _reduce_gradients(self):
+        """The gradients this rank updates with: all of them summed over the ranks (-z 0), or its shard (-z 1).
+
+        -z 0 is one all-reduce of the whole fp32 buffer after the last micro-batch's backward. NCCL pipelines a
+        buffer this large in chunks of its own, so splitting it into buckets only pays if the buckets' all-reduces
+        overlap the backward; whether that wins over the launches and the contention it adds is to be measured on
+        multi-GPU machines first.
+        """
+        if self.zero_stage == 1:
+            return self.dist.reduce_scatter_sum_(self.grads, "the gradients")
+        self.dist.all_reduce_sum_(self.grads, "the gradients")
+        return self.grads

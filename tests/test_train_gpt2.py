@@ -48,17 +48,21 @@ def gpt2_init(config, seed):
     return flat
 
 
-@pytest.fixture
-def files(tmp_path):
-    """Train and val shards of random tokens, a model file and a tokenizer file, in tmp_path."""
+def write_files(folder):
+    """Train and val shards of random tokens, a model file and a tokenizer file, in folder: {name: path}."""
     rng = np.random.default_rng(0)
-    paths = {name: tmp_path / f"{name}.bin" for name in ("train", "val", "model", "tokenizer")}
+    paths = {name: folder / f"{name}.bin" for name in ("train", "val", "model", "tokenizer")}
     formats.write_shard(paths["train"], rng.integers(0, CONFIG.vocab_size, 40 * B * T + 1))
     formats.write_shard(paths["val"], rng.integers(0, CONFIG.vocab_size, 4 * B * T + 1))
     formats.write_model(paths["model"], CONFIG, gpt2_init(CONFIG, seed=1))
     formats.write_tokenizer(paths["tokenizer"], [f"<{i}>".encode() for i in range(CONFIG.vocab_size)],
                             CONFIG.vocab_size - 1)
     return paths
+
+
+@pytest.fixture
+def files(tmp_path):
+    return write_files(tmp_path)
 
 
 def run_trainer(*args, interpret=True, cwd=None):

@@ -93,9 +93,13 @@ def _adamw_kernel(
     tl.store(params_ptr + offsets, round_to(w, params_ptr.dtype.element_ty), mask=mask)  # rounds to nearest for bf16
 
 
-def decay_segments(config, device):
+def decay_segments(config, device, start=0, stop=None):
     """int64 (S, 2) [start, end) ranges of the flat parameter buffer that get weight decay (decayed_param_names()),
-    adjacent ranges merged. Build once per run."""
+    adjacent ranges merged. Build once per run.
+
+    With start/stop, the ranges are those of the slice [start, stop) of the buffer (a ZeRO-1 shard), counted from
+    start and clipped to it; a range outside the slice becomes empty, so S is the same for every shard.
+    """
     decayed = set(decayed_param_names())
     segments, offset = [], 0
     for name, shape in param_shapes(config).items():
@@ -106,16 +110,25 @@ def decay_segments(config, device):
             else:
                 segments.append([offset, offset + numel])
         offset += numel
+    stop = offset if stop is None else stop
+    segments = [[min(max(a, start), stop) - start, min(max(b, start), stop) - start] for a, b in segments]
     return torch.tensor(segments, dtype=torch.int64, device=device)
 
 
-def set_adamw_hparams(hparams, lr, step, beta1, beta2):
+def set_adamw_hparams(hparams, lr, step, beta1, beta2, staging=None):
     """Writes [lr, 1 - beta1^step, 1 - beta2^step] (step >= 1) into the fp32 (3,) device tensor hparams.
 
     Call before each (captured or not) update; the values are computed in float64 on the host, then rounded to fp32.
+    staging: a pinned fp32 (3,) host tensor to copy from. A copy from pinned memory is queued like a kernel, where
+    one from ordinary memory makes the host wait for the GPU; the staging tensor must then not be rewritten before
+    the copy has run, which the end of a training step (it waits for its loss) guarantees.
     """
     values = torch.tensor([lr, 1.0 - beta1**step, 1.0 - beta2**step], dtype=torch.float64).to(torch.float32)
-    hparams.copy_(values)
+    if staging is None:
+        hparams.copy_(values)
+    else:
+        staging.copy_(values)
+        hparams.copy_(staging, non_blocking=True)
 
 
 def adamw_update(params, master, grads, m, v, hparams, grad_scale, beta1, beta2, eps, weight_decay, segments):
