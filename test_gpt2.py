@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--recompute", "-r", type=int, default=0, choices=[0, 1, 2])
     p.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"])
     p.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (tests)")
+    p.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1],
+                   help="replay the training steps from a CUDA graph, as train_gpt2.py does")
     return p.parse_args(argv)
 
 
@@ -90,10 +92,10 @@ def main(argv=None):
     V = config.vocab_size
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = GPT2(config, B, T, dtype=dtype, device=args.device, recompute=args.recompute,
-                 attention_impl=args.attention)
+                 attention_impl=args.attention, cuda_graphs=bool(args.cuda_graphs))
     model.load_weights(weights)
     print(f"[test_gpt2] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
-          f"attention={model.attention_impl} device={args.device}")
+          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(model.cuda_graphs)}")
     tol_logits, tol_grads, tol_loss = TOLERANCES[args.dtype]
     x, y = torch.from_numpy(state.x), torch.from_numpy(state.y)
     ok = True
@@ -111,13 +113,15 @@ def main(argv=None):
     for name, grad in model.g.items():
         ok &= check(name, grad.cpu().numpy(), ref_grads[name], tol_grads)
 
-    # 10 AdamW steps on the same batch, with the reference's hyperparameters
+    # 10 AdamW steps on the same batch, with the reference's hyperparameters, as train_gpt2.py takes them (from the
+    # second step on replayed from a CUDA graph unless --cuda_graphs 0)
     losses = []
+    loss_sum = torch.zeros(1, dtype=torch.float32, device=args.device)
     for step in range(1, len(reference["losses"]) + 1):
         model.zero_grad()
-        model.forward(x, y)
-        losses.append(model.acts.losses.double().mean().item())
-        model.backward()
+        loss_sum.zero_()
+        model.train_micro_batch(x, y, 1.0 / (B * T), loss_sum)
+        losses.append(loss_sum.item())
         model.clip_and_update(reference["learning_rate"], step, reference["beta1"], reference["beta2"],
                               reference["eps"], reference["weight_decay"], reference["grad_clip"])
     for step, (ours, ref) in enumerate(zip(losses, reference["losses"])):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
-#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [bench]      (no argument: all of them)
+#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [bench] [bench_large]   (none: all but the last)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
 # LLMPY_TIKTOKEN_FILE. Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare bench)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero bench)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -50,10 +50,56 @@ for step in "${steps[@]}"; do
             --num_iterations 200 --learning_rate 3e-4 --warmup_iters 20 --final_lr_frac 0.1 --weight_decay 0.1 \
             --val_loss_every 25 --val_max_steps 1 --sample_every 0 --dtype bfloat16 --flash 1 --compile 1 \
             --output_dir "${OUT:-.}/compare_torch" ;;
+    zero)
+        # one process: plain (twice: its run-to-run noise, from float atomics in the embedding backward and cuDNN's
+        # attention backward), then in a process group of one (-pi fs) with -z 0 and -z 1: no further from the
+        # plain run than the plain runs are from each other
+        rdv=$(mktemp -d)
+        for mode in plain plain2 z0 z1; do
+            case $mode in
+            plain*) extra=() ;;
+            z0) extra=(-pi fs -pf "$rdv/z0" -pn 1 -pr 0 -z 0) ;;
+            z1) extra=(-pi fs -pf "$rdv/z1" -pn 1 -pr 0 -z 1) ;;
+            esac
+            run python3 train_gpt2.py -e d12 -b 16 -t 1024 -x 10 -v 0 -s 0 "${extra[@]}" \
+                --write_model "$rdv/$mode.bin" -o "$rdv/$mode"
+        done
+        run python3 - "$rdv" <<'PY'
+import sys
+import numpy as np
+from llmpy.formats import read_model
+rdv = sys.argv[1]
+def losses(mode):
+    return np.array([float(l.split()[1][4:]) for l in open(f"{rdv}/{mode}/main.log") if " trl:" in l])
+def weights(mode):
+    return read_model(f"{rdv}/{mode}.bin")[1]
+diffs = {m: (np.abs(losses(m) - losses("plain")).max(),
+             np.linalg.norm(weights(m) - weights("plain")) / np.linalg.norm(weights("plain")))
+         for m in ("plain2", "z0", "z1")}
+for m, (dl, dw) in diffs.items():
+    print(f"zero: {m} vs plain over 10 steps: max |loss diff| {dl:.1e}, weights rel diff {dw:.1e}")
+floor_l, floor_w = diffs["plain2"]
+bad = [m for m in ("z0", "z1") if diffs[m][0] > max(3 * floor_l, 1e-3) or diffs[m][1] > max(3 * floor_w, 1e-4)]
+sys.exit(f"zero: {bad} differ from the plain run by more than 3x its run-to-run noise" if bad else 0)
+PY
+        ;;
     bench)
-        run python3 dev/bench.py --json "${OUT:-.}/bench_d12.json" ;;
+        run python3 dev/bench.py --contenders mainline,eager,compile,ddp,zero1 --json "${OUT:-.}/bench_d12.json" ;;
+    bench_large)
+        # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
+        for model_sizes in "d24 48 40 32" "d36 32 24 16"; do
+            set -- $model_sizes
+            model=$1; shift
+            for B in "$@"; do
+                json="${OUT:-.}/bench_${model}_b${B}.json"
+                run python3 dev/bench.py --model "$model" -b "$B" --contenders mainline,compile --steps 10 --warmup 3 \
+                    --json "$json"
+                python3 -c "import json, sys; r = json.load(open('$json'))['results']; sys.exit(not all(r.values()))" \
+                    && break
+            done
+        done ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare, bench)"; status=1 ;;
+        echo "unknown step $step (kernels, match, train, compare, zero, bench, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

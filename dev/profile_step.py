@@ -4,9 +4,9 @@
     python dev/profile_step.py -b 16 --attention triton --trace trace.json
     python dev/profile_step.py --model d36 -b 16 --contender compile   # the same for torch.compile's step
 
-Prints the GPU time per kernel (grouped by name, sorted) and per kind of kernel (matmul, attention, the rest), the
-step's wall time, and the GPU's busy time within it: wall minus busy is time the GPU sat idle (launch gaps, host
-work, synchronisation). With --contender compile it profiles dev/bench.py's torch.compile step instead, so the two
+Prints where a step makes the host wait for the GPU (torch's sync debug mode), the GPU time per kernel (grouped by
+name, sorted) and per kind of kernel (matmul, attention, the rest), the step's wall time, and the GPU's busy time
+within it: wall minus busy is time the GPU sat idle (launch gaps, host work, synchronisation). With --contender compile it profiles dev/bench.py's torch.compile step instead, so the two
 breakdowns can be set side by side.
 """
 
@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 import time
+import traceback
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -38,7 +40,8 @@ def kind_of(name):
 
 def mainline_step(config, B, T, args):
     """A function running one mainline training step on fixed random batches."""
-    model = GPT2(config, B, T, recompute=args.recompute, attention_impl=args.attention)
+    model = GPT2(config, B, T, recompute=args.recompute, attention_impl=args.attention,
+                 cuda_graphs=bool(args.cuda_graphs))
     model.load_weights(gpt2_init(config, 0))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
@@ -56,6 +59,27 @@ def compile_step(config, B, T, args):
     return lambda step: next(steps)
 
 
+def print_synchronizations(step):
+    """Runs one step under torch's sync debug mode and prints where the host waited for the GPU: a training step
+    should wait once, for its loss (and its grad norm, on the GPU by then), at its end."""
+    places = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):  # the innermost frame of our code that led to it
+            ours = [f for f in traceback.extract_stack() if f.filename.startswith(ROOT) and f.name != "record"]
+            places.append(f"{os.path.relpath(ours[-1].filename, ROOT)}:{ours[-1].lineno}" if ours else filename)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        places.clear()  # switching the mode reports itself
+        step()
+        in_step = list(places)
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"host-device synchronizations in one step: {len(in_step)} ({', '.join(in_step)})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="d12")
@@ -66,6 +90,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace", help="also write a Chrome trace here")
+    ap.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1])
     ap.add_argument("--contender", default="mainline", choices=["mainline", "compile"])
     args = ap.parse_args()
 
@@ -76,6 +101,7 @@ def main():
         run_step(step)
 
     torch.cuda.synchronize()
+    print_synchronizations(lambda: run_step(3))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for step in range(args.steps):
