@@ -34,27 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
+from llmpy.kernels.classifier import block_columns, load_real_columns  # the mainline's walk over a vocab row
 from llmpy.kernels.rounding import round_to
 
-V, VP = 50257, 50304  # GPT-2's vocabulary and its padded width
-BLOCK_V = 4096  # columns per block on the GPU: 16 per thread at 8 warps (two 16-byte bf16 vectors)
 NUM_WARPS = 8
 
-
-def block_columns(Vp):
-    """Columns per block. Under the interpreter a row takes about 8 blocks (its cost is per block, not per column),
-    which still spans several blocks for the checks' short rows."""
-    return max(128, triton.next_power_of_2(Vp) // 8) if INTERPRET else BLOCK_V
-
-
-@triton.jit
-def load_real_columns(row_ptr, cols, V, Vp):
-    # Columns cols of a row as fp32, -inf in the padding [V, Vp) whatever it holds (exp(-inf) = 0). The load is
-    # masked at Vp, a multiple of 16 columns, so it stays 16-byte vectorised; the padding is replaced afterwards.
-    x = tl.load(row_ptr + cols, mask=cols < Vp, other=float("-inf")).to(tl.float32)
-    return tl.where(cols < V, x, float("-inf"))
-
-
+V, VP = 50257, 50304  # GPT-2's vocabulary and its padded width
 @triton.jit
 def _row_max_kernel(max_ptr, x_ptr, stride_row, V, Vp, BLOCK_V: tl.constexpr):
     row_ptr = x_ptr + tl.program_id(0).to(tl.int64) * stride_row

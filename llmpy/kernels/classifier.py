@@ -37,14 +37,14 @@ BLOCK_V = 4096
 NUM_WARPS = 8
 
 
-def _block_columns(Vp):
+def block_columns(Vp):
     """Columns per block. The interpreter's cost is per block, not per column, so there a row takes about 8 blocks:
     8192 for GPT-2's 50,304 columns, and 128 for the tests' rows of a few hundred, which still span several blocks."""
     return max(128, triton.next_power_of_2(Vp) // 8) if INTERPRET else BLOCK_V
 
 
 @triton.jit
-def _load_real_columns(row_ptr, cols, V, Vp):
+def load_real_columns(row_ptr, cols, V, Vp):
     # The row's columns cols as fp32, -inf in the padded columns [V, Vp) whatever they hold. Masking the load at Vp
     # (a multiple of 16) rather than V (odd: 50257) lets the compiler issue 16-byte vector loads; the padding is
     # replaced after the load.
@@ -64,7 +64,7 @@ def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
     m = tl.full([], float("-inf"), dtype=tl.float32)
     lane_sums = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
-        x = _load_real_columns(row_ptr, start + cols, V, Vp)
+        x = load_real_columns(row_ptr, start + cols, V, Vp)
         # every block holds at least one real column, so m_new is finite and exp(m - m_new) is never NaN
         m_new = tl.maximum(m, tl.max(x, axis=0))
         lane_sums = lane_sums * tl.exp(m - m_new) + tl.exp(x - m_new)
@@ -82,7 +82,7 @@ def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
     # sweep 2: overwrite the row, padding included, with dloss * (softmax - onehot(target))
     if WRITE_DLOGITS:
         for start in range(0, Vp, BLOCK_V):
-            x = _load_real_columns(row_ptr, start + cols, V, Vp)
+            x = load_real_columns(row_ptr, start + cols, V, Vp)
             grad = tl.exp(x - m) * inv_sum_exp - tl.where(start + cols == target, 1.0, 0.0)
             tl.store(row_ptr + start + cols, round_to(grad * dloss, logits_ptr.dtype.element_ty),
                      mask=start + cols < Vp)
@@ -106,5 +106,5 @@ def fused_classifier(logits, losses, targets, V, dloss, write_dlogits=True):
     if targets.shape != (N,) or targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fused_classifier: targets must be ({N},) int32, got {tuple(targets.shape)} {targets.dtype}")
     _fused_classifier_kernel[(N,)](logits, losses, targets, logits.stride(0), V, Vp, float(dloss),
-                                   BLOCK_V=_block_columns(Vp), WRITE_DLOGITS=write_dlogits,
+                                   BLOCK_V=block_columns(Vp), WRITE_DLOGITS=write_dlogits,
                                    num_warps=NUM_WARPS)
