@@ -193,8 +193,8 @@ class GPT2:
         += dloss * the sum of the losses, then backward (the gradients accumulate).
 
         With cuda_graphs, the first call for a given (dloss, loss_sum) runs eagerly: it compiles the kernels and lets
-        cuBLAS and cuDNN choose their plans, which a capture cannot. The second captures the whole micro-batch, some
-        300 + 25 L launches, into one CUDA graph and replays it, and every later call only copies the batch into the
+        cuBLAS and cuDNN choose their plans, which a capture cannot. The second captures the whole micro-batch, about
+        30 launches a layer, into one CUDA graph and replays it, and every later call only copies the batch into the
         input buffers and replays: the GPU no longer waits for Python between kernels. A graph replays the same
         kernels on the same buffers with the same arguments, which is why the step reads everything that changes
         (tokens, learning rate, step count) from device memory.
