@@ -30,13 +30,27 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # a constexpr: jit functions
 
 
 @triton.jit
+def gelu(x):
+    """gelu(x) of fp32 x, elementwise."""
+    u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def gelu_derivative(x):
+    """gelu'(x) of fp32 x, elementwise."""
+    u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+    du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+    s = tl.sigmoid(2.0 * u)
+    return s + x * s * (1.0 - s) * 2.0 * du_dx
+
+
+@triton.jit
 def _gelu_forward_kernel(out_ptr, inp_ptr, numel, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-    out = x * tl.sigmoid(2.0 * u)
-    tl.store(out_ptr + offsets, round_to(out, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offsets, round_to(gelu(x), out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -60,11 +74,7 @@ def _gelu_backward_kernel(
         offsets = rows.to(tl.int64)[:, None] * OC + columns[None, :]
         x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-        du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-        s = tl.sigmoid(2.0 * u)
-        dgelu_dx = s + x * s * (1.0 - s) * 2.0 * du_dx
-        dinp = round_to(dout * dgelu_dx, dinp_ptr.dtype.element_ty)
+        dinp = round_to(dout * gelu_derivative(x), dinp_ptr.dtype.element_ty)
         tl.store(dinp_ptr + offsets, dinp, mask=mask)
         if SUM_COLUMNS:  # the stored (rounded) values, as a separate pass over dinp would read them
             column_sums += dinp.to(tl.float32)
