@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (tests)")
     p.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1],
                    help="replay the training steps from a CUDA graph, as train_gpt2.py does")
+    p.add_argument("--gelu_fusion", "-ge", type=int, default=1, choices=[0, 1],
+                   help="GELU in the fc matmul's cuBLASLt epilogue, as train_gpt2.py's -ge")
     return p.parse_args(argv)
 
 
@@ -92,10 +94,12 @@ def main(argv=None):
     V = config.vocab_size
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = GPT2(config, B, T, dtype=dtype, device=args.device, recompute=args.recompute,
-                 attention_impl=args.attention, cuda_graphs=bool(args.cuda_graphs))
+                 attention_impl=args.attention, cuda_graphs=bool(args.cuda_graphs),
+                 gelu_fusion=args.gelu_fusion)
     model.load_weights(weights)
     print(f"[test_gpt2] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
-          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(model.cuda_graphs)}")
+          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(model.cuda_graphs)} "
+          f"gelu_fusion={model.gelu_fusion}")
     tol_logits, tol_grads, tol_loss = TOLERANCES[args.dtype]
     x, y = torch.from_numpy(state.x), torch.from_numpy(state.y)
     ok = True

@@ -68,7 +68,7 @@ def mainline_steps(config, flat, args, dist=None, zero_stage=0):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = GPT2(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda",
                  recompute=args.recompute, attention_impl=args.attention, dist=dist, zero_stage=zero_stage,
-                 cuda_graphs=bool(args.cuda_graphs))
+                 cuda_graphs=bool(args.cuda_graphs), gelu_fusion=args.gelu_fusion)
     model.load_weights(flat)
     loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
     hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
@@ -146,6 +146,7 @@ def parse_args():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"], help="the mainline's attention")
     ap.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1], help="the mainline's CUDA graphs")
+    ap.add_argument("--gelu_fusion", type=int, default=1, choices=[0, 1], help="the mainline's -ge")
     ap.add_argument("-r", "--recompute", type=int, default=0, choices=[0, 1, 2], help="the mainline's recompute")
     ap.add_argument("--contenders", default="mainline,eager,compile")
     ap.add_argument("--eager_micro", type=int, default=-1, help="eager's micro-batch (default B/2; 0: B)")

@@ -41,7 +41,7 @@ def kind_of(name):
 def mainline_step(config, B, T, args):
     """A function running one mainline training step on fixed random batches."""
     model = GPT2(config, B, T, recompute=args.recompute, attention_impl=args.attention,
-                 cuda_graphs=bool(args.cuda_graphs))
+                 cuda_graphs=bool(args.cuda_graphs), gelu_fusion=args.gelu_fusion)
     model.load_weights(gpt2_init(config, 0))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace", help="also write a Chrome trace here")
     ap.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1])
+    ap.add_argument("--gelu_fusion", type=int, default=1, choices=[0, 1])
     ap.add_argument("--contender", default="mainline", choices=["mainline", "compile"])
     args = ap.parse_args()
 

@@ -66,7 +66,7 @@ class Activations:
 
 class GPT2:
     def __init__(self, config, B, T, dtype=torch.bfloat16, device="cuda", recompute=0, attention_impl="cudnn",
-                 dist=None, zero_stage=0, cuda_graphs=False):
+                 dist=None, zero_stage=0, cuda_graphs=False, gelu_fusion=0):
         if T > config.max_seq_len:
             raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
         if attention_impl not in ("cudnn", "triton"):
@@ -112,6 +112,10 @@ class GPT2:
         self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        if gelu_fusion not in (0, 1):
+            raise ValueError(f"-ge/--gelu_fusion must be 0 or 1, not {gelu_fusion}")
+        # 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only)
+        self.gelu_fusion = gelu_fusion if self.device.type == "cuda" else 0
         self._graph, self._graph_key = None, None  # train_micro_batch's CUDA graph and what it was captured for
 
     def load_weights(self, flat):
@@ -173,8 +177,11 @@ class GPT2:
             layernorm.fused_residual_layernorm_forward(a.residual2[l], self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l],
                                                        residual, a.proj, p["ln2w"][l], p["ln2b"][l])
             # MLP: fc, GELU, projection
-            vendor.matmul_forward(a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
-            gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
+            if self.gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
+                vendor.matmul_gelu_forward(self._fch_gelu(l), a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
+            else:
+                vendor.matmul_forward(a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
+                gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
             vendor.matmul_forward(a.proj, self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l])
             if l + 1 < L:
                 layernorm.fused_residual_layernorm_forward(a.residual3[l], self._ln1(l + 1), a.ln1_mean[l + 1],

@@ -1,11 +1,14 @@
-"""The vendor libraries the mainline calls through torch: cuBLAS matmuls and cuDNN flash attention.
+"""The vendor libraries the mainline calls: cuBLAS matmuls and cuDNN flash attention.
 
 These are the two places where an expert library beats anything we would write in a day, so the mainline
 calls them directly, as functions, with no autograd: the forward and backward products are spelled out here.
+Most go through torch; the fc matmul with the MLP's GELU in its epilogue goes to cuBLASLt directly (llmpy.cublaslt).
 On the CPU (tests under Triton's interpreter) torch's CPU matmul stands in for cuBLAS.
 """
 
 import torch
+
+from . import cublaslt
 
 
 def matmul_forward(out, inp, weight, bias=None):
@@ -14,6 +17,16 @@ def matmul_forward(out, inp, weight, bias=None):
         torch.mm(inp, weight.t(), out=out)
     else:
         torch.addmm(bias, inp, weight.t(), out=out)
+
+
+def matmul_gelu_forward(out, pre_gelu, inp, weight, bias):
+    """pre_gelu (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,) and out = gelu(pre_gelu), in one cuBLASLt call.
+
+    Column-major, out^T (OC, N) = weight (stored as a (C, OC) matrix, transposed) @ inp^T (stored as (C, N)).
+    """
+    (N, C), OC = inp.shape, weight.shape[0]
+    cublaslt.matmul(out, weight, inp, m=OC, n=N, k=C, trans_a=True, trans_b=False, lda=C, ldb=C, ldd=OC,
+                    epilogue="gelu_aux_bias", bias=bias, aux=pre_gelu, aux_ld=OC)
 
 
 def matmul_backward_input(dinp, dout, weight):

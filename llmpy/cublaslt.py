@@ -1,0 +1,186 @@
+"""cuBLASLt matmuls with a fused epilogue, called through ctypes: the MLP's GELU inside the fc matmul.
+
+torch's matmuls run on cuBLAS(Lt) already, but torch exposes only its bias epilogue. The MLP's GELU is an elementwise
+pass over the largest activation, fch (N, 4C): a separate kernel reads fch back and writes gelu(fch). cuBLASLt's
+GELU_AUX_BIAS epilogue applies the bias and GELU while the product is still in registers and writes both
+fch = inp @ W^T + b (to "aux": the backward needs it) and gelu(fch) (to D), which saves reading fch back.
+(cuBLASLt also has the backward, DGELU: on the H100 its kernels run at a third of the plain GEMM's speed, which loses
+more than the fusion saves; dev/gelu_fusion.py measures it. The backward keeps cuBLAS + our GELU kernel.)
+
+cuBLASLt is column-major. A row-major (R, K) matrix is the same memory as a column-major (K, R) one, so a row-major
+product out (N, OC) = X (N, K) @ Y is computed as the column-major out^T (OC, N) = Y^T @ X^T: A = Y^T, B = X^T.
+
+This module is the binding and nothing else: loading the library, the descriptors, a plan (descriptors and the
+fastest of the heuristic's algorithms) cached per shape, and the call on torch's current stream. The row-major
+meaning of the product lives in llmpy.vendor. GPU only: CPU runs (Triton's interpreter) never get here.
+"""
+
+import ctypes
+import ctypes.util
+
+import torch
+
+# enum values from cublasLt.h and library_types.h
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77
+_OP_N, _OP_T = 0, 1
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 3, 4, 7, 8, 11, 12
+_PREF_MAX_WORKSPACE_BYTES = 1
+_PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
+EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
+_DATA_TYPE = {torch.float32: _CUDA_R_32F, torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
+_WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS itself takes on Hopper
+_CANDIDATES = 8  # algorithms asked of the heuristic per shape, then timed
+
+
+class CublasLtError(RuntimeError):
+    pass
+
+
+class _Algo(ctypes.Structure):  # cublasLtMatmulAlgo_t: opaque
+    _fields_ = [("data", ctypes.c_uint64 * 8)]
+
+
+class _HeuristicResult(ctypes.Structure):  # cublasLtMatmulHeuristicResult_t
+    _fields_ = [("algo", _Algo), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves_count", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+_lib, _handle, _workspace, _plans = None, None, {}, {}
+_ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+
+def _load():
+    """The cuBLASLt that torch itself loaded (so both agree on the version), found in this process's memory map."""
+    global _lib, _handle
+    if _lib is not None:
+        return
+    torch.cuda.current_blas_handle()  # makes torch load and initialise cuBLAS(Lt)
+    with open("/proc/self/maps") as maps:
+        path = next((line.split()[-1] for line in maps if "libcublasLt.so" in line), None)
+    path = path or ctypes.util.find_library("cublasLt")
+    if path is None:
+        raise CublasLtError("cuBLASLt: libcublasLt.so is neither loaded by torch nor on the library path; "
+                            "run with -ge 0 (our GELU kernel instead of cuBLASLt's epilogue)")
+    lib = ctypes.CDLL(path)
+    lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
+                                               ctypes.c_int64]
+    lib.cublasLtMatmul.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_size_t, ctypes.c_void_p]
+    for setter in (lib.cublasLtMatmulDescSetAttribute, lib.cublasLtMatmulPreferenceSetAttribute):
+        setter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    handle = ctypes.c_void_p()
+    _check(lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
+    _lib, _handle = lib, handle
+
+
+def _check(status, what):
+    if status != 0:
+        raise CublasLtError(f"cuBLASLt: {what} failed with status {status}")
+
+
+def _set(setter, obj, attribute, value):
+    _check(setter(obj, attribute, ctypes.byref(value), ctypes.sizeof(value)), f"setting attribute {attribute}")
+
+
+def _alignment(tensor):
+    """The largest power of two up to 256 dividing the tensor's address: cuBLASLt assumes 256 unless told."""
+    address = tensor.data_ptr()
+    return min(256, address & -address)
+
+
+def _layout(dtype, rows, cols, ld):
+    layout = ctypes.c_void_p()
+    _check(_lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), _DATA_TYPE[dtype], rows, cols, ld),
+           "cublasLtMatrixLayoutCreate")
+    return layout
+
+
+def _plan(dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments):
+    """[descriptor, layouts of A, B and D, the heuristic's candidate algorithms] for one shape."""
+    desc = ctypes.c_void_p()
+    _check(_lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F,
+                                         _CUDA_R_32F), "cublasLtMatmulDescCreate")
+    setter = _lib.cublasLtMatmulDescSetAttribute
+    _set(setter, desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if trans_a else _OP_N))
+    _set(setter, desc, _DESC_TRANSB, ctypes.c_int32(_OP_T if trans_b else _OP_N))
+    _set(setter, desc, _DESC_EPILOGUE, ctypes.c_int32(EPILOGUE[epilogue]))
+    # A is (m, k) after its op, B (k, n), D (m, n); the layouts describe them as stored
+    a_layout = _layout(dtype, k if trans_a else m, m if trans_a else k, lda)
+    b_layout = _layout(dtype, n if trans_b else k, k if trans_b else n, ldb)
+    d_layout = _layout(dtype, m, n, ldd)
+    preference = ctypes.c_void_p()
+    _check(_lib.cublasLtMatmulPreferenceCreate(ctypes.byref(preference)), "cublasLtMatmulPreferenceCreate")
+    pref_setter = _lib.cublasLtMatmulPreferenceSetAttribute
+    _set(pref_setter, preference, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(_WORKSPACE_BYTES))
+    for name, alignment in alignments.items():
+        _set(pref_setter, preference, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(alignment))
+    results, found = (_HeuristicResult * _CANDIDATES)(), ctypes.c_int(0)
+    _check(_lib.cublasLtMatmulAlgoGetHeuristic(_handle, desc, a_layout, b_layout, d_layout, d_layout, preference,
+                                               _CANDIDATES, results, ctypes.byref(found)),
+           "cublasLtMatmulAlgoGetHeuristic")
+    candidates = [results[i].algo for i in range(found.value) if results[i].state == 0]
+    if not candidates:
+        raise CublasLtError(f"cuBLASLt has no algorithm for the {epilogue} epilogue with m={m} n={n} k={k} {dtype}; "
+                            f"run with -ge 0")
+    return [desc, a_layout, b_layout, d_layout, candidates]
+
+
+def _fastest(candidates, launch):
+    """The candidate algorithm that runs fastest (median of 3 runs after one warm-up), timed with CUDA events."""
+    times = []
+    for algo in candidates:
+        launch(algo)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(3)]
+        for start, end in events:
+            start.record()
+            launch(algo)
+            end.record()
+        torch.cuda.synchronize()
+        times.append(sorted(start.elapsed_time(end) for start, end in events)[1])
+    return candidates[times.index(min(times))]
+
+
+def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default", bias=None, aux=None, aux_ld=0):
+    """Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n), then the epilogue:
+      "bias"           D += bias (m,)
+      "gelu_aux_bias"  aux = AB + bias, D = gelu(aux)
+      "dgelu"          D = AB * gelu'(aux)
+      "dgelu_bgrad"    D = AB * gelu'(aux), bias (m,) = D summed over its n columns (overwritten)
+    a, b, d, bias, aux: torch tensors of one dtype on the current GPU; lda, ldb, ldd, aux_ld: column strides (elements).
+
+    The first call for a shape times the heuristic's candidate algorithms on its operands and keeps the fastest (the
+    first candidate is not always it: 10% slower for the d12 fc forward on the H100). That call must not be inside a
+    CUDA graph capture, where nothing can be timed; the model's first micro-batch runs eagerly, for this among others.
+    """
+    _load()
+    dtype = d.dtype
+    assert a.dtype == b.dtype == dtype and all(t is None or t.dtype == dtype for t in (bias, aux))
+    alignments = {"a": _alignment(a), "b": _alignment(b), "c": _alignment(d), "d": _alignment(d)}
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # as torch's own fp32 matmuls
+    key = (dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, tuple(alignments.values()))
+    if key not in _plans:
+        _plans[key] = _plan(dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments)
+    plan = _plans[key]
+    desc, a_layout, b_layout, d_layout, algo = plan
+    setter = _lib.cublasLtMatmulDescSetAttribute
+    if bias is not None:  # the pointers change from call to call (a bias per layer): set on the cached descriptor
+        _set(setter, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+    if aux is not None:
+        _set(setter, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+        _set(setter, desc, _DESC_AUX_LD, ctypes.c_int64(aux_ld))
+    if d.device not in _workspace:
+        _workspace[d.device] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=d.device)
+    workspace = _workspace[d.device].data_ptr()
+    stream = torch.cuda.current_stream(d.device).cuda_stream
+
+    def launch(algo):
+        _check(_lib.cublasLtMatmul(_handle, desc, ctypes.byref(_ONE), a.data_ptr(), a_layout, b.data_ptr(), b_layout,
+                                   ctypes.byref(_ZERO), d.data_ptr(), d_layout, d.data_ptr(), d_layout,
+                                   ctypes.byref(algo), workspace, _WORKSPACE_BYTES, stream),
+               f"cublasLtMatmul ({epilogue}, m={m} n={n} k={k})")
+
+    if isinstance(algo, list):  # the candidates: not yet chosen
+        if len(algo) > 1 and torch.cuda.is_current_stream_capturing():
+            raise CublasLtError("cuBLASLt: a matmul's first call is inside a CUDA graph capture; run it once eagerly")
+        plan[4] = algo = _fastest(algo, launch) if len(algo) > 1 else algo[0]
+    launch(algo)
