@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
-#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [bench] [bench_large]   (none: all but the last)
+#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [bench_large]
+#   (none: all but the last)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
 # LLMPY_TIKTOKEN_FILE. Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero bench)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -83,6 +84,9 @@ bad = [m for m in ("z0", "z1") if diffs[m][0] > max(3 * floor_l, 1e-3) or diffs[
 sys.exit(f"zero: {bad} differ from the plain run by more than 3x its run-to-run noise" if bad else 0)
 PY
         ;;
+    gelu_fusion)
+        # the MLP's GELU inside the fc matmuls or not: cuBLAS + our kernel vs cuBLASLt's epilogues vs a Triton GEMM's
+        run python3 dev/gelu_fusion.py ;;
     bench)
         run python3 dev/bench.py --contenders mainline,eager,compile,ddp,zero1 --json "${OUT:-.}/bench_d12.json" ;;
     bench_large)
@@ -99,7 +103,7 @@ PY
             done
         done ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare, zero, bench, bench_large)"; status=1 ;;
+        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"
