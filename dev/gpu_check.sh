@@ -91,7 +91,7 @@ PY
         run python3 dev/bench.py --contenders mainline,eager,compile,ddp,zero1 --json "${OUT:-.}/bench_d12.json" ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
-        for model_sizes in "d24 48 40 32" "d36 32 24 16"; do
+        for model_sizes in "d24 56 48 40" "d36 32 28 24"; do
             set -- $model_sizes
             model=$1; shift
             for B in "$@"; do
