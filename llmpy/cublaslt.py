@@ -27,7 +27,7 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 3, 4, 7, 8, 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1
 _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
-EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
+EPILOGUE = {"default": 1, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
 _DATA_TYPE = {torch.float32: _CUDA_R_32F, torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
 _WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS itself takes on Hopper
 _CANDIDATES = 8  # algorithms asked of the heuristic per shape, then timed
@@ -142,7 +142,6 @@ def _fastest(candidates, launch):
 
 def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default", bias=None, aux=None, aux_ld=0):
     """Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n), then the epilogue:
-      "bias"           D += bias (m,)
       "gelu_aux_bias"  aux = AB + bias, D = gelu(aux)
       "dgelu"          D = AB * gelu'(aux)
       "dgelu_bgrad"    D = AB * gelu'(aux), bias (m,) = D summed over its n columns (overwritten)
