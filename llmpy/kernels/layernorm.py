@@ -23,7 +23,9 @@ programs. The forward reads each row once and writes it once (the fused one: rea
 multiple of 16, as every GPT-2 width is).
 
 The backward runs G programs (G <= 512, from `layernorm_backward_scratch`), each over a contiguous group of rows in
-tiles of ROWS rows. Each tile's dinp is complete within the tile (a row's reductions are row-local), so it is read,
+tiles of ROWS rows, with 4 warps and the tile loop software-pipelined 3 deep: the loads of the next tiles are issued
+before this tile's reductions finish. Without it each tile was a full round trip to memory: 1.9-2.2 TB/s on an H100
+where a copy reaches ~3; with it 2.4-2.6, 15-23% less time at C = 768, 1024 and 1280 (8 warps pipelined were slower). Each tile's dinp is complete within the tile (a row's reductions are row-local), so it is read,
 added to and written back at once. The weight and bias gradients are summed over the group in fp32 registers and
 written as per-group partial sums to the scratch buffer; `bias.sum_partials` then adds the G partials in a fixed
 order. No atomics: the same inputs give the same bits.
@@ -160,7 +162,9 @@ def _layernorm_backward_kernel(
     dweight_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     dbias_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     dinp_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-    for tile_start in range(first_row, end_row, ROWS):
+    # num_stages=3: the loads of the next two tiles are in flight while this one is reduced (the tiles are
+    # independent but for the accumulators), so the group's rows stream without a round trip to memory per tile
+    for tile_start in tl.range(first_row, end_row, ROWS, num_stages=3):
         rows = tile_start + tl.arange(0, ROWS)
         row_mask = rows < end_row
         mask = row_mask[:, None] & column_mask[None, :]
@@ -210,10 +214,10 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous()
     assert scratch.shape == (3, G, C) and scratch.is_contiguous() and dweight.shape == (C,) and dbias.shape == (C,)
     sum_dinp = dinp_column_sums is not None
-    rows, block_c, num_warps = _row_tile(C)
+    rows, block_c, _ = _row_tile(C)
     _layernorm_backward_kernel[(G,)](
         dinp, scratch, dout, inp, weight, mean, rstd, N, C, G, triton.cdiv(N, G),
-        SUM_DINP=sum_dinp, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+        SUM_DINP=sum_dinp, ROWS=rows, BLOCK_C=block_c, num_warps=4,  # 4 warps pipeline better than 8 (docstring)
     )
     if sum_dinp:
         sum_partials([dweight, dbias, dinp_column_sums], scratch)
