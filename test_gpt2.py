@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (tests)")
     p.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1],
                    help="replay the training steps from a CUDA graph, as train_gpt2.py does")
-    p.add_argument("--gelu_fusion", "-ge", type=int, default=1, choices=[0, 1],
+    p.add_argument("--gelu_fusion", "-ge", type=int, default=-1, choices=[-1, 0, 1],
                    help="GELU in the fc matmul's cuBLASLt epilogue, as train_gpt2.py's -ge")
     return p.parse_args(argv)
 

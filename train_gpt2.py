@@ -86,9 +86,9 @@ def parse_args(argv=None):
         help="cuDNN's flash attention or ours (float32 and CPU runs always use ours)")
     add("--cuda_graphs", type=int, default=1, choices=(0, 1),
         help="replay each micro-batch's forward and backward from a CUDA graph (GPU only)")
-    add("-ge", "--gelu_fusion", type=int, default=1, choices=(0, 1),
-        help="1: the forward's GELU in the fc matmul's cuBLASLt epilogue; 0: our GELU kernel (GPU only; llm.c's "
-             "-ge 2, the backward's too, is slower on an H100: BENCHMARKS.md)")
+    add("-ge", "--gelu_fusion", type=int, default=-1, choices=(-1, 0, 1),
+        help="1: the forward's GELU in the fc matmul's cuBLASLt epilogue; 0: our GELU kernel; -1: 1 on Hopper and "
+             "newer GPUs, else 0 (llm.c's -ge 2, the backward's too, is slower on an H100: BENCHMARKS.md)")
     add("--device", default="cuda", help="cuda, cuda:N; cpu only under TRITON_INTERPRET=1 (tests)")
     add("--tokenizer", default="gpt2_tokenizer.bin", help="llm.c tokenizer file for decoding samples")
     add("--write_model", default=None, metavar="FILE", help="write the final weights as an llm.c model file (fp32)")

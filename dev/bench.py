@@ -146,7 +146,7 @@ def parse_args():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"], help="the mainline's attention")
     ap.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1], help="the mainline's CUDA graphs")
-    ap.add_argument("--gelu_fusion", type=int, default=1, choices=[0, 1], help="the mainline's -ge")
+    ap.add_argument("--gelu_fusion", type=int, default=-1, choices=[-1, 0, 1], help="the mainline's -ge")
     ap.add_argument("-r", "--recompute", type=int, default=0, choices=[0, 1, 2], help="the mainline's recompute")
     ap.add_argument("--contenders", default="mainline,eager,compile")
     ap.add_argument("--eager_micro", type=int, default=-1, help="eager's micro-batch (default B/2; 0: B)")

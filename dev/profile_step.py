@@ -91,7 +91,7 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace", help="also write a Chrome trace here")
     ap.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1])
-    ap.add_argument("--gelu_fusion", type=int, default=1, choices=[0, 1])
+    ap.add_argument("--gelu_fusion", type=int, default=-1, choices=[-1, 0, 1])
     ap.add_argument("--contender", default="mainline", choices=["mainline", "compile"])
     args = ap.parse_args()
 

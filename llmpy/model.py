@@ -113,9 +113,12 @@ class GPT2:
         self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        if gelu_fusion not in (0, 1):
-            raise ValueError(f"-ge/--gelu_fusion must be 0 or 1, not {gelu_fusion}")
-        # 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only)
+        if gelu_fusion not in (-1, 0, 1):
+            raise ValueError(f"-ge/--gelu_fusion must be -1, 0 or 1, not {gelu_fusion}")
+        # 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on Hopper and newer, where it
+        # was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues slower
+        if gelu_fusion == -1:
+            gelu_fusion = int(self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9)
         self.gelu_fusion = gelu_fusion if self.device.type == "cuda" else 0
         self._graph, self._graph_key = None, None  # train_micro_batch's CUDA graph and what it was captured for
 
