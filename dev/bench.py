@@ -20,6 +20,9 @@ A step is timed from its first byte of data to the loss on the host (one synchro
 median over --steps steps after --warmup untimed ones is reported, with tok/s, MFU (llmpy/mfu.py: 6N + 12LCT FLOPs
 a token over the GPU's dense bf16 peak) and the peak device memory (torch.cuda.max_memory_allocated). The last
 column is each contender's tok/s over torch.compile's.
+Where NVML is there (pynvml), also the energy a step takes (the GPU's energy counter over the timed steps), its mean
+power and the median SM clock sampled every 10 ms: an H100 training d24 or d36 runs at its power limit, where
+a step's time is its energy over the limit, so joules a step is the number that faster kernels must move.
 """
 
 import argparse
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from types import SimpleNamespace
 
@@ -103,6 +107,47 @@ def torch_steps(config, flat, args, compile):
         yield loss
 
 
+class PowerMeter:
+    """The GPU's energy counter and a 10 ms sampler of its SM clock (NVML), between start() and stop().
+    Without pynvml, or where NVML refuses, stop() returns an empty dict."""
+
+    def __init__(self, torch):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+            self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+            self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except Exception as e:  # no pynvml, no NVML library, or a GPU without the counter
+            print(f"bench.py: no energy readings ({type(e).__name__}: {e})", file=sys.stderr)
+            self.nvml = None
+
+    def _sample(self):
+        while not self.done.wait(0.01):
+            self.clocks.append(self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM))
+
+    def start(self):
+        if self.nvml is None:
+            return
+        self.clocks, self.done = [], threading.Event()
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
+        self.t0, self.mj0 = time.perf_counter(), self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+
+    def stop(self, steps):
+        """{"joules_per_step", "watts", "sm_mhz"} over the steps since start()."""
+        if self.nvml is None:
+            return {}
+        joules = (self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - self.mj0) / 1000
+        seconds = time.perf_counter() - self.t0
+        self.done.set()
+        self.sampler.join()
+        return {"joules_per_step": joules / steps, "watts": joules / seconds,
+                "sm_mhz": statistics.median(self.clocks) if self.clocks else None}
+
+
 def worker(args):
     """Times one contender in this process and prints its results as one JSON line."""
     import torch
@@ -122,18 +167,22 @@ def worker(args):
     else:
         steps = torch_steps(config, flat, args, compile=args.worker == "compile")
     times, losses = [], []
+    meter = PowerMeter(torch)
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            meter.start()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         losses.append(next(steps))  # the loss is on the host: the step has finished
         times.append(time.perf_counter() - t0)
+    power = meter.stop(args.steps)
     ms = 1000 * statistics.median(times[args.warmup:])
     tokens_per_second = args.batch_size * args.sequence_length / (ms / 1000)
     peak = peak_flops(torch.cuda.get_device_name(), args.dtype, tf32=True)
     print(json.dumps({"ms": ms, "tok_s": tokens_per_second, "losses": losses,
                       "mfu": mfu(flops_per_token(config, args.sequence_length), tokens_per_second, peak),
                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                      "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
+                      "device": torch.cuda.get_device_name(), "torch": torch.__version__, **power}))
     if dist is not None:
         dist.destroy()
 
@@ -188,14 +237,18 @@ def main():
     torch_version = next((r["torch"] for r in results.values() if r), "?")
     print(f"\n{args.model} B={args.batch_size} T={args.sequence_length} {args.dtype}, {device}, torch {torch_version}, "
           f"median of {args.steps} steps after {args.warmup}, {time.strftime('%Y-%m-%d')}")
-    print(f"{'contender':10s} {'ms/step':>9s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs compile':>11s}")
+    print(f"{'contender':10s} {'ms/step':>9s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs compile':>11s} "
+          f"{'J/step':>7s} {'W':>5s} {'SM MHz':>7s}")
     for name, r in results.items():
         if r is None:
             print(f"{name:10s} {'failed':>9s}")
             continue
         ratio = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
         mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{name:10s} {r['ms']:9.1f} {r['tok_s']:10.0f} {mfu_text:>6s} {r['peak_mem_gib']:9.1f} {ratio:>11s}")
+        power = (f" {r['joules_per_step']:7.1f} {r['watts']:5.0f} {r['sm_mhz'] or 0:7.0f}"
+                 if "joules_per_step" in r else "")
+        print(f"{name:10s} {r['ms']:9.1f} {r['tok_s']:10.0f} {mfu_text:>6s} {r['peak_mem_gib']:9.1f} {ratio:>11s}"
+              + power)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch_version,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
-#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [bench_large]
-#   (none: all but the last)
+#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [matmul_algos] [bench_large]
+#   (none: all but the last two)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
 # LLMPY_TIKTOKEN_FILE. Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -87,6 +87,9 @@ PY
     gelu_fusion)
         # the MLP's GELU inside the fc matmuls or not: cuBLAS + our kernel vs cuBLASLt's epilogues vs a Triton GEMM's
         run python3 dev/gelu_fusion.py ;;
+    matmul_algos)
+        # the step's matmuls on torch's cuBLAS algorithm vs the cuBLASLt candidates we time (d36 and d24)
+        run python3 dev/matmul_algos.py ;;
     bench)
         run python3 dev/bench.py --contenders mainline,eager,compile,ddp,zero1 --json "${OUT:-.}/bench_d12.json" ;;
     bench_large)
@@ -103,7 +106,7 @@ PY
             done
         done ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, bench_large)"; status=1 ;;
+        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, matmul_algos, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

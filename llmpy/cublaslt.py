@@ -1,11 +1,16 @@
-"""cuBLASLt matmuls with a fused epilogue, called through ctypes: the MLP's GELU inside the fc matmul.
+"""cuBLASLt matmuls, called through ctypes: every matmul of the GPU step, some with a fused epilogue.
 
-torch's matmuls run on cuBLAS(Lt) already, but torch exposes only its bias epilogue. The MLP's GELU is an elementwise
-pass over the largest activation, fch (N, 4C): a separate kernel reads fch back and writes gelu(fch). cuBLASLt's
-GELU_AUX_BIAS epilogue applies the bias and GELU while the product is still in registers and writes both
-fch = inp @ W^T + b (to "aux": the backward needs it) and gelu(fch) (to D), which saves reading fch back.
-(cuBLASLt also has the backward, DGELU: on the H100 its kernels run at a third of the plain GEMM's speed, which loses
-more than the fusion saves; dev/gelu_fusion.py measures it. The backward keeps cuBLAS + our GELU kernel.)
+torch's matmuls run on cuBLAS(Lt) already, but torch takes the first algorithm cuBLAS's heuristic offers and exposes
+only the bias epilogue. Called directly, cuBLASLt gives us two things:
+- the choice of algorithm. The heuristic offers up to 8 candidates per shape; we time them on the first call and keep
+  the fastest. For several of GPT-2's shapes on the H100 another candidate is 5-7% faster than the first
+  (dev/matmul_algos.py): 1.7% of the whole d36 step.
+- the MLP's GELU in the fc matmul. The GELU is an elementwise pass over the largest activation, fch (N, 4C): a
+  separate kernel reads fch back and writes gelu(fch). cuBLASLt's GELU_AUX_BIAS epilogue applies the bias and GELU
+  while the product is still in registers and writes both fch = inp @ W^T + b (to "aux": the backward needs it) and
+  gelu(fch) (to D), which saves reading fch back. (cuBLASLt also has the backward, DGELU: on the H100 its kernels run
+  at a third of the plain GEMM's speed, which loses more than the fusion saves; dev/gelu_fusion.py measures it. The
+  backward keeps a plain matmul + our GELU kernel.)
 
 cuBLASLt is column-major. A row-major (R, K) matrix is the same memory as a column-major (K, R) one, so a row-major
 product out (N, OC) = X (N, K) @ Y is computed as the column-major out^T (OC, N) = Y^T @ X^T: A = Y^T, B = X^T.
@@ -27,7 +32,7 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 3, 4, 7, 8, 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1
 _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
-EPILOGUE = {"default": 1, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
+EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
 _DATA_TYPE = {torch.float32: _CUDA_R_32F, torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
 _WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS itself takes on Hopper
 _CANDIDATES = 8  # algorithms asked of the heuristic per shape, then timed
@@ -61,7 +66,7 @@ def _load():
     path = path or ctypes.util.find_library("cublasLt")
     if path is None:
         raise CublasLtError("cuBLASLt: libcublasLt.so is neither loaded by torch nor on the library path; "
-                            "run with -ge 0 (our GELU kernel instead of cuBLASLt's epilogue)")
+                            "the GPU mainline needs a CUDA build of torch")
     lib = ctypes.CDLL(path)
     lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
                                                ctypes.c_int64]
@@ -95,8 +100,10 @@ def _layout(dtype, rows, cols, ld):
     return layout
 
 
-def _plan(dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments):
-    """[descriptor, layouts of A, B and D, the heuristic's candidate algorithms] for one shape."""
+def _plan(dtype, d_dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments):
+    """[descriptor, layouts of A, B and D, the heuristic's candidate algorithms] for one shape.
+    A and B are dtype; D (and C, the same matrix) d_dtype: fp32 D with bf16 A and B accumulates bf16 products into
+    fp32 gradients."""
     desc = ctypes.c_void_p()
     _check(_lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F,
                                          _CUDA_R_32F), "cublasLtMatmulDescCreate")
@@ -107,7 +114,7 @@ def _plan(dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, align
     # A is (m, k) after its op, B (k, n), D (m, n); the layouts describe them as stored
     a_layout = _layout(dtype, k if trans_a else m, m if trans_a else k, lda)
     b_layout = _layout(dtype, n if trans_b else k, k if trans_b else n, ldb)
-    d_layout = _layout(dtype, m, n, ldd)
+    d_layout = _layout(d_dtype, m, n, ldd)
     preference = ctypes.c_void_p()
     _check(_lib.cublasLtMatmulPreferenceCreate(ctypes.byref(preference)), "cublasLtMatmulPreferenceCreate")
     pref_setter = _lib.cublasLtMatmulPreferenceSetAttribute
@@ -120,45 +127,62 @@ def _plan(dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, align
            "cublasLtMatmulAlgoGetHeuristic")
     candidates = [results[i].algo for i in range(found.value) if results[i].state == 0]
     if not candidates:
-        raise CublasLtError(f"cuBLASLt has no algorithm for the {epilogue} epilogue with m={m} n={n} k={k} {dtype}; "
-                            f"run with -ge 0")
+        raise CublasLtError(f"cuBLASLt has no algorithm for the {epilogue} epilogue with m={m} n={n} k={k} {dtype}"
+                            + ("; run with -ge 0" if "gelu" in epilogue else ""))
     return [desc, a_layout, b_layout, d_layout, candidates]
 
 
 def _fastest(candidates, launch):
-    """The candidate algorithm that runs fastest (median of 5 runs after one warm-up), timed with CUDA events."""
-    times = []
-    for algo in candidates:
+    """The candidate algorithm that runs fastest, timed with CUDA events in bursts of ~1 ms (3 rounds, every candidate
+    once a round, the median per candidate). The heuristic's first candidate is kept unless another beats it by more
+    than 2%: smaller differences are within what the same algorithm moves from round to round (dev/matmul_algos.py).
+    """
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for algo in candidates:  # warm-up
         launch(algo)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(5)]
-        for start, end in events:
+    start.record()
+    launch(candidates[0])
+    end.record()
+    torch.cuda.synchronize()
+    reps = max(1, int(1.0 / max(start.elapsed_time(end), 1e-3)))
+    times = [[] for _ in candidates]
+    for _ in range(3):
+        for algo, algo_times in zip(candidates, times):
             start.record()
-            launch(algo)
+            for _ in range(reps):
+                launch(algo)
             end.record()
-        torch.cuda.synchronize()
-        times.append(sorted(start.elapsed_time(end) for start, end in events)[2])
-    return candidates[times.index(min(times))]
+            torch.cuda.synchronize()
+            algo_times.append(start.elapsed_time(end) / reps)
+    medians = [sorted(algo_times)[1] for algo_times in times]
+    best = medians.index(min(medians))
+    return candidates[best] if medians[best] < 0.98 * medians[0] else candidates[0]
 
 
-def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default", bias=None, aux=None, aux_ld=0):
-    """Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n), then the epilogue:
+def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default", bias=None, aux=None, aux_ld=0,
+           accumulate=False):
+    """Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n) (+ D if accumulate), then the epilogue:
+      "bias"           D = AB + bias
       "gelu_aux_bias"  aux = AB + bias, D = gelu(aux)
       "dgelu"          D = AB * gelu'(aux)
       "dgelu_bgrad"    D = AB * gelu'(aux), bias (m,) = D summed over its n columns (overwritten)
-    a, b, d, bias, aux: torch tensors of one dtype on the current GPU; lda, ldb, ldd, aux_ld: column strides (elements).
+    a, b, bias, aux: torch tensors of one dtype on the current GPU, d of the same or fp32; lda, ldb, ldd, aux_ld: column
+    strides (elements).
 
     The first call for a shape times the heuristic's candidate algorithms on its operands and keeps the fastest (the
     first candidate is not always it: 10% slower for the d12 fc forward on the H100). That call must not be inside a
     CUDA graph capture, where nothing can be timed; the model's first micro-batch runs eagerly, for this among others.
     """
     _load()
-    dtype = d.dtype
-    assert a.dtype == b.dtype == dtype and all(t is None or t.dtype == dtype for t in (bias, aux))
+    dtype = a.dtype
+    assert b.dtype == dtype and d.dtype in (dtype, torch.float32)
+    assert all(t is None or t.dtype == d.dtype for t in (bias, aux))
     alignments = {"a": _alignment(a), "b": _alignment(b), "c": _alignment(d), "d": _alignment(d)}
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # as torch's own fp32 matmuls
-    key = (dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, tuple(alignments.values()))
+    key = (dtype, d.dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, accumulate,
+           tuple(alignments.values()))
     if key not in _plans:
-        _plans[key] = _plan(dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments)
+        _plans[key] = _plan(dtype, d.dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments)
     plan = _plans[key]
     desc, a_layout, b_layout, d_layout, algo = plan
     setter = _lib.cublasLtMatmulDescSetAttribute
@@ -171,15 +195,19 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
         _workspace[d.device] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=d.device)
     workspace = _workspace[d.device].data_ptr()
     stream = torch.cuda.current_stream(d.device).cuda_stream
+    beta = _ONE if accumulate else _ZERO
 
     def launch(algo):
         _check(_lib.cublasLtMatmul(_handle, desc, ctypes.byref(_ONE), a.data_ptr(), a_layout, b.data_ptr(), b_layout,
-                                   ctypes.byref(_ZERO), d.data_ptr(), d_layout, d.data_ptr(), d_layout,
+                                   ctypes.byref(beta), d.data_ptr(), d_layout, d.data_ptr(), d_layout,
                                    ctypes.byref(algo), workspace, _WORKSPACE_BYTES, stream),
                f"cublasLtMatmul ({epilogue}, m={m} n={n} k={k})")
 
     if isinstance(algo, list):  # the candidates: not yet chosen
         if len(algo) > 1 and torch.cuda.is_current_stream_capturing():
             raise CublasLtError("cuBLASLt: a matmul's first call is inside a CUDA graph capture; run it once eagerly")
+        d_before = d.clone() if accumulate and len(algo) > 1 else None  # timing adds to D again and again
         plan[4] = algo = _fastest(algo, launch) if len(algo) > 1 else algo[0]
+        if d_before is not None:
+            d.copy_(d_before)
     launch(algo)

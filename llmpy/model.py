@@ -7,7 +7,7 @@ Everything the model holds lives in a few flat buffers, allocated once:
   m, v (P,)     fp32 AdamW moments
 and the activations for one (B, T) micro-batch. The step allocates nothing of its own; only cuDNN's attention
 returns fresh tensors (its output, logsumexp and gradients), which torch's caching allocator serves from memory it
-already holds. Matmuls go to cuBLAS and attention to cuDNN (llmpy.vendor) or our own flash attention; every
+already holds. Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor) or our own flash attention; every
 other op is one of our Triton kernels (llmpy.kernels), except the forward's GELU, which with gelu_fusion runs in the
 fc matmul's cuBLASLt epilogue. A training micro-batch, forward and backward, can be replayed from a CUDA graph
 (train_micro_batch).

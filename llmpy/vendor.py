@@ -2,8 +2,14 @@
 
 These are the two places where an expert library beats anything we would write in a day, so the mainline
 calls them directly, as functions, with no autograd: the forward and backward products are spelled out here.
-Most go through torch; the fc matmul with the MLP's GELU in its epilogue goes to cuBLASLt directly (llmpy.cublaslt).
-On the CPU (tests under Triton's interpreter) torch's CPU matmul stands in for cuBLAS.
+On the GPU every matmul goes to cuBLASLt directly (llmpy.cublaslt), which lets us time its candidate algorithms per
+shape instead of taking torch's one (at d36 on the H100, 1.7% of the whole step) and put the MLP's GELU in the fc
+matmul's epilogue; attention goes to cuDNN through torch. On the CPU (tests under Triton's interpreter) torch's CPU
+matmul stands in for cuBLAS.
+
+cuBLASLt is column-major: a row-major (R, K) matrix is the same memory as a column-major (K, R) one, so each row-major
+product below is written as the column-major product of the transposes, with the leading dimensions (lda, ...) the
+row strides of the row-major tensors.
 """
 
 import torch
@@ -11,9 +17,22 @@ import torch
 from . import cublaslt
 
 
+def _ld(matrix):
+    """A row-major matrix's leading dimension as cuBLASLt's column-major one: its row stride (rows contiguous)."""
+    assert matrix.stride(1) == 1, "cuBLASLt needs each row contiguous"
+    return matrix.stride(0)
+
+
 def matmul_forward(out, inp, weight, bias=None):
-    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,). cuBLASLt adds the bias in its epilogue."""
-    if bias is None:
+    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,). cuBLASLt adds the bias in its epilogue.
+
+    Column-major, out^T (OC, N) = weight (stored as a (C, OC) matrix, transposed) @ inp^T (stored as (C, N)).
+    """
+    if out.is_cuda:
+        (N, C), OC = inp.shape, weight.shape[0]
+        cublaslt.matmul(out, weight, inp, m=OC, n=N, k=C, trans_a=True, trans_b=False, lda=_ld(weight), ldb=_ld(inp),
+                        ldd=_ld(out), epilogue="default" if bias is None else "bias", bias=bias)
+    elif bias is None:
         torch.mm(inp, weight.t(), out=out)
     else:
         torch.addmm(bias, inp, weight.t(), out=out)
@@ -25,25 +44,33 @@ def matmul_gelu_forward(out, pre_gelu, inp, weight, bias):
     Column-major, out^T (OC, N) = weight (stored as a (C, OC) matrix, transposed) @ inp^T (stored as (C, N)).
     """
     (N, C), OC = inp.shape, weight.shape[0]
-    cublaslt.matmul(out, weight, inp, m=OC, n=N, k=C, trans_a=True, trans_b=False, lda=C, ldb=C, ldd=OC,
-                    epilogue="gelu_aux_bias", bias=bias, aux=pre_gelu, aux_ld=OC)
+    cublaslt.matmul(out, weight, inp, m=OC, n=N, k=C, trans_a=True, trans_b=False, lda=_ld(weight), ldb=_ld(inp),
+                    ldd=_ld(out), epilogue="gelu_aux_bias", bias=bias, aux=pre_gelu, aux_ld=_ld(pre_gelu))
 
 
 def matmul_backward_input(dinp, dout, weight):
-    """dinp (N, C) = dout (N, OC) @ weight (OC, C)."""
-    torch.mm(dout, weight, out=dinp)
+    """dinp (N, C) = dout (N, OC) @ weight (OC, C). Column-major, dinp^T (C, N) = weight^T (C, OC) @ dout^T (OC, N)."""
+    if dinp.is_cuda:
+        (N, OC), C = dout.shape, weight.shape[1]
+        cublaslt.matmul(dinp, weight, dout, m=C, n=N, k=OC, trans_a=False, trans_b=False, lda=_ld(weight),
+                        ldb=_ld(dout), ldd=_ld(dinp))
+    else:
+        torch.mm(dout, weight, out=dinp)
 
 
 def matmul_backward_weight(dweight, dout, inp):
     """dweight (OC, C) fp32 += dout (N, OC)^T @ inp (N, C).
 
-    Gradients are fp32 while the operands are bf16: cuBLAS multiplies bf16 and accumulates into the fp32 gradient
+    Gradients are fp32 while the operands are bf16: cuBLASLt multiplies bf16 and accumulates into the fp32 gradient
     (beta = 1) in one call, so gradient accumulation over micro-steps never rounds to bf16.
+    Column-major, dweight^T (C, OC) += inp^T (C, N) @ dout (N, OC).
     """
-    if dout.dtype == dweight.dtype:
+    if dweight.is_cuda:
+        (N, OC), C = dout.shape, inp.shape[1]
+        cublaslt.matmul(dweight, inp, dout, m=C, n=OC, k=N, trans_a=False, trans_b=True, lda=_ld(inp), ldb=_ld(dout),
+                        ldd=_ld(dweight), accumulate=True)
+    elif dout.dtype == dweight.dtype:
         dweight.addmm_(dout.t(), inp)
-    elif dout.is_cuda:
-        torch.addmm(dweight, dout.t(), inp, out_dtype=dweight.dtype, out=dweight)
     else:  # CPU tests: torch has no mixed-dtype matmul on the CPU
         dweight.addmm_(dout.t().to(dweight.dtype), inp.to(dweight.dtype))
 
