@@ -6,8 +6,9 @@
 
 Prints where a step makes the host wait for the GPU (torch's sync debug mode), the GPU time per kernel (grouped by
 name, sorted) and per kind of kernel (matmul, attention, the rest), the step's wall time, and the GPU's busy time
-within it: wall minus busy is time the GPU sat idle (launch gaps, host work, synchronisation). With --contender compile it profiles dev/bench.py's torch.compile step instead, so the two
-breakdowns can be set side by side.
+within it: wall minus busy is time the GPU sat idle (launch gaps, host work, synchronisation), and the longest of
+those gaps with the kernels on either side. With --contender compile it profiles dev/bench.py's torch.compile step
+instead, so the two breakdowns can be set side by side.
 """
 
 import argparse
@@ -80,6 +81,22 @@ def print_synchronizations(step):
     print(f"host-device synchronizations in one step: {len(in_step)} ({', '.join(in_step)})")
 
 
+def print_gaps(prof, steps, top=8):
+    """The longest stretches in which the GPU ran no kernel, with the kernels on either side: where idle time goes."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, last_end, last_name = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > last_end:
+            gaps.append((start - last_end, last_name, name))
+        if end > last_end:
+            last_end, last_name = end, name
+    total = sum(g for g, _, _ in gaps) / 1000 / steps
+    print(f"idle between kernels: {total:.2f} ms/step in {len(gaps) / steps:.0f} gaps a step; the longest:")
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {gap / 1000:6.2f} ms  after {before}  before {after}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="d12")
@@ -125,6 +142,7 @@ def main():
     print(f"{args.contender} {args.model} B={B} T={T} attention={args.attention} recompute={args.recompute}: "
           f"wall {wall_ms:.1f} ms/step (profiled), GPU busy {busy_ms:.1f} ms, idle {wall_ms - busy_ms:.1f} ms")
     print("by kind: " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    print_gaps(prof, args.steps)
     print(f"{'ms/step':>8s} {'calls':>6s}  kernel")
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{total / args.steps:8.2f} {count // args.steps:6d}  {name}")
