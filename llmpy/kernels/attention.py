@@ -79,26 +79,32 @@ _SMALL_BLOCKS = {"forward": (32, 16, 4), "dkdv": (16, 32, 4), "dq": (32, 16, 4)}
 
 
 @triton.jit
+def _load_tokens(base, tokens, stride_t, T, HS: tl.constexpr, TRANSPOSED: tl.constexpr, MASKED: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    # The rows `tokens` of one head's (T, HS) matrix (q, k, v, out or dout), token t at base + t * stride_t: as
+    # (len(tokens), HS), or (HS, len(tokens)) if TRANSPOSED. MASKED: tokens past T read as 0 (only blocks that can run
+    # past T pay for the mask). UPCAST: as fp32 (the interpreter's bf16 dots are wrong).
+    offs_d = tl.arange(0, HS)
+    if TRANSPOSED:
+        pointers, in_range = base + tokens[None, :] * stride_t + offs_d[:, None], (tokens < T)[None, :]
+    else:
+        pointers, in_range = base + tokens[:, None] * stride_t + offs_d[None, :], (tokens < T)[:, None]
+    tile = tl.load(pointers, mask=in_range, other=0.0) if MASKED else tl.load(pointers)
+    return tile.to(tl.float32) if UPCAST else tile
+
+
+@triton.jit
 def _forward_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_t, offs_m, key_start, key_stop, T,
                         scale_log2,
                         HS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One query block's online softmax over keys [key_start, key_stop), BLOCK_N at a time.
     # acc (BLOCK_M, HS) fp32, m_i and l_i (BLOCK_M,) fp32 in log2 units; q (BLOCK_M, HS).
-    offs_d = tl.arange(0, HS)
     for start_n in range(key_start, key_stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if DIAGONAL:
-            # the diagonal blocks are the only ones that can run past T
-            key_mask = offs_n < T
-            k_t = tl.load(k_base + offs_n[None, :] * stride_t + offs_d[:, None], mask=key_mask[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_t + offs_d[None, :], mask=key_mask[:, None], other=0.0)
-        else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_t + offs_d[:, None])  # (HS, BLOCK_N)
-            v = tl.load(v_base + offs_n[:, None] * stride_t + offs_d[None, :])  # (BLOCK_N, HS)
-        if UPCAST:
-            k_t = k_t.to(tl.float32)
-            v = v.to(tl.float32)
+        # the diagonal blocks are the only ones that can run past T
+        k_t = _load_tokens(k_base, offs_n, stride_t, T, HS, True, DIAGONAL, UPCAST)  # (HS, BLOCK_N)
+        v = _load_tokens(v_base, offs_n, stride_t, T, HS, False, DIAGONAL, UPCAST)  # (BLOCK_N, HS)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
         if DIAGONAL:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -134,9 +140,7 @@ def _attention_forward_kernel(out_ptr, lse_ptr, qkv_ptr,
     q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HS
     k_base = q_base + C
     v_base = q_base + 2 * C
-    q = tl.load(q_base + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=row_mask[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tokens(q_base, offs_m, stride_qkv_t, T, HS, False, True, UPCAST)
 
     acc = tl.zeros([BLOCK_M, HS], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -166,12 +170,10 @@ def _attention_delta_kernel(delta_ptr, out_ptr, dout_ptr,
     b = head // NH
     h = head % NH
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HS)
-    mask = offs_t[:, None] < T
-    out = tl.load(out_ptr + b.to(tl.int64) * stride_out_b + h * HS + offs_t[:, None] * stride_out_t + offs_d[None, :],
-                  mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + b.to(tl.int64) * stride_dout_b + h * HS + offs_t[:, None] * stride_dout_t
-                   + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = _load_tokens(out_ptr + b.to(tl.int64) * stride_out_b + h * HS, offs_t, stride_out_t, T, HS, False, True,
+                       True)
+    dout = _load_tokens(dout_ptr + b.to(tl.int64) * stride_dout_b + h * HS, offs_t, stride_dout_t, T, HS, False, True,
+                        True)
     tl.store(delta_ptr + head.to(tl.int64) * T + offs_t, tl.sum(out * dout, axis=1), mask=offs_t < T)
 
 
@@ -182,19 +184,14 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, dout_base, lse_ptr, delta_ptr, stri
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One key block's dk, dv (BLOCK_N, HS) fp32, summed over queries [query_start, query_stop), BLOCK_M at a time.
     # Everything is computed transposed (keys on axis 0) so no (BLOCK_M, BLOCK_N) tile needs a transpose.
-    offs_d = tl.arange(0, HS)
     for start_m in range(query_start, query_stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         query_mask = offs_m < T
-        q_t = tl.load(q_base + offs_m[None, :] * stride_q_t + offs_d[:, None], mask=query_mask[None, :], other=0.0)
-        dout = tl.load(dout_base + offs_m[:, None] * stride_dout_t + offs_d[None, :], mask=query_mask[:, None],
-                       other=0.0)
+        q_t = _load_tokens(q_base, offs_m, stride_q_t, T, HS, True, True, UPCAST)  # (HS, BLOCK_M)
+        dout = _load_tokens(dout_base, offs_m, stride_dout_t, T, HS, False, True, UPCAST)  # (BLOCK_M, HS)
         # queries past T get lse = +inf, so their P is exactly 0 and they add nothing
         lse_log2 = tl.load(lse_ptr + offs_m, mask=query_mask, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + offs_m, mask=query_mask, other=0.0)
-        if UPCAST:
-            q_t = q_t.to(tl.float32)
-            dout = dout.to(tl.float32)
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse_log2[None, :])
         if DIAGONAL:
@@ -226,11 +223,8 @@ def _attention_dkdv_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr,
     key_mask = offs_n < T
 
     q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HS
-    k = tl.load(q_base + C + offs_n[:, None] * stride_qkv_t + offs_d[None, :], mask=key_mask[:, None], other=0.0)
-    v = tl.load(q_base + 2 * C + offs_n[:, None] * stride_qkv_t + offs_d[None, :], mask=key_mask[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tokens(q_base + C, offs_n, stride_qkv_t, T, HS, False, True, UPCAST)
+    v = _load_tokens(q_base + 2 * C, offs_n, stride_qkv_t, T, HS, False, True, UPCAST)
     dout_base = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HS
     lse_head = lse_ptr + head.to(tl.int64) * T
     delta_head = delta_ptr + head.to(tl.int64) * T
@@ -259,19 +253,10 @@ def _dq_key_blocks(dq, q, dout, lse_log2, delta, k_base, v_base, stride_t, offs_
                    HS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One query block's dq (BLOCK_M, HS) fp32, summed over keys [key_start, key_stop), BLOCK_N at a time.
-    offs_d = tl.arange(0, HS)
     for start_n in range(key_start, key_stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if DIAGONAL:
-            key_mask = offs_n < T
-            k_t = tl.load(k_base + offs_n[None, :] * stride_t + offs_d[:, None], mask=key_mask[None, :], other=0.0)
-            v_t = tl.load(v_base + offs_n[None, :] * stride_t + offs_d[:, None], mask=key_mask[None, :], other=0.0)
-        else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_t + offs_d[:, None])  # (HS, BLOCK_N)
-            v_t = tl.load(v_base + offs_n[None, :] * stride_t + offs_d[:, None])  # (HS, BLOCK_N)
-        if UPCAST:
-            k_t = k_t.to(tl.float32)
-            v_t = v_t.to(tl.float32)
+        k_t = _load_tokens(k_base, offs_n, stride_t, T, HS, True, DIAGONAL, UPCAST)  # (HS, BLOCK_N)
+        v_t = _load_tokens(v_base, offs_n, stride_t, T, HS, True, DIAGONAL, UPCAST)  # (HS, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse_log2[:, None])
         if DIAGONAL:
@@ -301,12 +286,9 @@ def _attention_dq_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr,
     row_mask = offs_m < T
 
     q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HS
-    q = tl.load(q_base + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=row_mask[:, None], other=0.0)
-    dout = tl.load(dout_ptr + b.to(tl.int64) * stride_dout_b + h * HS + offs_m[:, None] * stride_dout_t
-                   + offs_d[None, :], mask=row_mask[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        dout = dout.to(tl.float32)
+    q = _load_tokens(q_base, offs_m, stride_qkv_t, T, HS, False, True, UPCAST)
+    dout = _load_tokens(dout_ptr + b.to(tl.int64) * stride_dout_b + h * HS, offs_m, stride_dout_t, T, HS, False, True,
+                        UPCAST)
     lse_log2 = tl.load(lse_ptr + head.to(tl.int64) * T + offs_m, mask=row_mask, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + head.to(tl.int64) * T + offs_m, mask=row_mask, other=0.0)
 

@@ -47,6 +47,16 @@ def row_group_column_block(N, OC, rows_per_group, BLOCK_OC: tl.constexpr):
 
 
 @triton.jit
+def row_tile(tile_start, end_row, columns, column_mask, stride_row, ROWS: tl.constexpr):
+    """The (ROWS, BLOCK_OC) tile of rows [tile_start, tile_start + ROWS) of a program's share: its rows, its mask (the
+    rows before end_row, the columns in the matrix) and the element offsets of a matrix whose rows are stride_row
+    apart (int64: N * OC can pass 2^31)."""
+    rows = tile_start + tl.arange(0, ROWS)
+    mask = (rows < end_row)[:, None] & column_mask[None, :]
+    return rows, mask, rows.to(tl.int64)[:, None] * stride_row + columns[None, :]
+
+
+@triton.jit
 def _column_partial_sums_kernel(
     partials_ptr,  # fp32 (G, OC): out, partials[g, c] = sum of dout[n, c] over the rows n of group g; rows
     #                partials_stride_row apart
@@ -65,9 +75,7 @@ def _column_partial_sums_kernel(
     columns, column_mask, first_row, end_row = row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
     accumulator = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
     for tile_start in range(first_row, end_row, ROWS):
-        rows = tile_start + tl.arange(0, ROWS)
-        mask = (rows < end_row)[:, None] & column_mask[None, :]
-        offsets = rows.to(tl.int64)[:, None] * stride_row + columns[None, :]
+        rows, mask, offsets = row_tile(tile_start, end_row, columns, column_mask, stride_row, ROWS)
         tile = tl.load(dout_ptr + offsets, mask=mask, other=0.0)
         if COPY:
             tl.store(copy_ptr + rows.to(tl.int64)[:, None] * copy_stride_row + columns[None, :], tile, mask=mask)

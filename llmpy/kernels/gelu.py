@@ -22,7 +22,7 @@ writes its column sums to partials[g]; bias.sum_partials adds the G partials up 
 import triton
 import triton.language as tl
 
-from .bias import bias_backward_groups, column_tile, row_group_column_block, sum_partials
+from .bias import bias_backward_groups, column_tile, row_group_column_block, row_tile, sum_partials
 from .rounding import round_to
 
 _BLOCK = 2048
@@ -69,9 +69,7 @@ def _gelu_backward_kernel(
     columns, column_mask, first_row, end_row = row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
     column_sums = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
     for tile_start in range(first_row, end_row, ROWS):
-        rows = tile_start + tl.arange(0, ROWS)
-        mask = (rows < end_row)[:, None] & column_mask[None, :]
-        offsets = rows.to(tl.int64)[:, None] * OC + columns[None, :]
+        _, mask, offsets = row_tile(tile_start, end_row, columns, column_mask, OC, ROWS)
         x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dinp = round_to(dout * gelu_derivative(x), dinp_ptr.dtype.element_ty)
