@@ -100,9 +100,10 @@ class GPT2:
         C, N = config.channels, B * T
         self.ln_scratch = layernorm.layernorm_backward_scratch(N, C, self.device)
         # column partial sums for the bias gradients, (G, OC): qkv (3C) and fc (4C) need them, the projections' are
-        # the layernorms'; the qkv gradient comes from cuDNN as three (N, C) blocks, from ours as one (N, 3C)
+        # the layernorms'; the qkv gradient comes from cuDNN as three (N, C) blocks, and is summed by our attention
+        # backward itself, per block of tokens
         self.bias_scratch = {"qkv": bias.bias_backward_scratch(N, C, self.device, blocks=3) if attention_impl == "cudnn"
-                             else bias.bias_backward_scratch(N, 3 * C, self.device),
+                             else attention.backward_bias_scratch(B, T, C, config.num_heads, dtype, self.device),
                              "fc": bias.bias_backward_scratch(N, 4 * C, self.device)}
         self.norm_scratch = norm.global_norm_scratch(shard_size, self.device)
         self.grad_norm_sq = torch.zeros(1, **f32)
@@ -307,8 +308,8 @@ class GPT2:
             bias.concat_columns_backward(a.dqkv, dqkvb, parts, self.bias_scratch["qkv"])
         else:
             attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv,
-                                         a.atty[l].view(B, T, -1), a.att_lse[l], NH, a.att_delta)
-            bias.bias_backward(dqkvb, a.dqkv, self.bias_scratch["qkv"])
+                                         a.atty[l].view(B, T, -1), a.att_lse[l], NH, a.att_delta,
+                                         dbias=dqkvb, bias_scratch=self.bias_scratch["qkv"])
 
     # ------------------------------------------------------------------------- update
 

@@ -42,6 +42,10 @@ Three kernels, no atomics, so the result is bit-for-bit deterministic:
    up to the diagonal, recomputing P and dP.
 Both loops split off the diagonal blocks as the forward does. Splitting dq from dk/dv costs recomputing S once more,
 and buys that every gradient is a register accumulator owned by one program (FlashAttention-2's scheme).
+The qkv projection's bias gradient is dqkv's column sums. Rather than read dqkv back for them, each program of 2. and
+3. sums the columns of the block it has just written (R tokens: the dk/dv kernel's key block is as long as the dq
+kernel's query block) into row (b, block) of a (B * T/R, 3C) fp32 scratch, and llmpy.kernels.bias's stage 2 adds
+the rows up in a fixed order.
 
 Precision. On the GPU the tl.dot operands are the activation dtype (bf16: tensor cores, fp32 accumulation; fp32:
 exact IEEE products, not TF32) and P, dS are cast to that dtype for their matmuls; every softmax statistic is fp32.
@@ -58,6 +62,7 @@ import triton
 import triton.language as tl
 
 from llmpy.kernels import INTERPRET
+from llmpy.kernels.bias import sum_partials
 from llmpy.kernels.rounding import round_to
 
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
@@ -91,6 +96,14 @@ def _load_tokens(base, tokens, stride_t, T, HS: tl.constexpr, TRANSPOSED: tl.con
         pointers, in_range = base + tokens[:, None] * stride_t + offs_d[None, :], (tokens < T)[:, None]
     tile = tl.load(pointers, mask=in_range, other=0.0) if MASKED else tl.load(pointers)
     return tile.to(tl.float32) if UPCAST else tile
+
+
+@triton.jit
+def _store_column_sums(partials_ptr, group, C, column, tile, in_range, HS: tl.constexpr):
+    # partials (G, 3C) fp32 [group, column : column + HS] = tile's (tokens, HS) columns summed over its tokens in range:
+    # this block's share of the qkv bias gradient, in the stored (rounded) values, as a sum over dqkv would see them
+    sums = tl.sum(tl.where(in_range[:, None], tile.to(tl.float32), 0.0), axis=0)
+    tl.store(partials_ptr + group.to(tl.int64) * 3 * C + column + tl.arange(0, HS), sums)
 
 
 @triton.jit
@@ -204,13 +217,13 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, dout_base, lse_ptr, delta_ptr, stri
 
 
 @triton.jit
-def _attention_dkdv_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr,
+def _attention_dkdv_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr, partials_ptr,
                            T, NH, C,
                            stride_qkv_b, stride_qkv_t, stride_dqkv_b, stride_dqkv_t,
                            stride_dout_b, stride_dout_t,
                            scale, scale_log2,
                            HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           SUM_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     # the first key blocks are seen by the most queries, and the program ids start there
     block_n = tl.program_id(0)
@@ -243,8 +256,13 @@ def _attention_dkdv_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr,
     # dk and dv go to the k and v columns of dqkv, same layout as qkv
     dk_ptrs = dqkv_ptr + b.to(tl.int64) * stride_dqkv_b + C + h * HS + offs_n[:, None] * stride_dqkv_t + offs_d[None, :]
     dtype = dqkv_ptr.dtype.element_ty
-    tl.store(dk_ptrs, round_to(dk * scale, dtype), mask=key_mask[:, None])
-    tl.store(dk_ptrs + C, round_to(dv, dtype), mask=key_mask[:, None])
+    dk, dv = round_to(dk * scale, dtype), round_to(dv, dtype)
+    tl.store(dk_ptrs, dk, mask=key_mask[:, None])
+    tl.store(dk_ptrs + C, dv, mask=key_mask[:, None])
+    if SUM_BIAS:  # row group (b, block_n) of the bias partial sums
+        group = b * tl.num_programs(0) + block_n
+        _store_column_sums(partials_ptr, group, C, C + h * HS, dk, key_mask, HS)
+        _store_column_sums(partials_ptr, group, C, 2 * C + h * HS, dv, key_mask, HS)
 
 
 @triton.jit
@@ -268,13 +286,13 @@ def _dq_key_blocks(dq, q, dout, lse_log2, delta, k_base, v_base, stride_t, offs_
 
 
 @triton.jit
-def _attention_dq_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr,
+def _attention_dq_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr, partials_ptr,
                          T, NH, C,
                          stride_qkv_b, stride_qkv_t, stride_dqkv_b, stride_dqkv_t,
                          stride_dout_b, stride_dout_t,
                          scale, scale_log2,
                          HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         SUM_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
     head = tl.program_id(1)
@@ -301,7 +319,10 @@ def _attention_dq_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr,
                         tl.minimum(start_m + BLOCK_M, T), T, scale_log2, HS, BLOCK_N, True, UPCAST, DOT_PRECISION)
 
     dq_ptrs = dqkv_ptr + b.to(tl.int64) * stride_dqkv_b + h * HS + offs_m[:, None] * stride_dqkv_t + offs_d[None, :]
-    tl.store(dq_ptrs, round_to(dq * scale, dqkv_ptr.dtype.element_ty), mask=row_mask[:, None])
+    dq = round_to(dq * scale, dqkv_ptr.dtype.element_ty)
+    tl.store(dq_ptrs, dq, mask=row_mask[:, None])
+    if SUM_BIAS:  # row group (b, block_m): the same groups as the dk/dv kernel's, whose key blocks are as long
+        _store_column_sums(partials_ptr, b * tl.num_programs(0) + block_m, C, h * HS, dq, row_mask, HS)
 
 
 def _check_rows(name, tensor, B, T, width, dtype):
@@ -326,9 +347,9 @@ def _head_layout(qkv, NH):
     return B, T, C, C // NH
 
 
-def _launch_config(kernel, qkv, HS):
-    """(BLOCK_M, BLOCK_N, launch options) for kernel "forward", "dkdv" or "dq"."""
-    tensor_cores = qkv.dtype != torch.float32 and not INTERPRET
+def _launch_config(kernel, dtype, HS):
+    """(BLOCK_M, BLOCK_N, launch options) for kernel "forward", "dkdv" or "dq" on activations of dtype."""
+    tensor_cores = dtype != torch.float32 and not INTERPRET
     block_m, block_n, num_warps = _TENSOR_CORE_BLOCKS[kernel][max(HS, 64)] if tensor_cores else _SMALL_BLOCKS[kernel]
     options = dict(UPCAST=INTERPRET, DOT_PRECISION="tf32" if tensor_cores else "ieee",
                    num_warps=num_warps, num_stages=3 if tensor_cores else 2)
@@ -347,19 +368,35 @@ def attention_forward(out, lse, qkv, NH):
     _check_rows("out", out, B, T, C, qkv.dtype)
     _check_stats("lse", lse, B, NH, T)
     scale = 1.0 / math.sqrt(HS)
-    block_m, block_n, options = _launch_config("forward", qkv, HS)
+    block_m, block_n, options = _launch_config("forward", qkv.dtype, HS)
     _attention_forward_kernel[(triton.cdiv(T, block_m), B * NH)](
         out, lse, qkv, T, NH, C, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E.value,
         HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, **options)
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, NH, delta):
+def backward_token_block(dtype, HS):
+    """R, the tokens of a key block in the dk/dv kernel and of a query block in the dq kernel (the same)."""
+    (_, key_block, _), (query_block, _, _) = _launch_config("dkdv", dtype, HS), _launch_config("dq", dtype, HS)
+    assert key_block == query_block
+    return key_block
+
+
+def backward_bias_scratch(B, T, C, NH, dtype, device):
+    """fp32 (G, 3C) partial sums for attention_backward's qkv bias gradient: G = B * ceil(T / R) groups of R tokens."""
+    return torch.empty(B * triton.cdiv(T, backward_token_block(dtype, C // NH)), 3 * C, dtype=torch.float32,
+                       device=device)
+
+
+def attention_backward(dqkv, dout, qkv, out, lse, NH, delta, dbias=None, bias_scratch=None):
     """Causal self-attention backward: the gradient with respect to q, k and v, written into dqkv.
 
     dqkv: (B, T, 3C) written (not accumulated), same layout and dtype as qkv: [dq | dk | dv].
     dout: (B, T, C) the gradient of the loss with respect to out, qkv's dtype.
     qkv, out, lse: the forward's input and outputs (lse (B, NH, T) fp32).
     delta: (B, NH, T) fp32 scratch, overwritten with rowsum(dout * out) per head.
+    dbias: optional (3C,) fp32, += dqkv's column sums (the qkv bias gradient), deterministic: each program sums the
+        block of dq, dk or dv it writes into bias_scratch (backward_bias_scratch), and bias.sum_partials adds the
+        blocks up in a fixed order. No pass over dqkv of its own.
     """
     B, T, C, HS = _head_layout(qkv, NH)
     _check_rows("dqkv", dqkv, B, T, 3 * C, qkv.dtype)
@@ -373,12 +410,21 @@ def attention_backward(dqkv, dout, qkv, out, lse, NH, delta):
     _attention_delta_kernel[(triton.cdiv(T, block_t), B * NH)](
         delta, out, dout, T, NH, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HS=HS, BLOCK_T=block_t, num_warps=4)
+    sum_bias = dbias is not None
+    if sum_bias:
+        expected = (B * triton.cdiv(T, backward_token_block(qkv.dtype, HS)), 3 * C)
+        if dbias.shape != (3 * C,) or bias_scratch is None or bias_scratch.shape != expected:
+            raise ValueError(f"attention: dbias must be ({3 * C},) with a {expected} bias_scratch "
+                             f"(backward_bias_scratch)")
+    partials = bias_scratch if sum_bias else delta  # delta: an unused pointer
     strides = (qkv.stride(0), qkv.stride(1), dqkv.stride(0), dqkv.stride(1), dout.stride(0), dout.stride(1))
-    block_m, block_n, options = _launch_config("dkdv", qkv, HS)
+    block_m, block_n, options = _launch_config("dkdv", qkv.dtype, HS)
     _attention_dkdv_kernel[(triton.cdiv(T, block_n), B * NH)](
-        dqkv, dout, qkv, lse, delta, T, NH, C, *strides, scale, scale * LOG2E.value,
-        HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, **options)
-    block_m, block_n, options = _launch_config("dq", qkv, HS)
+        dqkv, dout, qkv, lse, delta, partials, T, NH, C, *strides, scale, scale * LOG2E.value,
+        HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, SUM_BIAS=sum_bias, **options)
+    block_m, block_n, options = _launch_config("dq", qkv.dtype, HS)
     _attention_dq_kernel[(triton.cdiv(T, block_m), B * NH)](
-        dqkv, dout, qkv, lse, delta, T, NH, C, *strides, scale, scale * LOG2E.value,
-        HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, **options)
+        dqkv, dout, qkv, lse, delta, partials, T, NH, C, *strides, scale, scale * LOG2E.value,
+        HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, SUM_BIAS=sum_bias, **options)
+    if sum_bias:
+        sum_partials(dbias, bias_scratch)

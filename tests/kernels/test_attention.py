@@ -23,7 +23,7 @@ import math
 import pytest
 import torch
 
-from llmpy.kernels.attention import attention_backward, attention_forward
+from llmpy.kernels.attention import attention_backward, attention_forward, backward_bias_scratch
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the GPU reference must be true fp32 matmuls too
 
@@ -112,6 +112,25 @@ def test_strided_views_of_wider_buffers(device):
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dqkv.double(), ref_dqkv, rtol=3e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_sums_the_qkv_bias_gradient(device, dtype):
+    """With dbias, the backward also adds dqkv's column sums to it (the qkv bias gradient), from per-block partial
+    sums of the values it stores: against the column sums of the dqkv it wrote, in float64, within fp32 summation
+    error (rtol = atol = 1e-5, sums of B*T = 2*150 values of size ~1), and dqkv itself unchanged by the option.
+    T = 150 ends in a partial block, whose tokens past T must add nothing."""
+    B, T, NH, HS = 2, 150, 2, 32
+    qkv, dout = make_inputs(B, T, NH, HS, dtype, device, seed=11)
+    out, lse, plain_dqkv = run_kernels(qkv, dout, NH)
+    C = NH * HS
+    dbias = torch.randn(3 * C, generator=torch.Generator().manual_seed(12)).to(device)
+    expected = dbias.double() + plain_dqkv.double().sum(dim=(0, 1))
+    dqkv = torch.full_like(plain_dqkv, float("nan"))
+    scratch = torch.full_like(backward_bias_scratch(B, T, C, NH, dtype, device), float("nan"))
+    attention_backward(dqkv, dout, qkv, out, lse, NH, torch.empty_like(lse), dbias=dbias, bias_scratch=scratch)
+    assert torch.equal(dqkv, plain_dqkv)
+    torch.testing.assert_close(dbias.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_is_deterministic(device):
