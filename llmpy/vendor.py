@@ -7,9 +7,8 @@ shape instead of taking torch's one (at d36 on the H100, 1.7% of the whole step)
 matmul's epilogue; attention goes to cuDNN through torch. On the CPU (tests under Triton's interpreter) torch's CPU
 matmul stands in for cuBLAS.
 
-cuBLASLt is column-major: a row-major (R, K) matrix is the same memory as a column-major (K, R) one, so each row-major
-product below is written as the column-major product of the transposes, with the leading dimensions (lda, ...) the
-row strides of the row-major tensors.
+Each row-major product below is written as cuBLASLt's column-major product of the transposes (the convention is
+explained in llmpy.cublaslt), with the leading dimensions the row strides of the row-major tensors (_ld).
 """
 
 import torch
