@@ -5,9 +5,8 @@ Everything the model holds lives in a few flat buffers, allocated once:
   master (P,)   fp32 master weights that AdamW updates (bf16 runs only; in fp32 runs params are the master)
   grads (P,)    fp32 gradients, zeroed once per step, accumulated over micro-steps
   m, v (P,)     fp32 AdamW moments
-and the activations for one (B, T) micro-batch. The step allocates nothing of its own; only cuDNN's attention
-returns fresh tensors (its output, logsumexp and gradients), which torch's caching allocator serves from memory it
-already holds. Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor) or our own flash attention; every
+and the activations for one (B, T) micro-batch. The step allocates nothing (cuDNN's attention workspace is
+allocated once, at its first call). Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor) or our own flash attention; every
 other op is one of our Triton kernels (llmpy.kernels), except the forward's GELU, which with gelu_fusion runs in the
 fc matmul's cuBLASLt epilogue. A training micro-batch, forward and backward, can be replayed from a CUDA graph
 (train_micro_batch).
@@ -40,12 +39,8 @@ class Activations:
         self.ln1 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
         self.ln1_mean, self.ln1_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
         self.qkv = torch.empty(L, N, 3 * C, **act)
-        # attention output (N, C), heads side by side; on the cuDNN path, cuDNN allocates it (cudnn_out)
-        self.atty = torch.empty(L, N, C, **act) if attention_impl == "triton" else None
-        self.cudnn_out = [None] * L  # (N, C) views of cuDNN's outputs
-        self.cudnn_saved = [None] * L  # what cuDNN's backward needs: its output, logsumexp, rng state
-        # our flash attention's softmax logsumexp per query, for its backward (cuDNN keeps its own in cudnn_saved)
-        self.att_lse = torch.empty(L, B, NH, T, **f32) if attention_impl == "triton" else None
+        self.atty = torch.empty(L, N, C, **act)  # attention output (N, C), heads side by side
+        self.att_lse = torch.empty(L, B, NH, T, **f32)  # each query's softmax log-sum-exp, for the backward
         self.residual2 = torch.empty(L, N, C, **act)  # residual + attention projection
         self.ln2 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
         self.ln2_mean, self.ln2_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
@@ -74,6 +69,8 @@ class GPT2:
             raise ValueError(f"--attention must be cudnn or triton, not {attention_impl!r}")
         if attention_impl == "cudnn" and (dtype != torch.bfloat16 or not torch.device(device).type == "cuda"):
             attention_impl = "triton"  # cuDNN's flash attention is bf16 on the GPU only
+        if attention_impl == "cudnn":
+            vendor.cudnn_frontend()  # now, not at the first step: says what to install where it is missing
         self.config, self.B, self.T = config, B, T
         self.dtype, self.device = dtype, torch.device(device)
         self.recompute, self.attention_impl = recompute, attention_impl
@@ -100,8 +97,7 @@ class GPT2:
         C, N = config.channels, B * T
         self.ln_scratch = layernorm.layernorm_backward_scratch(N, C, self.device)
         # column partial sums for the bias gradients, (G, OC): qkv (3C) and fc (4C) need them, the projections' are
-        # the layernorms'; the qkv gradient comes from cuDNN as three (N, C) blocks, and is summed by our attention
-        # backward itself, per block of tokens
+        # the layernorms'; our attention backward sums the qkv gradient itself, per block of tokens
         self.bias_scratch = {"qkv": bias.bias_backward_scratch(N, C, self.device, blocks=3) if attention_impl == "cudnn"
                              else attention.backward_bias_scratch(B, T, C, config.num_heads, dtype, self.device),
                              "fc": bias.bias_backward_scratch(N, 4 * C, self.device)}
@@ -178,7 +174,7 @@ class GPT2:
             # attention: qkv projection, causal self-attention, output projection
             vendor.matmul_forward(a.qkv[l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
             self._attention_forward(l)
-            vendor.matmul_forward(a.proj, self._atty(l), p["attprojw"][l], p["attprojb"][l])
+            vendor.matmul_forward(a.proj, a.atty[l], p["attprojw"][l], p["attprojb"][l])
             layernorm.fused_residual_layernorm_forward(a.residual2[l], self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l],
                                                        residual, a.proj, p["ln2w"][l], p["ln2b"][l])
             # MLP: fc, GELU, projection
@@ -238,17 +234,10 @@ class GPT2:
     def _fch_gelu(self, l):
         return self.acts.fch_gelu[0 if self.recompute >= 1 else l]
 
-    def _atty(self, l):
-        return self.acts.cudnn_out[l] if self.attention_impl == "cudnn" else self.acts.atty[l]
-
     def _attention_forward(self, l):
-        a, NH, B, T = self.acts, self.config.num_heads, self.B, self.T
-        qkv = a.qkv[l].view(B, T, -1)
-        if self.attention_impl == "cudnn":
-            out, a.cudnn_saved[l] = vendor.cudnn_attention_forward(qkv, NH)
-            a.cudnn_out[l] = out.view(B * T, -1)
-        else:
-            attention.attention_forward(a.atty[l].view(B, T, -1), a.att_lse[l], qkv, NH)
+        a, B, T = self.acts, self.B, self.T
+        forward = vendor.cudnn_attention_forward if self.attention_impl == "cudnn" else attention.attention_forward
+        forward(a.atty[l].view(B, T, -1), a.att_lse[l], a.qkv[l].view(B, T, -1), self.config.num_heads)
 
     # ------------------------------------------------------------------------- backward
 
@@ -257,7 +246,7 @@ class GPT2:
 
         The bias gradients (column sums of an output gradient) are fused into the kernel that writes that gradient:
         a projection's output gradient is the residual stream's gradient, written by the next layernorm's backward;
-        fc's is written by the GELU backward; qkv's is gathered into dqkv, and summed, from the attention backward.
+        fc's is written by the GELU backward; qkv's by the attention backward (ours), or from dq and datty (cuDNN).
         """
         cfg, a, p, g = self.config, self.acts, self.p, self.g
         B, T, L = self.B, self.T, cfg.num_layers
@@ -285,7 +274,7 @@ class GPT2:
                                          p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch,
                                          dinp_column_sums=g["attprojb"][l])
             # attention projection, attention, qkv projection
-            self._matmul_backward(a.dbtc, "attprojw", l, a.dresidual, self._atty(l))
+            self._matmul_backward(a.dbtc, "attprojw", l, a.dresidual, a.atty[l])
             self._attention_backward(l, a.dbtc)
             self._matmul_backward(a.dbtc, "qkvw", l, a.dqkv, self._ln1(l))
             layernorm.layernorm_backward(a.dresidual, g["ln1w"][l], g["ln1b"][l], a.dbtc, residual,
@@ -301,15 +290,16 @@ class GPT2:
     def _attention_backward(self, l, datty):
         """Writes dqkv (N, 3C) from datty (N, C), and adds the qkv bias gradient (dqkv's column sums)."""
         a, NH, B, T, C = self.acts, self.config.num_heads, self.B, self.T, self.config.channels
-        qkv, dqkvb = a.qkv[l].view(B, T, -1), self.g["qkvb"][l]
+        qkv, atty, dqkvb = a.qkv[l].view(B, T, -1), a.atty[l].view(B, T, -1), self.g["qkvb"][l]
         if self.attention_impl == "cudnn":
-            # cuDNN returns dq, dk, dv as three (N, C) matrices: copied into dqkv's column blocks while summed
-            parts = vendor.cudnn_attention_backward(datty.view(B, T, -1), qkv, NH, a.cudnn_saved[l])
-            bias.concat_columns_backward(a.dqkv, dqkvb, parts, self.bias_scratch["qkv"])
+            vendor.cudnn_attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH)
+            # Of dqkv's three column blocks only dq's needs summing. Keys: a bias b on every key adds q_i . b to all
+            # of query i's scores, which the softmax ignores, so the key bias's gradient is exactly zero. Values:
+            # sum_j dv_j = sum_j sum_i P_ij datty_i = sum_i datty_i, as every row of P sums to 1.
+            bias.column_blocks_backward(dqkvb, [a.dqkv[:, :C], None, datty], self.bias_scratch["qkv"])
         else:
-            attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv,
-                                         a.atty[l].view(B, T, -1), a.att_lse[l], NH, a.att_delta,
-                                         dbias=dqkvb, bias_scratch=self.bias_scratch["qkv"])
+            attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH,
+                                         a.att_delta, dbias=dqkvb, bias_scratch=self.bias_scratch["qkv"])
 
     # ------------------------------------------------------------------------- update
 

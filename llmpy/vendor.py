@@ -4,12 +4,15 @@ These are the two places where an expert library beats anything we would write i
 calls them directly, as functions, with no autograd: the forward and backward products are spelled out here.
 On the GPU every matmul goes to cuBLASLt directly (llmpy.cublaslt), which lets us time its candidate algorithms per
 shape instead of taking torch's one (at d36 on the H100, 1.7% of the whole step) and put the MLP's GELU in the fc
-matmul's epilogue; attention goes to cuDNN through torch. On the CPU (tests under Triton's interpreter) torch's CPU
-matmul stands in for cuBLAS.
+matmul's epilogue. Attention goes to cuDNN through NVIDIA's cuDNN frontend (pip package nvidia-cudnn-frontend),
+which, unlike torch's cuDNN op, writes dq, dk and dv straight into the one dqkv the qkv matmul's backward reads. On
+the CPU (tests under Triton's interpreter) torch's CPU matmul stands in for cuBLAS.
 
 Each row-major product below is written as cuBLASLt's column-major product of the transposes (the convention is
 explained in llmpy.cublaslt), with the leading dimensions the row strides of the row-major tensors (_ld).
 """
+
+import math
 
 import torch
 
@@ -74,38 +77,78 @@ def matmul_backward_weight(dweight, dout, inp):
         dweight.addmm_(dout.t().to(dweight.dtype), inp.to(dweight.dtype))
 
 
-def _heads(qkv, NH):
-    """Views q, k, v (B, NH, T, HS) of qkv (B, T, 3C): strided views, no copies."""
-    B, T, C3 = qkv.shape
-    qkv = qkv.view(B, T, 3, NH, C3 // (3 * NH))
-    return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+def _heads(x, NH, K):
+    """Views (B, NH, T, HS) of the K blocks of C columns of x (B, T, K*C): q, k and v of qkv (K = 3), or the heads of
+    the attention output or its gradient (K = 1). Strided views, no copies."""
+    B, T, KC = x.shape
+    x = x.view(B, T, K, NH, KC // (K * NH))
+    return [x[:, :, i].transpose(1, 2) for i in range(K)]
 
 
-def cudnn_attention_forward(qkv, NH):
-    """Causal attention of the heads in qkv (B, T, 3C) with cuDNN's flash attention.
+_cudnn = {}  # the cuDNN frontend module and a handle, set up on first use
+_attention_graphs = {}  # (direction, every tensor's shape and strides) -> (graph, its tensors, workspace)
 
-    Returns (out, saved): out is (B, T, C), a view of cuDNN's output, which cuDNN lays out like q, i.e. as
-    (B, T, NH, HS), so no copy is needed before the projection matmul; saved holds what the backward needs.
+
+def cudnn_frontend():
+    """NVIDIA's cuDNN frontend (pip package nvidia-cudnn-frontend, module cudnn) and a cuDNN handle on the current
+    GPU. Raises ValueError, saying what to do, where the package is missing."""
+    if not _cudnn:
+        try:
+            import cudnn
+        except (ImportError, OSError) as e:
+            raise ValueError(f"--attention cudnn needs NVIDIA's cuDNN frontend ({e}): pip install "
+                             "nvidia-cudnn-frontend, or run with --attention triton") from None
+        _cudnn.update(module=cudnn, handle=cudnn.create_handle())
+    return _cudnn["module"], _cudnn["handle"]
+
+
+def _cudnn_attention(backward, inputs, outputs):
+    """cuDNN's causal flash attention, forward (inputs q, k, v; outputs out, lse) or backward (inputs q, k, v, out,
+    dout, lse; outputs dq, dk, dv). Every tensor is a (B, NH, T, HS) view of our buffers, lse (B, NH, T, 1) fp32.
+
+    cuDNN takes each tensor's strides, so it reads q, k and v where the qkv matmul wrote them and writes out, dq, dk
+    and dv straight into our (B, T, C) and (B, T, 3C) buffers: no copies around attention. The graph for a layout is
+    built once, when cuDNN also picks its kernel, and serves every layer; a call only binds the layer's tensors.
     """
-    q, k, v = _heads(qkv, NH)
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
-    out, lse, seed, offset = res[0], res[1], res[6], res[7]
-    B, _, T, HS = out.shape
-    out_btc = out.transpose(1, 2).reshape(B, T, NH * HS)  # a view when cuDNN used q's layout, else a copy
-    return out_btc, (out, lse, seed, offset)
+    cudnn, handle = cudnn_frontend()
+    key = (backward,) + tuple((tuple(t.shape), t.stride()) for t in inputs + outputs)
+    if key not in _attention_graphs:
+        graph = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
+                              compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+        nodes = [graph.tensor_like(t) for t in inputs]
+        scale = 1.0 / math.sqrt(inputs[0].shape[-1])
+        if backward:
+            q, k, v, out, dout, lse = nodes
+            results = graph.sdpa_backward(name="attention_backward", q=q, k=k, v=v, o=out, dO=dout, stats=lse,
+                                          attn_scale=scale, use_causal_mask=True)
+        else:
+            q, k, v = nodes
+            results = graph.sdpa(name="attention", q=q, k=k, v=v, is_inference=False, attn_scale=scale,
+                                 use_causal_mask=True)
+        for node, t in zip(results, outputs):
+            node.set_output(True).set_dim(list(t.shape)).set_stride(list(t.stride()))
+            node.set_data_type(cudnn.data_type.FLOAT if t.dtype == torch.float32 else cudnn.data_type.BFLOAT16)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=inputs[0].device)
+        _attention_graphs[key] = graph, nodes + list(results), workspace
+    graph, nodes, workspace = _attention_graphs[key]
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    graph.execute(dict(zip(nodes, inputs + outputs)), workspace, handle=handle)
 
 
-def cudnn_attention_backward(dout, qkv, NH, saved):
-    """The gradient of causal attention given dout (B, T, C) and the forward's saved tensors: dq, dk, dv, each (N, C).
+def cudnn_attention_forward(out, lse, qkv, NH):
+    """out (B, T, C) = causal self-attention of the heads in qkv (B, T, 3C), and lse (B, NH, T) fp32, each query's
+    softmax log-sum-exp, for the backward: cuDNN's flash attention with the contract of our own
+    (llmpy.kernels.attention.attention_forward)."""
+    _cudnn_attention(False, _heads(qkv, NH, 3), _heads(out, NH, 1) + [lse.unsqueeze(-1)])
 
-    cuDNN returns the three gradients as separate tensors laid out like q, i.e. as (B, T, NH, HS), so each is an
-    (N, C) matrix as it stands. They are handed on as they are: the model gathers them into one (N, 3C) dqkv with the
-    bias gradient's pass over them (llmpy.kernels.bias), where torch's copies cost 4.8 ms of a 127 ms d12 step.
-    """
-    out, lse, seed, offset = saved
-    B, T, C = dout.shape
-    q, k, v = _heads(qkv, NH)
-    dout_heads = dout.view(B, T, NH, C // NH).transpose(1, 2)
-    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout_heads, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
-    return [g.transpose(1, 2).reshape(B * T, C) for g in grads]  # views when laid out like q, else copies
+
+def cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH):
+    """dqkv (B, T, 3C) = the gradient of causal self-attention given dout (B, T, C) and the forward's qkv, out and
+    lse: cuDNN's flash attention backward, writing dq, dk and dv into their columns of dqkv."""
+    _cudnn_attention(True, _heads(qkv, NH, 3) + _heads(out, NH, 1) + _heads(dout, NH, 1) + [lse.unsqueeze(-1)],
+                     _heads(dqkv, NH, 3))

@@ -258,14 +258,14 @@ def v3_backward(dqkv, dout, qkv, out, lse, NH):
     mainline.attention_backward(dqkv, dout, qkv, out, lse, NH, delta)
 
 
-def cudnn_forward(qkv, NH):
-    """cuDNN's flash attention, as the mainline calls it: (out (B, T, C) view, what its backward needs)."""
-    return vendor.cudnn_attention_forward(qkv, NH)
+def cudnn_forward(out, lse, qkv, NH):
+    """cuDNN's flash attention as the mainline calls it (llmpy.vendor, through the cuDNN frontend): v3's contract."""
+    vendor.cudnn_attention_forward(out, lse, qkv, NH)
 
 
-def cudnn_backward(dout, qkv, NH, saved):
-    """cuDNN's backward: [dq, dk, dv], each (B*T, C)."""
-    return vendor.cudnn_attention_backward(dout, qkv, NH, saved)
+def cudnn_backward(dqkv, dout, qkv, out, lse, NH):
+    """cuDNN's backward, dq, dk and dv written into their columns of dqkv."""
+    vendor.cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH)
 
 
 def flash_forward(qkv, NH):
@@ -338,10 +338,13 @@ def check(small: bool) -> list[str]:
         lines.append(f"{name} backward: dqkv {assert_close(f'attention {name} dqkv', dqkv, ref_dqkv, _TOL_BF16):.1e}")
     if dev != "cuda":
         return lines + ["cuDNN, flash SDPA: GPU only"]
-    cudnn_out, saved = cudnn_forward(qkv, NH)
-    grads = cudnn_backward(dout, qkv, NH, saved)
-    dqkv = torch.cat([g.reshape(B, T, C) for g in grads], dim=2)
-    lines.append(f"cuDNN: out {assert_close('attention cuDNN out', cudnn_out, ref_out, _TOL_BF16):.1e}, "
+    out = torch.full((B, T, C), float("nan"), dtype=qkv.dtype, device=dev)
+    lse = torch.full((B, NH, T), float("nan"), dtype=torch.float32, device=dev)
+    dqkv = torch.full_like(qkv, float("nan"))
+    cudnn_forward(out, lse, qkv, NH)
+    cudnn_backward(dqkv, dout, qkv, out, lse, NH)
+    lines.append(f"cuDNN: out {assert_close('attention cuDNN out', out, ref_out, _TOL_BF16):.1e}, "
+                 f"lse {assert_close('attention cuDNN lse', lse, ref_lse, _TOL_LSE):.1e}, "
                  f"dqkv {assert_close('attention cuDNN dqkv', dqkv, ref_dqkv, _TOL_BF16):.1e}")
     flash_out, saved = flash_forward(qkv, NH)
     grads = flash_backward(dout, qkv, NH, saved)
@@ -367,7 +370,7 @@ def benchmark() -> list[Result]:
                for name, fn in [("v1 naive, S and P in HBM", v1), ("v2 online softmax", v2),
                                 ("v3 flash, causal skipping", v3)]]
     forward += mark_bound([
-        Result(op, "cuDNN", time_ms(lambda: cudnn_forward(qkv, NH)), flops=flops_forward),
+        Result(op, "cuDNN", time_ms(lambda: cudnn_forward(out, lse, qkv, NH)), flops=flops_forward),
         Result(op, "flash SDPA", time_ms(lambda: flash_forward(qkv, NH)), flops=flops_forward)])
     v3(out, lse, qkv, NH)  # the backward versions read v3's out and lse
     op = f"attention bwd B={B} T={T} NH={NH} HS={HS}"
@@ -375,10 +378,9 @@ def benchmark() -> list[Result]:
     backward = [Result(op, name, time_ms(lambda: fn(dqkv, dout, qkv, out, lse, NH)), flops=flops_backward,
                        mainline=name.startswith("v3"))
                 for name, fn in [("v1 naive, P, dP, dS in HBM", v1_backward), ("v3 flash", v3_backward)]]
-    _, cudnn_saved = cudnn_forward(qkv, NH)
     _, flash_saved = flash_forward(qkv, NH)
     backward += mark_bound([
-        Result(op, "cuDNN", time_ms(lambda: cudnn_backward(dout, qkv, NH, cudnn_saved)), flops=flops_backward),
+        Result(op, "cuDNN", time_ms(lambda: cudnn_backward(dqkv, dout, qkv, out, lse, NH)), flops=flops_backward),
         Result(op, "flash SDPA", time_ms(lambda: flash_backward(dout, qkv, NH, flash_saved)), flops=flops_backward)])
     return forward + backward
 

@@ -19,14 +19,6 @@ v3  the mainline (llmpy.kernels.bias.bias_backward): the same tiles, each progra
     a partial sum per group, written to a scratch buffer; a second kernel adds the partials in a fixed order.
     Deterministic, and as parallel as v2.
 The bound: the fastest of torch's eager column sum (dout.sum(0, dtype=float32), then +=) and torch.compile of it.
-
-A second op, the qkv projection's bias gradient when cuDNN computes attention: cuDNN's backward returns dq, dk, dv
-as three (N, C) matrices, but the qkv matmul's backward wants them side by side in one (N, 3C) dqkv (two matmuls
-instead of six smaller ones), and the qkv bias gradient is dqkv's column sums. The mainline
-(llmpy.kernels.bias.concat_columns_backward) runs v3's first stage over each block and stores every tile it loads
-into the block's columns of dqkv, then one second stage for all 3C sums: the blocks are read once and dqkv written
-once, 6 * N*C*es bytes, where a copy and then a bias gradient pass reading dqkv back would move 9 * N*C*es.
-Its bound: torch.cat into dqkv, then dqkv's column sums (eager: cat(out=dqkv) and dqkv.sum(0); and torch.compile).
 """
 
 from common import Result, assert_close, compiled, device, mark_bound, time_ms
@@ -107,30 +99,10 @@ def torch_bias(dbias, dout):
     dbias += dout.float().sum(0)
 
 
-def concat_v1(out, dbias, blocks, scratch):
-    """The mainline, llmpy.kernels.bias.concat_columns_backward: out (N, 3C) = the blocks side by side, and
-    dbias (3C,) += out.sum(0). v3's stage 1 on each (N, C) block writes every tile it has loaded to the block's
-    columns of out as well, and its partial sums to the block's columns of scratch (G, 3C); one stage 2 then adds
-    all 3C columns. Each block byte is read once, each out byte written once."""
-    mainline.concat_columns_backward(out, dbias, blocks, scratch)
-
-
-def eager_concat(out, dbias, blocks):
-    """What torch code runs: the concatenation into out, then a column sum that reads out back."""
-    torch.cat(blocks, dim=1, out=out)
-    dbias += out.sum(0, dtype=torch.float32)
-
-
-def torch_concat(out, dbias, blocks):
-    """The torch code for torch.compile (which may fuse the copy and the sum into one pass)."""
-    out.copy_(torch.cat(blocks, dim=1))
-    dbias += out.float().sum(0)
-
-
 # Tolerance: 3e-5 relative for every version, bf16 or fp32 dout. bf16 inputs are exact in fp32, so the error is the
 # fp32 summation's alone: it grows like 2^-24 * sqrt(N / 2) for a sequential sum, 3e-6 at N = 65,536 in the worst
-# order; a dropped tile or a double-counted row shows up at 1e-3 or more. The concatenation is a copy: exact.
-SUM_TOL, COPY_TOL = 3e-5, 0.0
+# order; a dropped tile or a double-counted row shows up at 1e-3 or more.
+SUM_TOL = 3e-5
 
 
 def check(small: bool) -> list[str]:
@@ -156,21 +128,6 @@ def check(small: bool) -> list[str]:
             err = assert_close(f"bias {name} {tag}", dbias, expected, SUM_TOL)
             lines.append(f"{name} {tag}: rel error {err:.1e}")
 
-        # concat_columns_backward: dq, dk, dv gathered into dqkv, their column sums added to the qkv bias gradient
-        blocks = [torch.randn(N, OC, generator=g).to(dev, dtype) for _ in range(3)]
-        dqkvb0 = torch.randn(3 * OC, generator=g).to(dev)
-        dqkv_ref = torch.cat([block.double() for block in blocks], dim=1)
-        dqkvb_ref = dqkvb0.double() + reference(dqkv_ref)
-        qkv_scratch = mainline.bias_backward_scratch(N, OC, dev, blocks=3)
-        concats = {"v1 mainline": lambda *a: concat_v1(*a, qkv_scratch), "torch eager": eager_concat}
-        if dev == "cuda" and dtype == torch.bfloat16:
-            concats["torch.compile"] = compiled(torch_concat)
-        for name, fn in concats.items():
-            dqkv, dqkvb = torch.full((N, 3 * OC), float("nan"), device=dev, dtype=dtype), dqkvb0.clone()
-            fn(dqkv, dqkvb, blocks)
-            assert_close(f"concat_columns_backward {name} {tag} dqkv", dqkv, dqkv_ref, COPY_TOL)
-            err = assert_close(f"concat_columns_backward {name} {tag} dqkvb", dqkvb, dqkvb_ref, SUM_TOL)
-            lines.append(f"concat_columns_backward {name} {tag}: dqkv exact, dqkvb rel error {err:.1e}")
     return lines
 
 
@@ -194,20 +151,6 @@ def benchmark() -> list[Result]:
             Result(op, "torch.compile", time_ms(lambda: compiled_bias(dbias, dout)), bytes=moved),
         ])
 
-    C = 768
-    op = f"concat_columns_backward 3 x C={C}"
-    blocks = [torch.randn(N, C, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    out = torch.empty(N, 3 * C, device="cuda", dtype=torch.bfloat16)
-    dbias = torch.zeros(3 * C, device="cuda")
-    scratch = mainline.bias_backward_scratch(N, C, "cuda", blocks=3)
-    moved = 2 * out.numel() * out.element_size() + 2 * 3 * C * 4  # the blocks read, out written, dbias
-    compiled_concat = compiled(torch_concat)
-    results.append(Result(op, "v1 copy while summing", time_ms(lambda: concat_v1(out, dbias, blocks, scratch)),
-                          bytes=moved, mainline=True))
-    results += mark_bound([
-        Result(op, "torch eager", time_ms(lambda: eager_concat(out, dbias, blocks)), bytes=moved),
-        Result(op, "torch.compile", time_ms(lambda: compiled_concat(out, dbias, blocks)), bytes=moved),
-    ])
     return results
 
 

@@ -16,11 +16,9 @@ order the GPU happens to schedule programs in, so the reduction runs in two fixe
 The result depends only on G, which `bias_backward_scratch` derives from the shapes alone, so it is the same bits
 every step. Layernorm's and GELU's backward reuse stage 2 (`sum_partials`) for the column sums they fuse in.
 
-Stage 1 can also copy dout while it reads it (`concat_columns_backward`): cuDNN's attention backward returns dq, dk
-and dv as three separate (N, C) matrices, and the qkv projection's backward wants them side by side as one (N, 3C)
-dqkv, so that its two products are one matmul each instead of three smaller ones. Copying each block into its columns
-of dqkv while summing it for the bias costs only the writes: the reads are the bias gradient's anyway. The three
-blocks' partial sums land side by side in one (G, 3C) buffer, so one stage 2 adds them all.
+The qkv projection's bias gradient under cuDNN's attention needs only two of its three blocks of columns
+(`column_blocks_backward`, the reason in llmpy.model): stage 1 runs over each block that has a gradient, into its
+columns of one (G, 3C) buffer, and one stage 2 adds them all.
 """
 
 import torch
@@ -61,25 +59,19 @@ def _column_partial_sums_kernel(
     partials_ptr,  # fp32 (G, OC): out, partials[g, c] = sum of dout[n, c] over the rows n of group g; rows
     #                partials_stride_row apart
     dout_ptr,  # (N, OC), the activation dtype, rows stride_row apart
-    copy_ptr,  # (N, OC): out, a copy of dout, rows copy_stride_row apart (written only when COPY)
     N,
     OC,
     stride_row,
-    copy_stride_row,
     partials_stride_row,
     rows_per_group,  # ceil(N / G)
-    COPY: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_OC: tl.constexpr,
 ):
     columns, column_mask, first_row, end_row = row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
     accumulator = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
     for tile_start in range(first_row, end_row, ROWS):
-        rows, mask, offsets = row_tile(tile_start, end_row, columns, column_mask, stride_row, ROWS)
-        tile = tl.load(dout_ptr + offsets, mask=mask, other=0.0)
-        if COPY:
-            tl.store(copy_ptr + rows.to(tl.int64)[:, None] * copy_stride_row + columns[None, :], tile, mask=mask)
-        accumulator += tile.to(tl.float32)
+        _, mask, offsets = row_tile(tile_start, end_row, columns, column_mask, stride_row, ROWS)
+        accumulator += tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     partials_ptr += tl.program_id(0) * partials_stride_row
     tl.store(partials_ptr + columns, tl.sum(accumulator, axis=0), mask=column_mask)
 
@@ -140,7 +132,7 @@ def sum_partials(out, partials):
 
 def bias_backward_scratch(N, OC, device, blocks=1):
     """The fp32 (G, blocks * OC) partial-sum buffer for bias_backward on (N, OC) gradients, or for
-    concat_columns_backward of `blocks` (N, OC) blocks; allocate once, reuse every step."""
+    column_blocks_backward of `blocks` (N, OC) blocks; allocate once, reuse every step."""
     return torch.empty((bias_backward_groups(N, OC), blocks * OC), dtype=torch.float32, device=device)
 
 
@@ -151,18 +143,15 @@ def bias_backward_groups(N, OC):
     return max(1, min(triton.cdiv(_TARGET_PROGRAMS, column_blocks), triton.cdiv(N, rows)))
 
 
-def _column_partial_sums(partials, dout, copy_to=None):
-    """Stage 1: partials (G, OC) = dout's column sums over G groups of rows; with copy_to, also copy_to = dout."""
+def _column_partial_sums(partials, dout):
+    """Stage 1: partials (G, OC) = dout's column sums over G groups of rows."""
     N, OC = dout.shape
     G = partials.shape[0]
     assert dout.stride(1) == 1 and partials.shape[1] == OC and partials.stride(1) == 1
-    copy = copy_to is not None
-    if copy:
-        assert copy_to.shape == dout.shape and copy_to.stride(1) == 1 and copy_to.dtype == dout.dtype
     rows, block_columns = column_tile(OC)
     _column_partial_sums_kernel[(G, triton.cdiv(OC, block_columns))](
-        partials, dout, copy_to if copy else dout, N, OC, dout.stride(0), copy_to.stride(0) if copy else 0,
-        partials.stride(0), triton.cdiv(N, G), COPY=copy, ROWS=rows, BLOCK_OC=block_columns, num_warps=8
+        partials, dout, N, OC, dout.stride(0), partials.stride(0), triton.cdiv(N, G),
+        ROWS=rows, BLOCK_OC=block_columns, num_warps=8
     )
 
 
@@ -173,21 +162,22 @@ def bias_backward(dbias, dout, scratch):
     matrix, e.g. the q, k or v part of dqkv).
     scratch: fp32 (G, OC) from bias_backward_scratch; any G >= 1 gives the right sums (G sets the summation order).
     """
-    assert dbias.shape == (dout.shape[1],) and scratch.is_contiguous()
-    _column_partial_sums(scratch, dout)
-    sum_partials(dbias, scratch)
+    column_blocks_backward(dbias, [dout], scratch)
 
 
-def concat_columns_backward(out, dbias, blocks, scratch):
-    """out (N, K*C) = the K (N, C) blocks side by side, and dbias (K*C,) fp32 += out.sum(0), deterministic.
+def column_blocks_backward(dbias, blocks, scratch):
+    """dbias (K*C,) fp32 += the column sums of K (N, C) blocks side by side, deterministic; a block that is None adds
+    nothing to its C columns.
 
-    blocks: (N, C) in the activation dtype, unit column stride (cuDNN's dq, dk, dv); out: contiguous (N, K*C).
+    blocks: (N, C) in the activation dtype, unit column stride, rows may be strided (e.g. the q part of dqkv).
     scratch: fp32 (G, K*C) from bias_backward_scratch(N, C, blocks=K).
     """
-    C = blocks[0].shape[1]
-    assert out.shape == (blocks[0].shape[0], len(blocks) * C) and dbias.shape == (out.shape[1],)
-    assert scratch.shape[1] == out.shape[1] and scratch.is_contiguous()
+    C = dbias.shape[0] // len(blocks)
+    assert scratch.shape[1] == dbias.shape[0] and scratch.is_contiguous()
     for i, block in enumerate(blocks):
         columns = slice(i * C, (i + 1) * C)
-        _column_partial_sums(scratch[:, columns], block, copy_to=out[:, columns])
+        if block is None:
+            scratch[:, columns].zero_()
+        else:
+            _column_partial_sums(scratch[:, columns], block)
     sum_partials(dbias, scratch)

@@ -1,4 +1,5 @@
-"""Causal flash attention (llmpy/kernels/attention.py) against attention written out in float64 with autograd.
+"""Causal flash attention, ours (llmpy/kernels/attention.py) and cuDNN's as the mainline calls it (llmpy.vendor, GPU
+only), against attention written out in float64 with autograd.
 
 The reference takes the same qkv (upcast to float64), splits it into q, k, v (B, NH, T, HS), computes
 softmax(q k^T / sqrt(HS) + causal mask) v, the per-row logsumexp of the masked scaled scores, and the gradients of
@@ -23,7 +24,9 @@ import math
 import pytest
 import torch
 
+from llmpy import vendor
 from llmpy.kernels.attention import attention_backward, attention_forward, backward_bias_scratch
+from llmpy.kernels.bias import bias_backward_scratch, column_blocks_backward
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the GPU reference must be true fp32 matmuls too
 
@@ -56,16 +59,20 @@ def make_inputs(B, T, NH, HS, dtype, device, seed, channel_padding=0):
     return qkv, dout
 
 
-def run_kernels(qkv, dout, NH):
-    """Forward then backward, every output poisoned with NaN first so an element left unwritten fails."""
+def run_kernels(qkv, dout, NH, cudnn=False):
+    """Forward then backward, ours or cuDNN's, every output poisoned with NaN first so an element left unwritten
+    fails."""
     B, T, three_C = qkv.shape
     C = three_C // 3
     out = torch.full((B, T, C), float("nan"), dtype=qkv.dtype, device=qkv.device)
     lse = torch.full((B, NH, T), float("nan"), dtype=torch.float32, device=qkv.device)
-    attention_forward(out, lse, qkv, NH)
     dqkv = torch.full_like(out.new_empty(B, T, three_C), float("nan"))
-    delta = torch.full_like(lse, float("nan"))
-    attention_backward(dqkv, dout, qkv, out, lse, NH, delta)
+    if cudnn:
+        vendor.cudnn_attention_forward(out, lse, qkv, NH)
+        vendor.cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH)
+    else:
+        attention_forward(out, lse, qkv, NH)
+        attention_backward(dqkv, dout, qkv, out, lse, NH, torch.full_like(lse, float("nan")))
     return out, lse, dqkv
 
 
@@ -87,10 +94,20 @@ def test_float32_matches_float64_reference(device, B, T, NH, HS):
                                    msg=lambda m: f"{name}: {m}")
 
 
+def cudnn_or_skip(device):
+    if device != "cuda":
+        pytest.skip("cuDNN's attention runs on the GPU only")
+    pytest.importorskip("cudnn", reason="needs the cuDNN frontend (pip install nvidia-cudnn-frontend)")
+    return True
+
+
+@pytest.mark.parametrize("cudnn", [False, True], ids=["ours", "cudnn"])
 @pytest.mark.parametrize("B,T,NH,HS", [(2, 50, 2, 16), (1, 77, 2, 64), (1, 300, 1, 64), (1, 150, 1, 128)])
-def test_bfloat16_matches_float64_reference(device, B, T, NH, HS):
+def test_bfloat16_matches_float64_reference(device, B, T, NH, HS, cudnn):
+    if cudnn:
+        cudnn_or_skip(device)
     qkv, dout = make_inputs(B, T, NH, HS, torch.bfloat16, device, seed=1000 + T)
-    out, lse, dqkv = run_kernels(qkv, dout, NH)
+    out, lse, dqkv = run_kernels(qkv, dout, NH, cudnn)
     ref_out, ref_lse, ref_dqkv = reference_attention(qkv, dout, NH)
     assert out.dtype == torch.bfloat16 and dqkv.dtype == torch.bfloat16
     assert relative_error(out, ref_out) <= 1e-2
@@ -131,6 +148,36 @@ def test_backward_sums_the_qkv_bias_gradient(device, dtype):
     attention_backward(dqkv, dout, qkv, out, lse, NH, torch.empty_like(lse), dbias=dbias, bias_scratch=scratch)
     assert torch.equal(dqkv, plain_dqkv)
     torch.testing.assert_close(dbias.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_bias_gradient_needs_only_dq_and_dout():
+    """What the mainline's cuDNN path relies on (llmpy.model): in float64, the key bias gradient (dk's column sums) is
+    zero, since the softmax ignores a shift of all of a query's scores, and the value bias gradient (dv's column
+    sums) equals dout's column sums, since every row of P sums to 1; to float64 rounding (1e-12 of the sums' size)."""
+    B, T, NH, HS = 2, 50, 2, 16
+    C = NH * HS
+    qkv, dout = make_inputs(B, T, NH, HS, torch.float64, "cpu", seed=21)
+    _, _, dqkv = reference_attention(qkv, dout, NH)
+    column_sums = dqkv.sum(dim=(0, 1))
+    scale = dqkv.abs().sum(dim=(0, 1)).max().item()
+    torch.testing.assert_close(column_sums[C:2 * C], torch.zeros(C, dtype=torch.float64), rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(column_sums[2 * C:], dout.sum(dim=(0, 1)), rtol=0, atol=1e-12 * scale)
+
+
+def test_cudnn_qkv_bias_gradient(device):
+    """The mainline's qkv bias gradient under cuDNN: column_blocks_backward over [dq, None, dout] against the
+    column sums of float64 autograd's dqkv, within the bf16 tolerance of the gradients themselves (1e-2 relative)."""
+    cudnn_or_skip(device)
+    B, T, NH, HS = 2, 150, 2, 64
+    C = NH * HS
+    qkv, dout = make_inputs(B, T, NH, HS, torch.bfloat16, device, seed=22)
+    _, _, dqkv = run_kernels(qkv, dout, NH, cudnn=True)
+    _, _, ref_dqkv = reference_attention(qkv, dout, NH)
+    dbias = torch.zeros(3 * C, device=device)
+    scratch = bias_backward_scratch(B * T, C, device, blocks=3).fill_(float("nan"))
+    column_blocks_backward(dbias, [dqkv.view(B * T, 3 * C)[:, :C], None, dout.reshape(B * T, C)], scratch)
+    error = relative_error(dbias, ref_dqkv.sum(dim=(0, 1)))
+    assert error <= 1e-2, f"qkv bias gradient: relative error {error:.2e}"
 
 
 def test_backward_is_deterministic(device):
