@@ -196,8 +196,9 @@ def train_step(model, micro_batches, lr, step, args, loss_sum):
         model.train_micro_batch(*as_tensors(x, y), 1.0 / tokens, loss_sum)
     model.clip_and_update(lr, step + 1, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
     model.dist.all_reduce_sum_(loss_sum, "the loss")
-    loss = loss_sum.item()  # waits for the GPU: the step's one synchronisation
-    return loss, math.sqrt(model.grad_norm_sq.item())
+    # the step's one synchronisation: the loss and the squared grad norm come back to the host in one copy
+    loss, grad_norm_sq = torch.cat([loss_sum, model.grad_norm_sq]).tolist()
+    return loss, math.sqrt(grad_norm_sq)
 
 
 def validation_loss(model, loader, num_batches, loss_sum):

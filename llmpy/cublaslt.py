@@ -102,7 +102,7 @@ def _layout(dtype, rows, cols, ld):
 
 def _plan(dtype, d_dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments):
     """[descriptor, layouts of A, B and D, the heuristic's candidate algorithms] for one shape.
-    A and B are dtype; D (and C, the same matrix) d_dtype: fp32 D with bf16 A and B accumulates bf16 products into
+    A and B are dtype; D (and C, laid out as D) d_dtype: fp32 D with bf16 A and B accumulates bf16 products into
     fp32 gradients."""
     desc = ctypes.c_void_p()
     _check(_lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F,
@@ -160,8 +160,9 @@ def _fastest(candidates, launch):
 
 
 def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default", bias=None, aux=None, aux_ld=0,
-           accumulate=False):
-    """Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n) (+ D if accumulate), then the epilogue:
+           c=None):
+    """Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n), plus C if given (laid out as D; C = D accumulates into D),
+    then the epilogue:
       "bias"           D = AB + bias
       "gelu_aux_bias"  aux = AB + bias, D = gelu(aux)
       "dgelu"          D = AB * gelu'(aux)
@@ -176,10 +177,11 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
     _load()
     dtype = a.dtype
     assert b.dtype == dtype and d.dtype in (dtype, torch.float32)
-    assert all(t is None or t.dtype == d.dtype for t in (bias, aux))
-    alignments = {"a": _alignment(a), "b": _alignment(b), "c": _alignment(d), "d": _alignment(d)}
+    assert all(t is None or t.dtype == d.dtype for t in (bias, aux, c))
+    adds_c, c = c is not None, d if c is None else c  # without C, beta = 0 and cuBLASLt reads nothing at D
+    alignments = {"a": _alignment(a), "b": _alignment(b), "c": _alignment(c), "d": _alignment(d)}
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # as torch's own fp32 matmuls
-    key = (dtype, d.dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, accumulate,
+    key = (dtype, d.dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, adds_c,
            tuple(alignments.values()))
     if key not in _plans:
         _plans[key] = _plan(dtype, d.dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments)
@@ -195,18 +197,18 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
         _workspace[d.device] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=d.device)
     workspace = _workspace[d.device].data_ptr()
     stream = torch.cuda.current_stream(d.device).cuda_stream
-    beta = _ONE if accumulate else _ZERO
+    beta = _ONE if adds_c else _ZERO
 
     def launch(algo):
         _check(_lib.cublasLtMatmul(_handle, desc, ctypes.byref(_ONE), a.data_ptr(), a_layout, b.data_ptr(), b_layout,
-                                   ctypes.byref(beta), d.data_ptr(), d_layout, d.data_ptr(), d_layout,
+                                   ctypes.byref(beta), c.data_ptr(), d_layout, d.data_ptr(), d_layout,
                                    ctypes.byref(algo), workspace, _WORKSPACE_BYTES, stream),
                f"cublasLtMatmul ({epilogue}, m={m} n={n} k={k})")
 
     if isinstance(algo, list):  # the candidates: not yet chosen
         if len(algo) > 1 and torch.cuda.is_current_stream_capturing():
             raise CublasLtError("cuBLASLt: a matmul's first call is inside a CUDA graph capture; run it once eagerly")
-        d_before = d.clone() if accumulate and len(algo) > 1 else None  # timing adds to D again and again
+        d_before = d.clone() if c is d and adds_c and len(algo) > 1 else None  # timing adds to D again and again
         plan[4] = algo = _fastest(algo, launch) if len(algo) > 1 else algo[0]
         if d_before is not None:
             d.copy_(d_before)

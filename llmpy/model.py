@@ -52,7 +52,6 @@ class Activations:
         self.logits = torch.empty(N, Vp, **act)  # becomes dlogits in place in the fused classifier
         self.losses = torch.empty(N, **f32)
         # scratch shared by all layers
-        self.proj = torch.empty(N, C, **act)  # output of a projection, before it joins the residual stream
         self.dresidual = torch.empty(N, C, **act)
         self.dbtc = torch.empty(N, C, **act)
         self.dfch = torch.empty(N, 4 * C, **act)
@@ -167,30 +166,25 @@ class GPT2:
         cfg, a, p = self.config, self.acts, self.p
         B, T, C, L = self.B, self.T, cfg.channels, cfg.num_layers
         encoder.encoder_forward(a.encoded.view(B, T, C), self.inputs, p["wte"], p["wpe"])
-        # the first layernorm is plain; every later one is fused with the residual add that precedes it
-        layernorm.layernorm_forward(self._ln1(0), a.ln1_mean[0], a.ln1_rstd[0], a.encoded, p["ln1w"][0], p["ln1b"][0])
         for l in range(L):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
-            # attention: qkv projection, causal self-attention, output projection
+            # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual
+            layernorm.layernorm_forward(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l],
+                                        p["ln1b"][l])
             vendor.matmul_forward(a.qkv[l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
             self._attention_forward(l)
-            vendor.matmul_forward(a.proj, a.atty[l], p["attprojw"][l], p["attprojb"][l])
-            layernorm.fused_residual_layernorm_forward(a.residual2[l], self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l],
-                                                       residual, a.proj, p["ln2w"][l], p["ln2b"][l])
-            # MLP: fc, GELU, projection
+            vendor.matmul_forward(a.residual2[l], a.atty[l], p["attprojw"][l], p["attprojb"][l], residual=residual)
+            # MLP: layernorm, fc, GELU, projection joining the residual
+            layernorm.layernorm_forward(self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l],
+                                        p["ln2b"][l])
             if self.gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
                 vendor.matmul_gelu_forward(self._fch_gelu(l), a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
             else:
                 vendor.matmul_forward(a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
                 gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
-            vendor.matmul_forward(a.proj, self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l])
-            if l + 1 < L:
-                layernorm.fused_residual_layernorm_forward(a.residual3[l], self._ln1(l + 1), a.ln1_mean[l + 1],
-                                                           a.ln1_rstd[l + 1], a.residual2[l], a.proj,
-                                                           p["ln1w"][l + 1], p["ln1b"][l + 1])
-            else:
-                layernorm.fused_residual_layernorm_forward(a.residual3[l], a.lnf, a.lnf_mean, a.lnf_rstd,
-                                                           a.residual2[l], a.proj, p["lnfw"], p["lnfb"])
+            vendor.matmul_forward(a.residual3[l], self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l],
+                                  residual=a.residual2[l])
+        layernorm.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.residual3[L - 1], p["lnfw"], p["lnfb"])
         vendor.matmul_forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
         if has_targets:
             classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,

@@ -25,19 +25,24 @@ def _ld(matrix):
     return matrix.stride(0)
 
 
-def matmul_forward(out, inp, weight, bias=None):
-    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,). cuBLASLt adds the bias in its epilogue.
+def matmul_forward(out, inp, weight, bias=None, residual=None):
+    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC,), plus residual (N, OC) if given: a projection joining
+    the residual stream. cuBLASLt adds the bias and the residual (as its C matrix) before it rounds to out's dtype.
 
     Column-major, out^T (OC, N) = weight (stored as a (C, OC) matrix, transposed) @ inp^T (stored as (C, N)).
     """
     if out.is_cuda:
         (N, C), OC = inp.shape, weight.shape[0]
+        assert residual is None or residual.stride() == out.stride()
         cublaslt.matmul(out, weight, inp, m=OC, n=N, k=C, trans_a=True, trans_b=False, lda=_ld(weight), ldb=_ld(inp),
-                        ldd=_ld(out), epilogue="default" if bias is None else "bias", bias=bias)
-    elif bias is None:
+                        ldd=_ld(out), epilogue="default" if bias is None else "bias", bias=bias, c=residual)
+        return
+    if bias is None:
         torch.mm(inp, weight.t(), out=out)
     else:
         torch.addmm(bias, inp, weight.t(), out=out)
+    if residual is not None:
+        out += residual
 
 
 def matmul_gelu_forward(out, pre_gelu, inp, weight, bias):
@@ -70,7 +75,7 @@ def matmul_backward_weight(dweight, dout, inp):
     if dweight.is_cuda:
         (N, OC), C = dout.shape, inp.shape[1]
         cublaslt.matmul(dweight, inp, dout, m=C, n=OC, k=N, trans_a=False, trans_b=True, lda=_ld(inp), ldb=_ld(dout),
-                        ldd=_ld(dweight), accumulate=True)
+                        ldd=_ld(dweight), c=dweight)
     elif dout.dtype == dweight.dtype:
         dweight.addmm_(dout.t(), inp)
     else:  # CPU tests: torch has no mixed-dtype matmul on the CPU

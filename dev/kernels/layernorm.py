@@ -25,7 +25,8 @@ forward   v1  three kernels, one program per row each: mean, then variance, then
           v3  the mainline (llmpy.kernels.layernorm): like v2 with several rows per program, so fewer, fuller programs
               share the weight and bias loads.
 residual  v1  an add kernel, then the mainline's layernorm: the sum is written, then read back.
-          v2  the mainline's fused kernel: the sum is normalized while it is still in registers.
+          v2  one fused kernel: the sum is normalized while it is still in registers. (The mainline now adds the
+              residual in the projection matmul's epilogue and runs the plain layernorm on the sum.)
 backward  v1  one program per row, dweight and dbias summed with float atomics: N-way contention on C addresses, and
               the order of the additions (hence the bits) changes from run to run.
           v2  G programs, each over a contiguous group of rows, one row per iteration, summing dweight and dbias in
@@ -130,12 +131,21 @@ def forward_v1(out, mean, rstd, inp, weight, bias):
 
 
 @triton.jit
-def _forward_row_kernel(out_ptr, mean_ptr, rstd_ptr, inp_ptr, weight_ptr, bias_ptr, C, eps, BLOCK_C: tl.constexpr):
+def _forward_row_kernel(out_ptr, mean_ptr, rstd_ptr, inp_ptr, weight_ptr, bias_ptr, C, eps, residual_ptr, branch_ptr,
+                        BLOCK_C: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    # with ADD_RESIDUAL: residual = inp + branch is written, and normalized (residual_v2)
     row = tl.program_id(0)
     columns = tl.arange(0, BLOCK_C)
     mask = columns < C
     offsets = row.to(tl.int64) * C + columns
-    x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(inp_ptr + offsets, mask=mask, other=0.0)
+    if ADD_RESIDUAL:
+        # rounded to the activation dtype before it is normalized: the stored residual is what the next residual add
+        # and this layernorm's backward read, so forward and backward see the same x
+        x = round_to(x.to(tl.float32) + tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32),
+                     residual_ptr.dtype.element_ty)
+        tl.store(residual_ptr + offsets, x, mask=mask)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / C
     centered = tl.where(mask, x - mean, 0.0)
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / C + eps)
@@ -155,8 +165,8 @@ def forward_v2(out, mean, rstd, inp, weight, bias):
     (65,536 short programs), and each reloads weight and bias.
     """
     N, C = inp.shape
-    _forward_row_kernel[(N,)](out, mean, rstd, inp, weight, bias, C, EPS, BLOCK_C=triton.next_power_of_2(C),
-                              num_warps=4)
+    _forward_row_kernel[(N,)](out, mean, rstd, inp, weight, bias, C, EPS, inp, inp, BLOCK_C=triton.next_power_of_2(C),
+                              ADD_RESIDUAL=False, num_warps=4)
 
 
 def forward_v3(out, mean, rstd, inp, weight, bias):
@@ -191,9 +201,13 @@ def residual_v1(residual, out, mean, rstd, inp1, inp2, weight, bias):
 
 
 def residual_v2(residual, out, mean, rstd, inp1, inp2, weight, bias):
-    """The mainline, llmpy.kernels.layernorm.fused_residual_layernorm_forward: one kernel, the sum is normalized
-    while it is in registers (it is still written: the residual stream is needed later). 4 transfers, 1 launch."""
-    mainline.fused_residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias, EPS)
+    """One kernel (v2's, one row per program): the sum is normalized while it is in registers (it is still written:
+    the residual stream is needed later). 4 transfers, 1 launch. (The mainline's own kernel until the add moved into
+    the projection matmul's epilogue, which writes the sum where it would have written the projection: 3 transfers
+    here, the fourth a read of the matmul's.)"""
+    N, C = inp1.shape
+    _forward_row_kernel[(N,)](out, mean, rstd, inp1, weight, bias, C, EPS, residual, inp2,
+                              BLOCK_C=triton.next_power_of_2(C), ADD_RESIDUAL=True, num_warps=4)
 
 
 # Backward.
@@ -435,7 +449,7 @@ def check(small: bool) -> list[str]:
 
         residuals = {
             "v1": residual_v1,
-            "v2 mainline": residual_v2,
+            "v2 fused": residual_v2,
             "torch eager": lambda residual, out, mean, rstd, *inputs: out.copy_(eager_residual(residual, *inputs)[0]),
         }
         if dev == "cuda" and dtype == torch.bfloat16:
@@ -525,7 +539,7 @@ def benchmark() -> list[Result]:
     residual_bytes = 4 * row_bytes + stats_bytes
     results += [
         run("residual_layernorm_forward", "v1 add + layernorm", residual_v1, residual_args, residual_bytes),
-        run("residual_layernorm_forward", "v2 fused", residual_v2, residual_args, residual_bytes, mainline=True),
+        run("residual_layernorm_forward", "v2 fused", residual_v2, residual_args, residual_bytes),
     ]
     results += mark_bound([
         run("residual_layernorm_forward", "torch eager", eager_residual, (residual, x, x2, weight, bias),

@@ -1,12 +1,12 @@
-"""LayerNorm over the channels of each row, forward (optionally fused with the residual add) and backward.
+"""LayerNorm over the channels of each row, forward and backward.
 
 Forward, per row x of C channels:  mean = sum(x) / C,  rstd = 1 / sqrt(sum((x - mean)^2) / C + eps),
 out = (x - mean) * rstd * weight + bias. mean and rstd are kept (fp32) for the backward.
 
-Every block of GPT-2 starts with `residual = residual + branch_output` followed by a layernorm of the new residual.
-`fused_residual_layernorm_forward` does both in one pass: it reads the two inputs once, writes the sum (the residual
-stream, in the activation dtype) and the normalized output, instead of a separate add kernel that writes the sum and
-a layernorm that reads it back: one read of C values per row saved, one launch fewer.
+Every layernorm after the first normalizes the residual stream just after a projection was added into it. That add
+happens in the projection matmul's epilogue (llmpy.vendor.matmul_forward with residual=), so the layernorm reads the
+new residual stream once and nothing else; dev/kernels/layernorm.py has the add fused into the layernorm instead,
+which moves one more row per row.
 
 Backward, with xhat = (x - mean) * rstd and dnorm = dout * weight (all per row):
   dinp  += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat))
@@ -18,7 +18,7 @@ Kernel design. A row (C <= 1600) fits in registers, so each program works on a (
 rows, BLOCK_C = next power of two >= C with the tail masked. Statistics are two-pass over registers (mean, then the
 centred sum of squares), so the input is read from memory once; weight and bias are loaded once per program and
 shared by its rows. ROWS is chosen so the tile holds ~4096 elements: C = 768 gives 4 rows, 65,536 rows give 16,384
-programs. The forward reads each row once and writes it once (the fused one: reads two rows, writes two) plus
+programs. The forward reads each row once and writes it once plus
 8 bytes of statistics: memory-bound, each byte touched once, in 16-byte vector accesses (Triton specializes C as a
 multiple of 16, as every GPT-2 width is).
 
@@ -62,15 +62,12 @@ def _layernorm_forward_kernel(
     out_ptr,  # (N, C) activation dtype: the normalized rows
     mean_ptr,  # fp32 (N,)
     rstd_ptr,  # fp32 (N,)
-    residual_out_ptr,  # (N, C): inp1 + inp2, written only when ADD_RESIDUAL
-    inp1_ptr,  # (N, C): the rows to normalize, or the residual stream when ADD_RESIDUAL
-    inp2_ptr,  # (N, C): the branch output added to inp1, read only when ADD_RESIDUAL
+    inp_ptr,  # (N, C): the rows to normalize
     weight_ptr,  # (C,)
     bias_ptr,  # (C,)
     N,
     C,
     eps,
-    ADD_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -81,14 +78,7 @@ def _layernorm_forward_kernel(
     mask = row_mask[:, None] & column_mask[None, :]
     offsets = rows.to(tl.int64)[:, None] * C + columns[None, :]
 
-    x = tl.load(inp1_ptr + offsets, mask=mask, other=0.0)
-    if ADD_RESIDUAL:
-        # the sum is rounded to the activation dtype before it is normalized: the stored residual is what the
-        # next residual add and this layernorm's backward will read, so forward and backward see the same x
-        x = x.to(tl.float32) + tl.load(inp2_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = round_to(x, residual_out_ptr.dtype.element_ty)
-        tl.store(residual_out_ptr + offsets, x, mask=mask)
-    x = x.to(tl.float32)
+    x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
     mean = tl.sum(x, axis=1) / C  # (ROWS,)
     centered = tl.where(mask, x - mean[:, None], 0.0)
@@ -107,31 +97,12 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
     All row tensors contiguous; inp and out in the activation dtype (bf16 or fp32), weight and bias in the
     parameter dtype.
     """
-    _launch_forward(out, mean, rstd, None, inp, None, weight, bias, eps)
-
-
-def fused_residual_layernorm_forward(residual_out, out, mean, rstd, inp1, inp2, weight, bias, eps=1e-5):
-    """residual_out = inp1 + inp2 (rounded to the activation dtype), out = layernorm(residual_out), in one pass.
-
-    Shapes as layernorm_forward; residual_out may be the same tensor as inp1 (the residual stream updated in place).
-    """
-    _launch_forward(out, mean, rstd, residual_out, inp1, inp2, weight, bias, eps)
-
-
-def _launch_forward(out, mean, rstd, residual_out, inp1, inp2, weight, bias, eps):
-    C = inp1.shape[-1]
-    N = inp1.numel() // C
-    assert inp1.is_contiguous() and out.is_contiguous() and mean.numel() == N and rstd.numel() == N
+    C = inp.shape[-1]
+    N = inp.numel() // C
+    assert inp.is_contiguous() and out.is_contiguous() and mean.numel() == N and rstd.numel() == N
     rows, block_c, num_warps = _row_tile(C)
-    add_residual = residual_out is not None
-    if add_residual:
-        assert inp2.is_contiguous() and residual_out.is_contiguous()
-    else:
-        residual_out, inp2 = inp1, inp1  # unused by the kernel when ADD_RESIDUAL is False
-    grid = (triton.cdiv(N, rows),)
-    _layernorm_forward_kernel[grid](
-        out, mean, rstd, residual_out, inp1, inp2, weight, bias, N, C, eps,
-        ADD_RESIDUAL=add_residual, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+    _layernorm_forward_kernel[(triton.cdiv(N, rows),)](
+        out, mean, rstd, inp, weight, bias, N, C, eps, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
     )
 
 

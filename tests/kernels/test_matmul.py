@@ -57,6 +57,21 @@ def test_matmul_forward(dtype, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_forward_adds_the_residual(dtype):
+    """A projection joining the residual stream: out = x @ W^T + bias + residual in one call, the residual left as it
+    was (it is cuBLASLt's C, read, while out is D)."""
+    N, OC = 305, C
+    x, weight = randn(N, 4 * C, dtype=dtype, seed=8), randn(OC, 4 * C, dtype=dtype, scale=(4 * C) ** -0.5, seed=9)
+    bias, residual = randn(OC, dtype=dtype, scale=0.5, seed=10), randn(N, OC, dtype=dtype, seed=11)
+    residual_before = residual.clone()
+    out = nans(N, OC, dtype=dtype)
+    vendor.matmul_forward(out, x, weight, bias, residual=residual)
+    ref = x.double() @ weight.double().t() + bias.double() + residual.double()
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+    assert torch.equal(residual, residual_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_forward_row_strided_input(dtype):
     """An input whose rows are further apart than its width (a column slice): the leading dimension is its stride."""
     N, OC = 303, C
