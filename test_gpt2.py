@@ -93,9 +93,12 @@ def main(argv=None):
     B, T = state.x.shape
     V = config.vocab_size
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    model = GPT2(config, B, T, dtype=dtype, device=args.device, recompute=args.recompute,
-                 attention_impl=args.attention, cuda_graphs=bool(args.cuda_graphs),
-                 gelu_fusion=args.gelu_fusion)
+    try:
+        model = GPT2(config, B, T, dtype=dtype, device=args.device, recompute=args.recompute,
+                     attention_impl=args.attention, cuda_graphs=bool(args.cuda_graphs),
+                     gelu_fusion=args.gelu_fusion)
+    except ValueError as e:  # e.g. --attention cudnn without the cuDNN frontend installed
+        sys.exit(f"test_gpt2.py: {e}")
     model.load_weights(weights)
     print(f"[test_gpt2] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
           f"attention={model.attention_impl} device={args.device} cuda_graphs={int(model.cuda_graphs)} "

@@ -20,6 +20,7 @@ partial last block. The bf16 cases T = 300 and 150 do the same for the GPU's bf1
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -178,6 +179,14 @@ def test_cudnn_qkv_bias_gradient(device):
     column_blocks_backward(dbias, [dqkv.view(B * T, 3 * C)[:, :C], None, dout.reshape(B * T, C)], scratch)
     error = relative_error(dbias, ref_dqkv.sum(dim=(0, 1)))
     assert error <= 1e-2, f"qkv bias gradient: relative error {error:.2e}"
+
+
+def test_missing_cudnn_frontend_says_what_to_install(monkeypatch):
+    """Without the cudnn package, asking for cuDNN's attention is a ValueError naming the package and the way out."""
+    monkeypatch.setattr(vendor, "_cudnn", {})
+    monkeypatch.setitem(sys.modules, "cudnn", None)  # makes `import cudnn` raise ImportError
+    with pytest.raises(ValueError, match="pip install nvidia-cudnn-frontend, or run with --attention triton"):
+        vendor.cudnn_frontend()
 
 
 def test_backward_is_deterministic(device):
