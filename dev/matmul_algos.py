@@ -27,6 +27,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "dev", "kernels")]
 
 import torch  # noqa: E402
 
+from common import rel_error  # noqa: E402
 from llmpy import cublaslt, vendor  # noqa: E402
 from llmpy.config import config_from_descriptor  # noqa: E402
 from matmul import bound_backward_input, bound_backward_weight, bound_forward  # noqa: E402
@@ -135,41 +136,41 @@ def study(model, B, T, rounds=3):
     calls = [Call(*spec, N=N, seed=i) for i, spec in enumerate(layer + lm_head)]
     plans = {}  # contender -> llmpy.cublaslt's plan cache after its first calls
     errors = {}
-    for contender in CONTENDERS:
-        cublaslt._plans.clear()
-        cublaslt._CANDIDATES = {"lt-first": 1, "lt-timed": 8, "lt-best": BEST_OF}.get(contender)
-        if contender == "lt-best":
-            found = [choose_best(call) for call in calls]
-            print(f"lt-best candidates per shape: {found}")
-        for call in calls:
-            ref = call.result("torch")
-            errors[call.name, contender] = (torch.linalg.vector_norm((call.result(contender) - ref).double())
-                                            / torch.linalg.vector_norm(ref.double())).item()
-        if contender != "torch":
-            plans[contender] = dict(cublaslt._plans)
+    candidates = cublaslt._CANDIDATES
+    try:
+        for contender in CONTENDERS:
+            cublaslt._plans.clear()
+            cublaslt._CANDIDATES = {"lt-first": 1, "lt-timed": candidates, "lt-best": BEST_OF}.get(contender)
+            if contender == "lt-best":
+                found = [choose_best(call) for call in calls]
+                print(f"lt-best candidates per shape: {found}")
+            for call in calls:
+                errors[call.name, contender] = rel_error(call.result(contender), call.result("torch"))
+            if contender != "torch":
+                plans[contender] = dict(cublaslt._plans)
+    finally:
+        cublaslt._CANDIDATES = candidates
 
     def activate(contender):
         if contender != "torch":
             cublaslt._plans.clear()
             cublaslt._plans.update(plans[contender])
 
-    def step():  # the step's matmuls: L layers, then the LM head, each call once per layer
+    def step(contender):  # the step's matmuls: L layers, then the LM head, each call once per layer
         for _ in range(L):
             for call in calls[:len(layer)]:
-                call.run(current[0])
+                call.run(contender)
         for call in calls[len(layer):]:
-            call.run(current[0])
+            call.run(contender)
 
     per_call = {(c.name, k): [] for c in calls for k in CONTENDERS}
     per_step = {k: [] for k in CONTENDERS}
-    current = [None]
     for _ in range(rounds):
         for contender in CONTENDERS:
             activate(contender)
-            current[0] = contender
             for call in calls:
                 per_call[call.name, contender].append(sustained_ms(lambda: call.run(contender)))
-            per_step[contender].append(sustained_ms(step, seconds=1.0))
+            per_step[contender].append(sustained_ms(lambda: step(contender), seconds=1.0))
     print(f"\n{model} B={B} T={T} (N={N}, C={C}, L={L}): ms per call, sustained, median of {rounds} rounds; "
           f"in brackets ||got - torch|| / ||torch||")
     print(f"{'matmul':<14}" + "".join(f"{k:>22}" for k in CONTENDERS) + f"{'best/torch':>12}")
