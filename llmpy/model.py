@@ -6,10 +6,10 @@ Everything the model holds lives in a few flat buffers, allocated once:
   grads (P,)    fp32 gradients, zeroed once per step, accumulated over micro-steps
   m, v (P,)     fp32 AdamW moments
 and the activations for one (B, T) micro-batch. The step allocates nothing (cuDNN's attention workspace is
-allocated once, at its first call). Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor) or our own flash attention; every
-other op is one of our Triton kernels (llmpy.kernels), except the forward's GELU, which with gelu_fusion runs in the
-fc matmul's cuBLASLt epilogue. A training micro-batch, forward and backward, can be replayed from a CUDA graph
-(train_micro_batch).
+allocated once, at its first call). Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor) or our own flash
+attention; every other op is one of our Triton kernels (llmpy.kernels), except the forward's GELU, which with
+gelu_fusion runs in the fc matmul's cuBLASLt epilogue. A training micro-batch, forward and backward, can be replayed
+from a CUDA graph (train_micro_batch).
 
 Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
 """

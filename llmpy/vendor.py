@@ -82,7 +82,7 @@ def matmul_backward_weight(dweight, dout, inp):
         dweight.addmm_(dout.t().to(dweight.dtype), inp.to(dweight.dtype))
 
 
-def _heads(x, NH, K):
+def heads(x, NH, K):
     """Views (B, NH, T, HS) of the K blocks of C columns of x (B, T, K*C): q, k and v of qkv (K = 3), or the heads of
     the attention output or its gradient (K = 1). Strided views, no copies."""
     B, T, KC = x.shape
@@ -149,11 +149,11 @@ def cudnn_attention_forward(out, lse, qkv, NH):
     """out (B, T, C) = causal self-attention of the heads in qkv (B, T, 3C), and lse (B, NH, T) fp32, each query's
     softmax log-sum-exp, for the backward: cuDNN's flash attention with the contract of our own
     (llmpy.kernels.attention.attention_forward)."""
-    _cudnn_attention(False, _heads(qkv, NH, 3), _heads(out, NH, 1) + [lse.unsqueeze(-1)])
+    _cudnn_attention(False, heads(qkv, NH, 3), heads(out, NH, 1) + [lse.unsqueeze(-1)])
 
 
 def cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH):
     """dqkv (B, T, 3C) = the gradient of causal self-attention given dout (B, T, C) and the forward's qkv, out and
     lse: cuDNN's flash attention backward, writing dq, dk and dv into their columns of dqkv."""
-    _cudnn_attention(True, _heads(qkv, NH, 3) + _heads(out, NH, 1) + _heads(dout, NH, 1) + [lse.unsqueeze(-1)],
-                     _heads(dqkv, NH, 3))
+    _cudnn_attention(True, heads(qkv, NH, 3) + heads(out, NH, 1) + heads(dout, NH, 1) + [lse.unsqueeze(-1)],
+                     heads(dqkv, NH, 3))

@@ -49,17 +49,10 @@ import triton
 import triton.language as tl
 
 from llmpy import vendor
+from llmpy.vendor import heads
 from llmpy.kernels import attention as mainline
 from llmpy.kernels.attention import LOG2E  # log2(e), a tl.constexpr: exp(x) = exp2(x * LOG2E)
 from llmpy.kernels.rounding import round_to
-
-
-def _heads(x, NH, parts):
-    """Views (B, NH, T, HS) of the `parts` head blocks of x (B, T, parts * NH * HS): q, k, v of qkv (parts=3), or the
-    single block of out and dout (parts=1). Strided views, no copies."""
-    B, T, width = x.shape
-    x = x.view(B, T, parts, NH, width // (parts * NH))
-    return [x[:, :, i].transpose(1, 2) for i in range(parts)]
 
 
 # v1's batched matmul: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps); small tiles under the interpreter so that T ~ 50
@@ -145,7 +138,7 @@ def _row_launch(T):
 def _scores_and_probabilities(qkv, NH, lse):
     """v1's first two steps: S = scale q k^T (fp32, (B, NH, T, T)), then P = causal softmax(S) (bf16) and lse."""
     B, T, three_c = qkv.shape
-    q, k, _ = _heads(qkv, NH, 3)
+    q, k, _ = heads(qkv, NH, 3)
     scores = torch.empty(B, NH, T, T, dtype=torch.float32, device=qkv.device)
     _bmm(scores, q, k.transpose(2, 3), 1.0 / math.sqrt(q.shape[-1]))
     probs = torch.empty(B, NH, T, T, dtype=qkv.dtype, device=qkv.device)
@@ -160,7 +153,7 @@ def v1(out, lse, qkv, NH):
 
     out (B, T, C) written; lse (B, NH, T) fp32 written; qkv (B, T, 3C) bf16."""
     _, probs = _scores_and_probabilities(qkv, NH, lse)
-    _bmm(_heads(out, NH, 1)[0], probs, _heads(qkv, NH, 3)[2])
+    _bmm(heads(out, NH, 1)[0], probs, heads(qkv, NH, 3)[2])
 
 
 def v1_backward(dqkv, dout, qkv, out, lse, NH):
@@ -172,9 +165,9 @@ def v1_backward(dqkv, dout, qkv, out, lse, NH):
     they are there for the flash backward's signature."""
     B, T, three_c = qkv.shape
     scale = 1.0 / math.sqrt(three_c // (3 * NH))
-    q, k, v = _heads(qkv, NH, 3)
-    dq, dk, dv = _heads(dqkv, NH, 3)
-    (dout_heads,) = _heads(dout, NH, 1)
+    q, k, v = heads(qkv, NH, 3)
+    dq, dk, dv = heads(dqkv, NH, 3)
+    (dout_heads,) = heads(dout, NH, 1)
     scores, probs = _scores_and_probabilities(qkv, NH, torch.empty_like(lse))
     _bmm(dv, probs.transpose(2, 3), dout_heads)
     dprobs = scores  # S is spent: its fp32 buffer takes dP
@@ -270,7 +263,7 @@ def cudnn_backward(dqkv, dout, qkv, out, lse, NH):
 
 def flash_forward(qkv, NH):
     """torch's FlashAttention-2 (the flash SDPA backend) on the heads of qkv: (out (B, NH, T, HS), saved)."""
-    q, k, v = _heads(qkv, NH, 3)
+    q, k, v = heads(qkv, NH, 3)
     res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
     return res[0], res
 
@@ -278,8 +271,8 @@ def flash_forward(qkv, NH):
 def flash_backward(dout, qkv, NH, saved):
     """FlashAttention-2's backward: (dq, dk, dv), each (B, NH, T, HS)."""
     out, lse, cum_q, cum_k, max_q, max_k, seed, offset = saved[:8]
-    q, k, v = _heads(qkv, NH, 3)
-    (dout_heads,) = _heads(dout, NH, 1)
+    q, k, v = heads(qkv, NH, 3)
+    (dout_heads,) = heads(dout, NH, 1)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout_heads, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
 
@@ -288,7 +281,7 @@ def reference(qkv, dout, NH):
     """float64 attention with autograd: out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)."""
     B, T, three_c = qkv.shape
     qkv64 = qkv.detach().double().requires_grad_(True)
-    q, k, v = _heads(qkv64, NH, 3)
+    q, k, v = heads(qkv64, NH, 3)
     scores = q @ k.transpose(2, 3) / math.sqrt(q.shape[-1])
     causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))

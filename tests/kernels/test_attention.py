@@ -99,7 +99,6 @@ def cudnn_or_skip(device):
     if device != "cuda":
         pytest.skip("cuDNN's attention runs on the GPU only")
     pytest.importorskip("cudnn", reason="needs the cuDNN frontend (pip install nvidia-cudnn-frontend)")
-    return True
 
 
 @pytest.mark.parametrize("cudnn", [False, True], ids=["ours", "cudnn"])
