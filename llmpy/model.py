@@ -95,9 +95,9 @@ class GPT2:
         self.acts = Activations(config, B, T, dtype, device, recompute, attention_impl)
         C, N = config.channels, B * T
         self.ln_scratch = layernorm.layernorm_backward_scratch(N, C, self.device)
-        # column partial sums for the bias gradients, (G, OC): qkv (3C) and fc (4C) need them, the projections' are
-        # the layernorms'; our attention backward sums the qkv gradient itself, per block of tokens
-        self.bias_scratch = {"qkv": bias.bias_backward_scratch(N, C, self.device, blocks=3) if attention_impl == "cudnn"
+        # column partial sums for the bias gradients, (G, OC): the query bias (C) and fc (4C) need them, the
+        # projections' are the layernorms'; our attention backward sums the qkv gradient itself, per block of tokens
+        self.bias_scratch = {"qkv": bias.bias_backward_scratch(N, C, self.device) if attention_impl == "cudnn"
                              else attention.backward_bias_scratch(B, T, C, config.num_heads, dtype, self.device),
                              "fc": bias.bias_backward_scratch(N, 4 * C, self.device)}
         self.norm_scratch = norm.global_norm_scratch(shard_size, self.device)
@@ -240,10 +240,11 @@ class GPT2:
 
         The bias gradients (column sums of an output gradient) are fused into the kernel that writes that gradient:
         a projection's output gradient is the residual stream's gradient, written by the next layernorm's backward;
-        fc's is written by the GELU backward; qkv's by the attention backward (ours), or from dq and datty (cuDNN).
+        fc's is written by the GELU backward; qkv's by the attention backward (ours), or from dq and the attention
+        projection's bias gradient (cuDNN).
         """
         cfg, a, p, g = self.config, self.acts, self.p, self.g
-        B, T, L = self.B, self.T, cfg.num_layers
+        B, T, L, C = self.B, self.T, cfg.num_layers, cfg.channels
         # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
         vendor.matmul_backward_input(a.dbtc, a.logits, p["wte"])
         vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf)
@@ -275,6 +276,8 @@ class GPT2:
                                          p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch,
                                          dinp_column_sums=g["fcprojb"][l - 1] if l > 0 else None)
         encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
+        if self.attention_impl == "cudnn":  # the value bias's gradient, for all layers (_attention_backward)
+            bias.value_bias_backward(g["qkvb"][:, 2 * C:], g["attprojb"], p["attprojw"])
 
     def _matmul_backward(self, dinp, wname, l, dout, inp):
         """For out = inp @ W^T + b: dinp = dout @ W, dW += dout^T @ inp (db is summed where dout is written)."""
@@ -282,15 +285,18 @@ class GPT2:
         vendor.matmul_backward_weight(self.g[wname][l], dout, inp)
 
     def _attention_backward(self, l, datty):
-        """Writes dqkv (N, 3C) from datty (N, C), and adds the qkv bias gradient (dqkv's column sums)."""
+        """Writes dqkv (N, 3C) from datty (N, C), and adds the qkv bias gradient (dqkv's column sums; under cuDNN the
+        query part; backward() writes the value part)."""
         a, NH, B, T, C = self.acts, self.config.num_heads, self.B, self.T, self.config.channels
         qkv, atty, dqkvb = a.qkv[l].view(B, T, -1), a.atty[l].view(B, T, -1), self.g["qkvb"][l]
         if self.attention_impl == "cudnn":
             vendor.cudnn_attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH)
-            # Of dqkv's three column blocks only dq's needs summing. Keys: a bias b on every key adds q_i . b to all
-            # of query i's scores, which the softmax ignores, so the key bias's gradient is exactly zero. Values:
-            # sum_j dv_j = sum_j sum_i P_ij datty_i = sum_i datty_i, as every row of P sums to 1.
-            bias.column_blocks_backward(dqkvb, [a.dqkv[:, :C], None, datty], self.bias_scratch["qkv"])
+            # Of dqkv's three column blocks only dq's is summed here. Keys: a bias b on every key adds q_i . b to all
+            # of query i's scores, which the softmax ignores, so the key bias's gradient is exactly zero (it stays
+            # as zero_grad left it). Values: sum_j dv_j = sum_j sum_i P_ij datty_i = sum_i datty_i, as every row of P
+            # sums to 1, and datty's column sums are the attention projection's bias gradient times its weight:
+            # backward() computes them at its end from that gradient, for all layers at once.
+            bias.bias_backward(dqkvb[:C], a.dqkv[:, :C], self.bias_scratch["qkv"])
         else:
             attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH,
                                          a.att_delta, dbias=dqkvb, bias_scratch=self.bias_scratch["qkv"])

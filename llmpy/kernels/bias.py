@@ -16,9 +16,9 @@ order the GPU happens to schedule programs in, so the reduction runs in two fixe
 The result depends only on G, which `bias_backward_scratch` derives from the shapes alone, so it is the same bits
 every step. Layernorm's and GELU's backward reuse stage 2 (`sum_partials`) for the column sums they fuse in.
 
-The qkv projection's bias gradient under cuDNN's attention needs only two of its three blocks of columns
-(`column_blocks_backward`, the reason in llmpy.model): stage 1 runs over each block that has a gradient, into its
-columns of one (G, 3C) buffer, and one stage 2 adds them all.
+The value bias's gradient under cuDNN's attention needs no pass over an activation at all (`value_bias_backward`,
+the reason in llmpy.model): it is the attention projection's bias gradient times the projection's weight, a
+(C,) x (C, C) product per layer.
 """
 
 import torch
@@ -130,10 +130,9 @@ def sum_partials(out, partials):
     )
 
 
-def bias_backward_scratch(N, OC, device, blocks=1):
-    """The fp32 (G, blocks * OC) partial-sum buffer for bias_backward on (N, OC) gradients, or for
-    column_blocks_backward of `blocks` (N, OC) blocks; allocate once, reuse every step."""
-    return torch.empty((bias_backward_groups(N, OC), blocks * OC), dtype=torch.float32, device=device)
+def bias_backward_scratch(N, OC, device):
+    """The fp32 (G, OC) partial-sum buffer for bias_backward on (N, OC) gradients; allocate once, reuse every step."""
+    return torch.empty((bias_backward_groups(N, OC), OC), dtype=torch.float32, device=device)
 
 
 def bias_backward_groups(N, OC):
@@ -143,41 +142,65 @@ def bias_backward_groups(N, OC):
     return max(1, min(triton.cdiv(_TARGET_PROGRAMS, column_blocks), triton.cdiv(N, rows)))
 
 
-def _column_partial_sums(partials, dout):
-    """Stage 1: partials (G, OC) = dout's column sums over G groups of rows."""
-    N, OC = dout.shape
-    G = partials.shape[0]
-    assert dout.stride(1) == 1 and partials.shape[1] == OC and partials.stride(1) == 1
-    rows, block_columns = column_tile(OC)
-    _column_partial_sums_kernel[(G, triton.cdiv(OC, block_columns))](
-        partials, dout, N, OC, dout.stride(0), partials.stride(0), triton.cdiv(N, G),
-        ROWS=rows, BLOCK_OC=block_columns, num_warps=8
-    )
-
-
 def bias_backward(dbias, dout, scratch):
     """dbias (OC,) fp32 += dout (N, OC).sum(0), deterministic.
 
     dout: (N, OC) in the activation dtype with unit column stride; rows may be strided (a column slice of a wider
-    matrix, e.g. the q, k or v part of dqkv).
+    matrix, e.g. the q part of dqkv).
     scratch: fp32 (G, OC) from bias_backward_scratch; any G >= 1 gives the right sums (G sets the summation order).
     """
-    column_blocks_backward(dbias, [dout], scratch)
-
-
-def column_blocks_backward(dbias, blocks, scratch):
-    """dbias (K*C,) fp32 += the column sums of K (N, C) blocks side by side, deterministic; a block that is None adds
-    nothing to its C columns.
-
-    blocks: (N, C) in the activation dtype, unit column stride, rows may be strided (e.g. the q part of dqkv).
-    scratch: fp32 (G, K*C) from bias_backward_scratch(N, C, blocks=K).
-    """
-    C = dbias.shape[0] // len(blocks)
-    assert scratch.shape[1] == dbias.shape[0] and scratch.is_contiguous()
-    for i, block in enumerate(blocks):
-        columns = slice(i * C, (i + 1) * C)
-        if block is None:
-            scratch[:, columns].zero_()
-        else:
-            _column_partial_sums(scratch[:, columns], block)
+    N, OC = dout.shape
+    G = scratch.shape[0]
+    assert dout.stride(1) == 1 and scratch.shape == (G, OC) and scratch.is_contiguous() and dbias.shape == (OC,)
+    rows, block_columns = column_tile(OC)
+    _column_partial_sums_kernel[(G, triton.cdiv(OC, block_columns))](
+        scratch, dout, N, OC, dout.stride(0), scratch.stride(0), triton.cdiv(N, G),
+        ROWS=rows, BLOCK_OC=block_columns, num_warps=8
+    )
     sum_partials(dbias, scratch)
+
+
+@triton.jit
+def _value_bias_backward_kernel(
+    dvalue_bias_ptr,  # fp32 (L, C), rows dvalue_bias_stride apart: out, row l = dproj_bias[l] @ proj_weight[l]
+    dproj_bias_ptr,  # fp32 (L, C)
+    proj_weight_ptr,  # (L, C, C), (out channel, in channel) per layer
+    C,
+    dvalue_bias_stride,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    layer = tl.program_id(0)
+    columns = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # j: input channels of the projection
+    column_mask = columns < C
+    proj_weight_ptr += layer.to(tl.int64) * C * C
+    accumulator = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for start in range(0, C, BLOCK_I):  # i: output channels, in a fixed order
+        rows = start + tl.arange(0, BLOCK_I)
+        row_mask = rows < C
+        dproj_bias = tl.load(dproj_bias_ptr + layer * C + rows, mask=row_mask, other=0.0)
+        weight = tl.load(proj_weight_ptr + rows[:, None] * C + columns[None, :],
+                         mask=row_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+        accumulator += dproj_bias[:, None] * weight
+    tl.store(dvalue_bias_ptr + layer * dvalue_bias_stride + columns, tl.sum(accumulator, axis=0), mask=column_mask)
+
+
+def value_bias_backward(dvalue_bias, dproj_bias, proj_weight):
+    """dvalue_bias[l] = dproj_bias[l] @ proj_weight[l] for every layer l (overwritten, deterministic).
+
+    The attention's output atty feeds the projection out = atty @ W^T + b, so datty = dout @ W and datty's column
+    sums are dout's column sums, the projection's bias gradient db, times W: colsum(datty) = db @ W. Under attention,
+    colsum(datty) is also the value bias's gradient (llmpy.model says why), which makes that gradient db @ W:
+    (C,) x (C, C) per layer instead of a pass over the (N, C) datty. And as W does not change between the micro-batches
+    of a step, the running total of db over them, times W, is the running total of the value bias's gradient.
+
+    dvalue_bias: fp32 (L, C), unit column stride (the v part of the (L, 3C) qkv bias gradient); dproj_bias: fp32
+    (L, C) contiguous; proj_weight: (L, C, C) contiguous, the projection's weight (out channel, in channel).
+    """
+    L, C = dproj_bias.shape
+    assert dvalue_bias.shape == (L, C) and dvalue_bias.stride(1) == 1 and dproj_bias.is_contiguous()
+    assert proj_weight.shape == (L, C, C) and proj_weight.is_contiguous()
+    block_j = min(128, triton.next_power_of_2(C))
+    _value_bias_backward_kernel[(L, triton.cdiv(C, block_j))](
+        dvalue_bias, dproj_bias, proj_weight, C, dvalue_bias.stride(0), BLOCK_I=32, BLOCK_J=block_j, num_warps=4,
+    )

@@ -27,7 +27,7 @@ import torch
 
 from llmpy import vendor
 from llmpy.kernels.attention import attention_backward, attention_forward, backward_bias_scratch
-from llmpy.kernels.bias import bias_backward_scratch, column_blocks_backward
+from llmpy.kernels.bias import bias_backward, bias_backward_scratch, value_bias_backward
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the GPU reference must be true fp32 matmuls too
 
@@ -165,18 +165,24 @@ def test_qkv_bias_gradient_needs_only_dq_and_dout():
 
 
 def test_cudnn_qkv_bias_gradient(device):
-    """The mainline's qkv bias gradient under cuDNN: column_blocks_backward over [dq, None, dout] against the
-    column sums of float64 autograd's dqkv, within the bf16 tolerance of the gradients themselves (1e-2 relative)."""
+    """The mainline's qkv bias gradient under cuDNN: the query part from bias_backward over dq, the key part zero, the
+    value part from value_bias_backward, the attention projection's bias gradient (dproj's column sums) times its
+    weight W, where dout = dproj @ W. Against the column sums of float64 autograd's dqkv, within the bf16 tolerance
+    of the gradients themselves (1e-2 relative)."""
     cudnn_or_skip(device)
     B, T, NH, HS = 2, 150, 2, 64
     C = NH * HS
-    qkv, dout = make_inputs(B, T, NH, HS, torch.bfloat16, device, seed=22)
+    qkv, _ = make_inputs(B, T, NH, HS, torch.bfloat16, device, seed=22)
+    generator = torch.Generator().manual_seed(23)
+    dproj = torch.randn(B * T, C, generator=generator).to(device=device, dtype=torch.bfloat16)
+    weight = (torch.randn(C, C, generator=generator) / math.sqrt(C)).to(device=device, dtype=torch.bfloat16)
+    dout = (dproj.float() @ weight.float()).to(torch.bfloat16).view(B, T, C)
     _, _, dqkv = run_kernels(qkv, dout, NH, cudnn=True)
     _, _, ref_dqkv = reference_attention(qkv, dout, NH)
-    dbias = torch.zeros(3 * C, device=device)
-    scratch = bias_backward_scratch(B * T, C, device, blocks=3).fill_(float("nan"))
-    column_blocks_backward(dbias, [dqkv.view(B * T, 3 * C)[:, :C], None, dout.reshape(B * T, C)], scratch)
-    error = relative_error(dbias, ref_dqkv.sum(dim=(0, 1)))
+    dbias = torch.zeros(1, 3 * C, device=device)
+    bias_backward(dbias[0, :C], dqkv.view(B * T, 3 * C)[:, :C], bias_backward_scratch(B * T, C, device).fill_(float("nan")))
+    value_bias_backward(dbias[:, 2 * C:], dproj.float().sum(0)[None], weight[None])
+    error = relative_error(dbias[0], ref_dqkv.sum(dim=(0, 1)))
     assert error <= 1e-2, f"qkv bias gradient: relative error {error:.2e}"
 
 

@@ -1,5 +1,5 @@
-"""bias_backward and column_blocks_backward (dbias += column sums of dout) against a float64 torch sum, and their
-determinism.
+"""bias_backward (dbias += column sums of dout) against a float64 torch sum, and its determinism; value_bias_backward
+(a vector times a matrix per layer) against a float64 product.
 
 dbias starts from random values and must end at dbias + dout.sum(0). Tolerance: the kernel sums N values per column
 in fp32 (per-lane running sums, then fixed trees), so its rounding error is a few times N * 2^-24 * sum|dout| at
@@ -11,7 +11,7 @@ bf16 dout is exact in fp32, so the same tolerance holds against the float64 sum 
 import pytest
 import torch
 
-from llmpy.kernels.bias import bias_backward, bias_backward_scratch, column_blocks_backward, sum_partials
+from llmpy.kernels.bias import bias_backward, bias_backward_scratch, sum_partials, value_bias_backward
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -50,19 +50,26 @@ def test_rows_may_be_strided(device):
     torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
 
 
-def test_column_blocks_add_the_sums_of_the_blocks_given(device):
-    """column_blocks_backward: the (3C,) bias gradient gains the column sums of three (N, C) blocks side by side, a
-    strided one (the dq part of dqkv) among them, and nothing in the columns of a block given as None (the key bias
-    under cuDNN's attention), even though its part of the scratch starts as NaN."""
-    N, C = 37, 80
-    dqkv, dbias = random_inputs(N, 3 * C, torch.bfloat16, device, seed=12)
-    dout = random_inputs(N, C, torch.bfloat16, device, seed=13)[0]
-    blocks = [dqkv[:, :C], None, dout]
-    expected = dbias.double() + torch.cat([dqkv[:, :C], torch.zeros_like(dout), dout], dim=1).double().sum(0)
+@pytest.mark.parametrize("C", [64, 80, 160])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_bias_backward_is_the_vector_times_the_matrix(device, C, dtype):
+    """value_bias_backward: out[l] = vectors[l] @ matrices[l] for each layer, written into the v part of an (L, 3C)
+    buffer (rows 3C apart, poisoned with NaN), its other columns untouched. The kernel walks 32 rows by 128 columns:
+    C = 80 and 160 end in a partial column block, C = 80 in a partial row block too. Each output sums C <= 160
+    products of O(1) values (sums ~10) in fp32, rounding ~1e-5 at worst: rtol 1e-5 with atol 1e-5."""
+    L = 3
+    generator = torch.Generator().manual_seed(C)
+    vectors = torch.randn(L, C, generator=generator).to(device)
+    matrices = torch.randn(L, C, C, generator=generator).to(device=device, dtype=dtype)
+    out = torch.randn(L, 3 * C, generator=generator).to(device)
+    out[:, 2 * C:] = float("nan")
+    before = out.clone()
 
-    column_blocks_backward(dbias, blocks, bias_backward_scratch(N, C, device, blocks=3).fill_(float("nan")))
+    value_bias_backward(out[:, 2 * C:], vectors, matrices)
 
-    torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
+    expected = torch.einsum("li,lij->lj", vectors.double(), matrices.double())
+    torch.testing.assert_close(out[:, 2 * C:].double(), expected, **TOLERANCE)
+    assert torch.equal(out[:, :2 * C], before[:, :2 * C])
 
 
 def test_sum_partials_adds_up_to_three_sums_in_one_launch(device):
