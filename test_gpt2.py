@@ -111,6 +111,7 @@ def main(argv=None):
     model.forward(x)
     logits = model.acts.logits.view(B, T, -1)[:, :, :V].float().cpu().numpy()
     ok &= check("logits", logits, state.logits, tol_logits)
+    model.grads.fill_(float("nan"))  # zero_grad and backward must leave nothing of what the gradients held
     model.zero_grad()
     model.forward(x, y)
     loss = model.acts.losses.double().mean().item()

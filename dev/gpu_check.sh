@@ -39,8 +39,8 @@ for step in "${steps[@]}"; do
         for r in 0 1 2; do  # fp32: our attention (cuDNN's flash attention is bf16 only)
             run python3 test_gpt2.py --dtype float32 --attention triton -r "$r"
         done ;;
-    train)
-        run python3 train_gpt2.py -e d12 -b 16 -t 1024 -x 30 -v 10 -m 4 -s 30 -g 32 -o "${OUT:-.}/train_log" ;;
+    train)  # 2 micro-batches a step: the first writes the weight gradients, the second adds (a CUDA graph each)
+        run python3 train_gpt2.py -e d12 -b 16 -t 1024 -d 32768 -x 30 -v 10 -m 4 -s 30 -g 32 -o "${OUT:-.}/train_log" ;;
     compare)
         # the mainline and the PyTorch reference (torch.compile, bf16) from the same init, data and hyperparameters:
         # batches of 32 x 1024 tokens as 2 micro-batches of 16 (tiny Shakespeare's val split is one batch of 16)

@@ -22,6 +22,8 @@ from .config import gpt2_init, num_parameters, split_params
 from .distributed import Dist
 from .kernels import adamw, attention, bias, classifier, encoder, gelu, layernorm, norm, reduce
 
+_MATMUL_WEIGHTS = ("wte", "qkvw", "attprojw", "fcw", "fcprojw")  # their gradients come from a matmul each
+
 
 class Activations:
     """The forward's saved tensors for one micro-batch, and the backward's scratch.
@@ -116,7 +118,11 @@ class GPT2:
         if gelu_fusion == -1:
             gelu_fusion = int(self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9)
         self.gelu_fusion = gelu_fusion if self.device.type == "cuda" else 0
-        self._graph, self._graph_key = None, None  # train_micro_batch's CUDA graph and what it was captured for
+        # zero_grad zeroes these; the matmul weights' gradients (98% of the buffer at d12) are written, not
+        # accumulated, by the backward that follows it
+        self._zeroed_grads = [grad for name, grad in self.g.items() if name not in _MATMUL_WEIGHTS]
+        self._write_weight_grads = False  # True from zero_grad to the next backward
+        self._graphs = {}  # train_micro_batch's CUDA graphs by what they were captured for (None: not yet captured)
 
     def load_weights(self, flat):
         """Sets the weights from a flat fp32 array (llm.c's order), e.g. from llmpy.formats.read_model."""
@@ -194,25 +200,27 @@ class GPT2:
         """One micro-batch of a training step: forward with targets (dlogits scaled by dloss), loss_sum (fp32 (1,))
         += dloss * the sum of the losses, then backward (the gradients accumulate).
 
-        With cuda_graphs, the first call for a given (dloss, loss_sum) runs eagerly: it compiles the kernels and lets
-        cuBLAS and cuDNN choose their plans, which a capture cannot. The second captures the whole micro-batch, about
-        30 launches a layer, into one CUDA graph and replays it, and every later call only copies the batch into the
-        input buffers and replays: the GPU no longer waits for Python between kernels. A graph replays the same
-        kernels on the same buffers with the same arguments, which is why the step reads everything that changes
-        (tokens, learning rate, step count) from device memory.
+        With cuda_graphs, the first call for a given (dloss, loss_sum, first after zero_grad or not) runs eagerly: it
+        compiles the kernels and lets cuBLAS and cuDNN choose their plans, which a capture cannot. The second captures
+        the whole micro-batch, about 30 launches a layer, into one CUDA graph and replays it, and every later call
+        only copies the batch into the input buffers and replays: the GPU no longer waits for Python between kernels.
+        A graph replays the same kernels on the same buffers with the same arguments, which is why the step reads
+        everything that changes (tokens, learning rate, step count) from device memory, and why a step's first
+        micro-batch, which writes the weight gradients rather than adding to them, has a graph of its own.
         """
         self.inputs.copy_(inputs, non_blocking=True)
         self.targets.copy_(targets, non_blocking=True)
-        key = (dloss, loss_sum.data_ptr())
-        if not self.cuda_graphs or self._graph_key != key:
+        key = (dloss, loss_sum.data_ptr(), self._write_weight_grads)
+        if not self.cuda_graphs or key not in self._graphs:
             self._micro_batch(dloss, loss_sum)
-            self._graph_key, self._graph = key, None
+            self._graphs[key] = None
             return
-        if self._graph is None:
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
+        if self._graphs[key] is None:
+            self._graphs[key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graphs[key]):
                 self._micro_batch(dloss, loss_sum)
-        self._graph.replay()
+        self._graphs[key].replay()
+        self._write_weight_grads = False
 
     def _micro_batch(self, dloss, loss_sum):
         self._forward(True, dloss, train=True)
@@ -245,9 +253,10 @@ class GPT2:
         """
         cfg, a, p, g = self.config, self.acts, self.p, self.g
         B, T, L, C = self.B, self.T, cfg.num_layers, cfg.channels
-        # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
+        accumulate, self._write_weight_grads = not self._write_weight_grads, False
+        # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf (the encoder's gradient is added to it below)
         vendor.matmul_backward_input(a.dbtc, a.logits, p["wte"])
-        vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf)
+        vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf, accumulate)
         # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
         a.dresidual.zero_()
         layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.dbtc, a.residual3[L - 1], p["lnfw"],
@@ -262,16 +271,16 @@ class GPT2:
             if self.recompute >= 1:
                 gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
             # MLP projection: dresidual flows into it unchanged (residual3 = residual2 + proj)
-            self._matmul_backward(a.dfch, "fcprojw", l, a.dresidual, self._fch_gelu(l))
+            self._matmul_backward(a.dfch, "fcprojw", l, a.dresidual, self._fch_gelu(l), accumulate)
             gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, g["fcb"][l], self.bias_scratch["fc"])
-            self._matmul_backward(a.dbtc, "fcw", l, a.dfch, self._ln2(l))
+            self._matmul_backward(a.dbtc, "fcw", l, a.dfch, self._ln2(l), accumulate)
             layernorm.layernorm_backward(a.dresidual, g["ln2w"][l], g["ln2b"][l], a.dbtc, a.residual2[l],
                                          p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch,
                                          dinp_column_sums=g["attprojb"][l])
             # attention projection, attention, qkv projection
-            self._matmul_backward(a.dbtc, "attprojw", l, a.dresidual, a.atty[l])
+            self._matmul_backward(a.dbtc, "attprojw", l, a.dresidual, a.atty[l], accumulate)
             self._attention_backward(l, a.dbtc)
-            self._matmul_backward(a.dbtc, "qkvw", l, a.dqkv, self._ln1(l))
+            self._matmul_backward(a.dbtc, "qkvw", l, a.dqkv, self._ln1(l), accumulate)
             layernorm.layernorm_backward(a.dresidual, g["ln1w"][l], g["ln1b"][l], a.dbtc, residual,
                                          p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch,
                                          dinp_column_sums=g["fcprojb"][l - 1] if l > 0 else None)
@@ -279,10 +288,11 @@ class GPT2:
         if self.attention_impl == "cudnn":  # the value bias's gradient, for all layers (_attention_backward)
             bias.value_bias_backward(g["qkvb"][:, 2 * C:], g["attprojb"], p["attprojw"])
 
-    def _matmul_backward(self, dinp, wname, l, dout, inp):
-        """For out = inp @ W^T + b: dinp = dout @ W, dW += dout^T @ inp (db is summed where dout is written)."""
+    def _matmul_backward(self, dinp, wname, l, dout, inp, accumulate):
+        """For out = inp @ W^T + b: dinp = dout @ W, dW += dout^T @ inp, or = without accumulate (db is summed where
+        dout is written)."""
         vendor.matmul_backward_input(dinp, dout, self.p[wname][l])
-        vendor.matmul_backward_weight(self.g[wname][l], dout, inp)
+        vendor.matmul_backward_weight(self.g[wname][l], dout, inp, accumulate)
 
     def _attention_backward(self, l, datty):
         """Writes dqkv (N, 3C) from datty (N, C), and adds the qkv bias gradient (dqkv's column sums; under cuDNN the
@@ -304,7 +314,12 @@ class GPT2:
     # ------------------------------------------------------------------------- update
 
     def zero_grad(self):
-        self.grads.zero_()
+        """Starts the gradients of a step from zero: the next backward writes the matmul weights' gradients (cuBLASLt
+        with beta = 0), so only the others are zeroed here, and the 3 GB of zeros a d36 step would write and read
+        back are never written."""
+        for grad in self._zeroed_grads:
+            grad.zero_()
+        self._write_weight_grads = True
 
     def clip_and_update(self, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0):
         """Sums the gradients over the ranks, then the global gradient norm, clipping scale and AdamW, all on the

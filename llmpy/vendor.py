@@ -65,21 +65,23 @@ def matmul_backward_input(dinp, dout, weight):
         torch.mm(dout, weight, out=dinp)
 
 
-def matmul_backward_weight(dweight, dout, inp):
-    """dweight (OC, C) fp32 += dout (N, OC)^T @ inp (N, C).
+def matmul_backward_weight(dweight, dout, inp, accumulate=True):
+    """dweight (OC, C) fp32 += dout (N, OC)^T @ inp (N, C), or = with accumulate=False.
 
     Gradients are fp32 while the operands are bf16: cuBLASLt multiplies bf16 and accumulates into the fp32 gradient
-    (beta = 1) in one call, so gradient accumulation over micro-steps never rounds to bf16.
+    (beta = 1) in one call, so gradient accumulation over micro-steps never rounds to bf16. A step's first
+    micro-batch writes the gradient instead (beta = 0), which spares zeroing it and reading the zeros back.
     Column-major, dweight^T (C, OC) += inp^T (C, N) @ dout (N, OC).
     """
     if dweight.is_cuda:
         (N, OC), C = dout.shape, inp.shape[1]
         cublaslt.matmul(dweight, inp, dout, m=C, n=OC, k=N, trans_a=False, trans_b=True, lda=_ld(inp), ldb=_ld(dout),
-                        ldd=_ld(dweight), c=dweight)
-    elif dout.dtype == dweight.dtype:
-        dweight.addmm_(dout.t(), inp)
-    else:  # CPU tests: torch has no mixed-dtype matmul on the CPU
-        dweight.addmm_(dout.t().to(dweight.dtype), inp.to(dweight.dtype))
+                        ldd=_ld(dweight), c=dweight if accumulate else None)
+        return
+    if not accumulate:
+        dweight.zero_()
+    # CPU tests: torch has no mixed-dtype matmul on the CPU
+    dweight.addmm_(dout.t().to(dweight.dtype), inp.to(dweight.dtype))
 
 
 def heads(x, NH, K):

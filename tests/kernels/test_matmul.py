@@ -104,6 +104,16 @@ def test_matmul_backward_weight_accumulates_in_fp32(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_backward_weight_overwrites_without_accumulate(dtype):
+    """A step's first micro-batch: accumulate=False writes dout^T @ inp over whatever the gradient held (NaN here)."""
+    N, OC = 305, 3 * C
+    dout, inp = randn(N, OC, dtype=dtype, scale=N ** -0.5, seed=11), randn(N, C, dtype=dtype, seed=12)
+    dweight = torch.full((OC, C), float("nan"), device=dout.device)
+    vendor.matmul_backward_weight(dweight, dout, inp, accumulate=False)
+    assert rel_error(dweight, dout.double().t() @ inp.double()) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_gelu_forward(dtype):
     N = 300
     x, weight = randn(N, C, dtype=dtype, seed=11), randn(4 * C, C, dtype=dtype, scale=C ** -0.5, seed=12)
