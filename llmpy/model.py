@@ -3,7 +3,7 @@
 Everything the model holds lives in a few flat buffers, allocated once:
   params (P,)   the weights in the run's dtype (bf16, or fp32 for tests), llm.c's order, a view per tensor
   master (P,)   fp32 master weights that AdamW updates (bf16 runs only; in fp32 runs params are the master)
-  grads (P,)    fp32 gradients, zeroed once per step, accumulated over micro-steps
+  grads (P,)    fp32 gradients: a step's first backward writes them (zero_grad), later micro-steps accumulate
   m, v (P,)     fp32 AdamW moments
 and the activations for one (B, T) micro-batch. The step allocates nothing (cuDNN's attention workspace is
 allocated once, at its first call). Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor) or our own flash
@@ -118,7 +118,7 @@ class GPT2:
         if gelu_fusion == -1:
             gelu_fusion = int(self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9)
         self.gelu_fusion = gelu_fusion if self.device.type == "cuda" else 0
-        # zero_grad zeroes these; the matmul weights' gradients (98% of the buffer at d12) are written, not
+        # zero_grad zeroes these; the matmul weights' gradients (over 99% of the buffer) are written, not
         # accumulated, by the backward that follows it
         self._zeroed_grads = [grad for name, grad in self.g.items() if name not in _MATMUL_WEIGHTS]
         self._write_weight_grads = False  # True from zero_grad to the next backward
@@ -198,7 +198,7 @@ class GPT2:
 
     def train_micro_batch(self, inputs, targets, dloss, loss_sum):
         """One micro-batch of a training step: forward with targets (dlogits scaled by dloss), loss_sum (fp32 (1,))
-        += dloss * the sum of the losses, then backward (the gradients accumulate).
+        += dloss * the sum of the losses, then backward (the gradients accumulate, or start over after zero_grad).
 
         With cuda_graphs, the first call for a given (dloss, loss_sum, first after zero_grad or not) runs eagerly: it
         compiles the kernels and lets cuBLAS and cuDNN choose their plans, which a capture cannot. The second captures

@@ -180,7 +180,8 @@ def test_cudnn_qkv_bias_gradient(device):
     _, _, dqkv = run_kernels(qkv, dout, NH, cudnn=True)
     _, _, ref_dqkv = reference_attention(qkv, dout, NH)
     dbias = torch.zeros(1, 3 * C, device=device)
-    bias_backward(dbias[0, :C], dqkv.view(B * T, 3 * C)[:, :C], bias_backward_scratch(B * T, C, device).fill_(float("nan")))
+    scratch = bias_backward_scratch(B * T, C, device).fill_(float("nan"))
+    bias_backward(dbias[0, :C], dqkv.view(B * T, 3 * C)[:, :C], scratch)
     value_bias_backward(dbias[:, 2 * C:], dproj.float().sum(0)[None], weight[None])
     error = relative_error(dbias[0], ref_dqkv.sum(dim=(0, 1)))
     assert error <= 1e-2, f"qkv bias gradient: relative error {error:.2e}"
