@@ -193,10 +193,10 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
     if aux is not None:
         _set(setter, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
         _set(setter, desc, _DESC_AUX_LD, ctypes.c_int64(aux_ld))
-    if d.device not in _workspace:
-        _workspace[d.device] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=d.device)
-    workspace = _workspace[d.device].data_ptr()
     stream = torch.cuda.current_stream(d.device).cuda_stream
+    if stream not in _workspace:  # one per stream: matmuls on two streams run at the same time
+        _workspace[stream] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=d.device)
+    workspace = _workspace[stream].data_ptr()
     beta = _ONE if adds_c else _ZERO
 
     def launch(algo):

@@ -14,6 +14,8 @@ from a CUDA graph (train_micro_batch).
 Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -122,6 +124,7 @@ class GPT2:
         # accumulated, by the backward that follows it
         self._zeroed_grads = [grad for name, grad in self.g.items() if name not in _MATMUL_WEIGHTS]
         self._write_weight_grads = False  # True from zero_grad to the next backward
+        self.weight_grad_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._graphs = {}  # train_micro_batch's CUDA graphs by what they were captured for (None: not yet captured)
 
     def load_weights(self, flat):
@@ -250,19 +253,29 @@ class GPT2:
         a projection's output gradient is the residual stream's gradient, written by the next layernorm's backward;
         fc's is written by the GELU backward; qkv's by the attention backward (ours), or from dq and the attention
         projection's bias gradient (cuDNN).
+
+        On the GPU the weight gradients' matmuls (and the query bias's sums) run on a second stream (_beside): the
+        chain of input gradients, layer after layer, never waits for them, so they fill the SMs the chain leaves
+        idle, such as a matmul's last, partly filled wave of tiles. The chain waits for one only before it
+        overwrites what that one reads (fc_read etc. below). At d36 B=30 on the H100 this took the step from 299-302
+        to 294-296 ms (207-211 to 202-207 J); at d12 and d24 the change was within run-to-run noise (BENCHMARKS.md).
         """
         cfg, a, p, g = self.config, self.acts, self.p, self.g
         B, T, L, C = self.B, self.T, cfg.num_layers, cfg.channels
         accumulate, self._write_weight_grads = not self._write_weight_grads, False
         # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf (the encoder's gradient is added to it below)
         vendor.matmul_backward_input(a.dbtc, a.logits, p["wte"])
-        vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf, accumulate)
+        with self._beside():
+            vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf, accumulate)
         # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
         a.dresidual.zero_()
         layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.dbtc, a.residual3[L - 1], p["lnfw"],
                                      a.lnf_mean, a.lnf_rstd, self.ln_scratch, dinp_column_sums=g["fcprojb"][L - 1])
+        fc_read = qkv_read = None  # the layer above's fc and qkv weight gradients, done reading dfch and dqkv
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
+            if self.recompute >= 1:  # the recomputed tensors overwrite the buffers the layer above's read
+                self._wait_for_weight_gradients()
             if self.recompute >= 2:  # the layernorm outputs are recomputed from the saved statistics
                 layernorm.layernorm_forward(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], residual,
                                             p["ln1w"][l], p["ln1b"][l])
@@ -271,45 +284,79 @@ class GPT2:
             if self.recompute >= 1:
                 gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
             # MLP projection: dresidual flows into it unchanged (residual3 = residual2 + proj)
-            self._matmul_backward(a.dfch, "fcprojw", l, a.dresidual, self._fch_gelu(l), accumulate)
+            self._wait(fc_read)
+            vendor.matmul_backward_input(a.dfch, a.dresidual, p["fcprojw"][l])
+            with self._beside() as fcproj_read:
+                vendor.matmul_backward_weight(g["fcprojw"][l], a.dresidual, self._fch_gelu(l), accumulate)
             gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, g["fcb"][l], self.bias_scratch["fc"])
-            self._matmul_backward(a.dbtc, "fcw", l, a.dfch, self._ln2(l), accumulate)
+            vendor.matmul_backward_input(a.dbtc, a.dfch, p["fcw"][l])
+            with self._beside() as fc_read:
+                vendor.matmul_backward_weight(g["fcw"][l], a.dfch, self._ln2(l), accumulate)
+            self._wait(fcproj_read)
             layernorm.layernorm_backward(a.dresidual, g["ln2w"][l], g["ln2b"][l], a.dbtc, a.residual2[l],
                                          p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch,
                                          dinp_column_sums=g["attprojb"][l])
             # attention projection, attention, qkv projection
-            self._matmul_backward(a.dbtc, "attprojw", l, a.dresidual, a.atty[l], accumulate)
+            vendor.matmul_backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
+            with self._beside() as attproj_read:
+                vendor.matmul_backward_weight(g["attprojw"][l], a.dresidual, a.atty[l], accumulate)
+            self._wait(qkv_read)
             self._attention_backward(l, a.dbtc)
-            self._matmul_backward(a.dbtc, "qkvw", l, a.dqkv, self._ln1(l), accumulate)
+            vendor.matmul_backward_input(a.dbtc, a.dqkv, p["qkvw"][l])
+            with self._beside() as qkv_read:
+                vendor.matmul_backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
+                if self.attention_impl == "cudnn":  # the query bias's gradient (_attention_backward on the others)
+                    bias.bias_backward(g["qkvb"][l][:C], a.dqkv[:, :C], self.bias_scratch["qkv"])
+            self._wait(attproj_read)
             layernorm.layernorm_backward(a.dresidual, g["ln1w"][l], g["ln1b"][l], a.dbtc, residual,
                                          p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch,
                                          dinp_column_sums=g["fcprojb"][l - 1] if l > 0 else None)
+        self._wait_for_weight_gradients()  # the encoder's gradient adds to wte's
         encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
         if self.attention_impl == "cudnn":  # the value bias's gradient, for all layers (_attention_backward)
             bias.value_bias_backward(g["qkvb"][:, 2 * C:], g["attprojb"], p["attprojw"])
 
-    def _matmul_backward(self, dinp, wname, l, dout, inp, accumulate):
-        """For out = inp @ W^T + b: dinp = dout @ W, dW += dout^T @ inp, or = without accumulate (db is summed where
-        dout is written)."""
-        vendor.matmul_backward_input(dinp, dout, self.p[wname][l])
-        vendor.matmul_backward_weight(self.g[wname][l], dout, inp, accumulate)
+    @contextlib.contextmanager
+    def _beside(self):
+        """Runs the block's launches on the weight-gradient stream, after everything launched so far on the current
+        stream, and yields the event that marks their end (None without the stream: they run in line). Nothing in the
+        backward waits for a weight gradient, so these matmuls run beside the chain of input gradients and fill what
+        it leaves idle; the chain waits on the event only before it overwrites what they read.
+        """
+        stream = self.weight_grad_stream
+        if stream is None:
+            yield None
+            return
+        done = torch.cuda.Event()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield done
+        done.record(stream)
+
+    @staticmethod
+    def _wait(event):
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def _wait_for_weight_gradients(self):
+        if self.weight_grad_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.weight_grad_stream)
 
     def _attention_backward(self, l, datty):
-        """Writes dqkv (N, 3C) from datty (N, C), and adds the qkv bias gradient (dqkv's column sums; under cuDNN the
-        query part; backward() writes the value part)."""
-        a, NH, B, T, C = self.acts, self.config.num_heads, self.B, self.T, self.config.channels
-        qkv, atty, dqkvb = a.qkv[l].view(B, T, -1), a.atty[l].view(B, T, -1), self.g["qkvb"][l]
+        """Writes dqkv (N, 3C) from datty (N, C). Our kernels also add the qkv bias gradient (dqkv's column sums);
+        under cuDNN, backward() does."""
+        a, NH, B, T = self.acts, self.config.num_heads, self.B, self.T
+        qkv, atty = a.qkv[l].view(B, T, -1), a.atty[l].view(B, T, -1)
         if self.attention_impl == "cudnn":
+            # Of dqkv's three column blocks only dq's is summed, by backward(). Keys: a bias b on every key adds
+            # q_i . b to all of query i's scores, which the softmax ignores, so the key bias's gradient is exactly
+            # zero (it stays as zero_grad left it). Values: sum_j dv_j = sum_j sum_i P_ij datty_i = sum_i datty_i, as
+            # every row of P sums to 1, and datty's column sums are the attention projection's bias gradient times
+            # its weight: backward() computes them at its end from that gradient, for all layers at once.
             vendor.cudnn_attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH)
-            # Of dqkv's three column blocks only dq's is summed here. Keys: a bias b on every key adds q_i . b to all
-            # of query i's scores, which the softmax ignores, so the key bias's gradient is exactly zero (it stays
-            # as zero_grad left it). Values: sum_j dv_j = sum_j sum_i P_ij datty_i = sum_i datty_i, as every row of P
-            # sums to 1, and datty's column sums are the attention projection's bias gradient times its weight:
-            # backward() computes them at its end from that gradient, for all layers at once.
-            bias.bias_backward(dqkvb[:C], a.dqkv[:, :C], self.bias_scratch["qkv"])
         else:
             attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH,
-                                         a.att_delta, dbias=dqkvb, bias_scratch=self.bias_scratch["qkv"])
+                                         a.att_delta, dbias=self.g["qkvb"][l], bias_scratch=self.bias_scratch["qkv"])
 
     # ------------------------------------------------------------------------- update
 
