@@ -97,13 +97,25 @@ class GPT2:
         self.p = split_params(config, self.params[:P])  # name -> view, e.g. self.p["qkvw"] is (L, 3C, C)
         self.g = split_params(config, self.grads[:P])
         self.acts = Activations(config, B, T, dtype, device, recompute, attention_impl)
-        C, N = config.channels, B * T
-        self.ln_scratch = layernorm.layernorm_backward_scratch(N, C, self.device)
-        # column partial sums for the bias gradients, (G, OC): the query bias (C) and fc (4C) need them, the
-        # projections' are the layernorms'; our attention backward sums the qkv gradient itself, per block of tokens
-        self.bias_scratch = {"qkv": bias.bias_backward_scratch(N, C, self.device) if attention_impl == "cudnn"
-                             else attention.backward_bias_scratch(B, T, C, config.num_heads, dtype, self.device),
-                             "fc": bias.bias_backward_scratch(N, 4 * C, self.device)}
+        C, N, L, g = config.channels, B * T, config.num_layers, self.g
+        # The bias and layernorm gradients are column sums, taken in two stages (llmpy.kernels.bias): stage 1 in the
+        # kernel that writes the summed gradient, into partial sums of its own per layer, and stage 2 once, at the
+        # end of backward, for all of them (bias.PartialSums). Layernorm i (ln1 of layer l is 2l, ln2 2l + 1, lnf
+        # 2L) has slots 3i..3i+2: its weight, its bias, and the projection bias whose gradient is the residual
+        # gradient it writes (ln1: the layer below's MLP projection, none for layer 0; ln2: the attention projection)
+        layernorm_targets = []
+        for l in range(L):
+            layernorm_targets += [g["ln1w"][l], g["ln1b"][l], g["fcprojb"][l - 1] if l > 0 else None,
+                                  g["ln2w"][l], g["ln2b"][l], g["attprojb"][l]]
+        layernorm_targets += [g["lnfw"], g["lnfb"], g["fcprojb"][L - 1]]
+        self.partial_sums = {
+            "layernorm": bias.PartialSums(self.grads, layernorm_targets, layernorm.layernorm_backward_groups(N, C), C),
+            "fc bias": bias.PartialSums(self.grads, list(g["fcb"]), bias.bias_backward_groups(N, 4 * C), 4 * C)}
+        if attention_impl == "cudnn":  # the query bias's (see _attention_backward)
+            self.partial_sums["query bias"] = bias.PartialSums(self.grads, [qkvb[:C] for qkvb in g["qkvb"]],
+                                                               bias.bias_backward_groups(N, C), C)
+        else:  # our attention backward sums the qkv bias gradient itself, per block of tokens
+            self.qkv_bias_scratch = attention.backward_bias_scratch(B, T, C, config.num_heads, dtype, self.device)
         self.norm_scratch = norm.global_norm_scratch(shard_size, self.device)
         self.grad_norm_sq = torch.zeros(1, **f32)
         self.grad_scale = torch.ones(1, **f32)
@@ -249,10 +261,11 @@ class GPT2:
     def backward(self):
         """Backpropagates the dlogits left in acts.logits by forward(targets=...), accumulating into grads.
 
-        The bias gradients (column sums of an output gradient) are fused into the kernel that writes that gradient:
+        The bias gradients (column sums of an output gradient) are summed by the kernel that writes that gradient:
         a projection's output gradient is the residual stream's gradient, written by the next layernorm's backward;
         fc's is written by the GELU backward; qkv's by the attention backward (ours), or from dq and the attention
-        projection's bias gradient (cuDNN).
+        projection's bias gradient (cuDNN). Those kernels leave partial sums, which, with the layernorms' own, are
+        added up for all layers at once at the end (partial_sums, __init__).
 
         On the GPU the weight gradients' matmuls (and the query bias's sums) run on a second stream (_beside): the
         chain of input gradients, layer after layer, never waits for them, so they fill the SMs the chain leaves
@@ -269,8 +282,8 @@ class GPT2:
             vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf, accumulate)
         # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
         a.dresidual.zero_()
-        layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.dbtc, a.residual3[L - 1], p["lnfw"],
-                                     a.lnf_mean, a.lnf_rstd, self.ln_scratch, dinp_column_sums=g["fcprojb"][L - 1])
+        layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_mean,
+                                     a.lnf_rstd, self._layernorm_partials(2 * L))
         fc_read = qkv_read = None  # the layer above's fc and qkv weight gradients, done reading dfch and dqkv
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
@@ -288,14 +301,13 @@ class GPT2:
             vendor.matmul_backward_input(a.dfch, a.dresidual, p["fcprojw"][l])
             with self._beside() as fcproj_read:
                 vendor.matmul_backward_weight(g["fcprojw"][l], a.dresidual, self._fch_gelu(l), accumulate)
-            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, g["fcb"][l], self.bias_scratch["fc"])
+            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, scratch=self.partial_sums["fc bias"].partials[l])
             vendor.matmul_backward_input(a.dbtc, a.dfch, p["fcw"][l])
             with self._beside() as fc_read:
                 vendor.matmul_backward_weight(g["fcw"][l], a.dfch, self._ln2(l), accumulate)
             self._wait(fcproj_read)
-            layernorm.layernorm_backward(a.dresidual, g["ln2w"][l], g["ln2b"][l], a.dbtc, a.residual2[l],
-                                         p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l], self.ln_scratch,
-                                         dinp_column_sums=g["attprojb"][l])
+            layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual2[l], p["ln2w"][l],
+                                         a.ln2_mean[l], a.ln2_rstd[l], self._layernorm_partials(2 * l + 1))
             # attention projection, attention, qkv projection
             vendor.matmul_backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
             with self._beside() as attproj_read:
@@ -306,15 +318,21 @@ class GPT2:
             with self._beside() as qkv_read:
                 vendor.matmul_backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
                 if self.attention_impl == "cudnn":  # the query bias's gradient (_attention_backward on the others)
-                    bias.bias_backward(g["qkvb"][l][:C], a.dqkv[:, :C], self.bias_scratch["qkv"])
+                    bias.bias_backward(None, a.dqkv[:, :C], self.partial_sums["query bias"].partials[l])
             self._wait(attproj_read)
-            layernorm.layernorm_backward(a.dresidual, g["ln1w"][l], g["ln1b"][l], a.dbtc, residual,
-                                         p["ln1w"][l], a.ln1_mean[l], a.ln1_rstd[l], self.ln_scratch,
-                                         dinp_column_sums=g["fcprojb"][l - 1] if l > 0 else None)
+            layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, residual, p["ln1w"][l], a.ln1_mean[l],
+                                         a.ln1_rstd[l], self._layernorm_partials(2 * l))
         self._wait_for_weight_gradients()  # the encoder's gradient adds to wte's
         encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
+        for sums in self.partial_sums.values():  # stage 2 of every bias and layernorm gradient (__init__)
+            sums.add_to_targets()
         if self.attention_impl == "cudnn":  # the value bias's gradient, for all layers (_attention_backward)
             bias.value_bias_backward(g["qkvb"][:, 2 * C:], g["attprojb"], p["attprojw"])
+
+    def _layernorm_partials(self, i):
+        """Layernorm i's slots of partial sums (__init__): (3, G, C), or (2, G, C) for layer 0's ln1, whose input
+        gradient is the encoder's and feeds no bias."""
+        return self.partial_sums["layernorm"].partials[3 * i:3 * i + (2 if i == 0 else 3)]
 
     @contextlib.contextmanager
     def _beside(self):
@@ -356,7 +374,7 @@ class GPT2:
             vendor.cudnn_attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH)
         else:
             attention.attention_backward(a.dqkv.view(B, T, -1), datty.view(B, T, -1), qkv, atty, a.att_lse[l], NH,
-                                         a.att_delta, dbias=self.g["qkvb"][l], bias_scratch=self.bias_scratch["qkv"])
+                                         a.att_delta, self.g["qkvb"][l], self.qkv_bias_scratch)
 
     # ------------------------------------------------------------------------- update
 

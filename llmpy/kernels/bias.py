@@ -14,7 +14,8 @@ order the GPU happens to schedule programs in, so the reduction runs in two fixe
    so it takes narrow blocks: OC / 32 programs, each reading (64, 32) tiles down the groups.
 
 The result depends only on G, which `bias_backward_scratch` derives from the shapes alone, so it is the same bits
-every step. Layernorm's and GELU's backward reuse stage 2 (`sum_partials`) for the column sums they fuse in.
+every step. Layernorm's and GELU's backward reuse stage 2 (`sum_partials`) for the column sums they fuse in. The
+model runs every layer's stage 2 together, at the end of its backward (`PartialSums`).
 
 The value bias's gradient under cuDNN's attention needs no pass over an activation at all (`value_bias_backward`,
 the reason in llmpy.model): it is the attention projection's bias gradient times the projection's weight, a
@@ -77,6 +78,17 @@ def _column_partial_sums_kernel(
 
 
 @triton.jit
+def _group_sums(partials_ptr, G, row_stride, columns, column_mask, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partials[0..G-1, columns] (rows row_stride apart) added over the G rows in a fixed order: (BLOCK_C,) fp32."""
+    accumulator = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
+    for g_start in range(0, G, BLOCK_G):
+        groups = g_start + tl.arange(0, BLOCK_G)
+        mask = (groups < G)[:, None] & column_mask[None, :]
+        accumulator += tl.load(partials_ptr + groups[:, None] * row_stride + columns[None, :], mask=mask, other=0.0)
+    return tl.sum(accumulator, axis=0)
+
+
+@triton.jit
 def _sum_partials_kernel(
     out0_ptr,  # fp32 (C,): out_k[c] += sum_g partials[k, g, c], for k = program_id(1) < K
     out1_ptr,  # (K >= 2)
@@ -92,14 +104,8 @@ def _sum_partials_kernel(
     k = tl.program_id(1)
     columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     column_mask = columns < C
-    partials_ptr += k * partials_block_stride
-    accumulator = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
-    for g_start in range(0, G, BLOCK_G):
-        groups = g_start + tl.arange(0, BLOCK_G)
-        mask = (groups < G)[:, None] & column_mask[None, :]
-        offsets = groups[:, None] * partials_row_stride + columns[None, :]
-        accumulator += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
-    total = tl.sum(accumulator, axis=0)
+    total = _group_sums(partials_ptr + k * partials_block_stride, G, partials_row_stride, columns, column_mask,
+                        BLOCK_G, BLOCK_C)
     out_ptr = out0_ptr
     if k == 1:
         out_ptr = out1_ptr
@@ -107,6 +113,31 @@ def _sum_partials_kernel(
         out_ptr = out2_ptr
     previous = tl.load(out_ptr + columns, mask=column_mask)
     tl.store(out_ptr + columns, previous + total, mask=column_mask)
+
+
+@triton.jit
+def _sum_partials_by_table_kernel(
+    out_ptr,  # fp32: a flat buffer, out[out_offset + c] += sum_g partials[partials_offset + g * C + c]
+    partials_ptr,  # fp32: the slots' partials, each (G, C) contiguous
+    table_ptr,  # int64 (tasks, 2): [out_offset, partials_offset] of task program_id(1)
+    G,
+    C,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    task = tl.program_id(1)
+    out_ptr += tl.load(table_ptr + 2 * task)
+    partials_ptr += tl.load(table_ptr + 2 * task + 1)
+    columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    column_mask = columns < C
+    total = _group_sums(partials_ptr, G, C, columns, column_mask, BLOCK_G, BLOCK_C)
+    previous = tl.load(out_ptr + columns, mask=column_mask)
+    tl.store(out_ptr + columns, previous + total, mask=column_mask)
+
+
+def _stage2_blocks(G, C):
+    """(BLOCK_G, BLOCK_C) of stage 2: narrow column blocks, so that even a few columns make many programs."""
+    return min(64, triton.next_power_of_2(G)), min(32, triton.next_power_of_2(C))
 
 
 def sum_partials(out, partials):
@@ -121,8 +152,7 @@ def sum_partials(out, partials):
     assert K == len(outs) <= 3 and partials.stride(2) == 1
     assert all(o.is_contiguous() and o.shape == (C,) and o.dtype == torch.float32 for o in outs)
     outs += [outs[0]] * (3 - K)  # unused pointers
-    block_columns = min(32, triton.next_power_of_2(C))
-    block_groups = min(64, triton.next_power_of_2(G))
+    block_groups, block_columns = _stage2_blocks(G, C)
     grid = (triton.cdiv(C, block_columns), K)
     _sum_partials_kernel[grid](
         *outs, partials, G, C, partials.stride(1), partials.stride(0),
@@ -148,16 +178,44 @@ def bias_backward(dbias, dout, scratch):
     dout: (N, OC) in the activation dtype with unit column stride; rows may be strided (a column slice of a wider
     matrix, e.g. the q part of dqkv).
     scratch: fp32 (G, OC) from bias_backward_scratch; any G >= 1 gives the right sums (G sets the summation order).
+    dbias None: stage 1 only, the partial sums are left in scratch for a later stage 2 (PartialSums).
     """
     N, OC = dout.shape
     G = scratch.shape[0]
-    assert dout.stride(1) == 1 and scratch.shape == (G, OC) and scratch.is_contiguous() and dbias.shape == (OC,)
+    assert dout.stride(1) == 1 and scratch.shape == (G, OC) and scratch.is_contiguous()
     rows, block_columns = column_tile(OC)
     _column_partial_sums_kernel[(G, triton.cdiv(OC, block_columns))](
         scratch, dout, N, OC, dout.stride(0), scratch.stride(0), triton.cdiv(N, G),
         ROWS=rows, BLOCK_OC=block_columns, num_warps=8
     )
-    sum_partials(dbias, scratch)
+    if dbias is not None:
+        sum_partials(dbias, scratch)
+
+
+class PartialSums:
+    """Many column sums' stage 1 partials, whose stage 2 runs later, all in one launch.
+
+    Slot i, partials[i] (G, C) fp32, holds a stage 1's G partial sums (bias_backward's scratch, a GELU or layernorm
+    backward's); add_to_targets() adds each slot's sum over G into targets[i], a (C,) slice of the fp32 buffer out
+    (None: a slot without a target, never read). The model gives every bias and layernorm of every layer a slot of
+    its own and sums them all at the end of its backward: one launch for what took one per layernorm, GELU and
+    query bias (146 a step at d36), each a few microseconds on a nearly idle GPU.
+    """
+
+    def __init__(self, out, targets, G, C):
+        for t in targets:
+            assert t is None or (t.shape == (C,) and t.is_contiguous() and t.dtype == torch.float32 and
+                                 0 <= t.data_ptr() - out.data_ptr() < out.numel() * 4)
+        self.partials = torch.empty((len(targets), G, C), dtype=torch.float32, device=out.device)
+        tasks = [[(t.data_ptr() - out.data_ptr()) // 4, i * G * C] for i, t in enumerate(targets) if t is not None]
+        self.out, self.table = out, torch.tensor(tasks, dtype=torch.int64, device=out.device)
+
+    def add_to_targets(self):
+        _, G, C = self.partials.shape
+        block_groups, block_columns = _stage2_blocks(G, C)
+        _sum_partials_by_table_kernel[(triton.cdiv(C, block_columns), self.table.shape[0])](
+            self.out, self.partials, self.table, G, C, BLOCK_G=block_groups, BLOCK_C=block_columns, num_warps=4
+        )
 
 
 @triton.jit

@@ -92,14 +92,15 @@ def gelu_backward(dinp, inp, dout, dbias=None, scratch=None):
 
     inp, dout, dinp: contiguous (N, OC), inp the forward's input (the pre-activation). dinp may be dout itself (in
     place): each element is read, then written, by the same program. scratch: fp32 (G, OC) partial sums from
-    bias.bias_backward_scratch, needed with dbias.
+    bias.bias_backward_scratch, needed with dbias. scratch without dbias: the partial sums are left in scratch for a
+    later stage 2 (bias.PartialSums).
     """
     assert dinp.is_contiguous() and inp.is_contiguous() and dout.is_contiguous()
     assert dinp.shape == inp.shape == dout.shape and inp.dim() == 2
     N, OC = inp.shape
-    sum_columns = dbias is not None
+    sum_columns = scratch is not None
     if sum_columns:
-        assert dbias.shape == (OC,) and scratch.shape[1] == OC and scratch.is_contiguous()
+        assert scratch.shape[1] == OC and scratch.is_contiguous() and (dbias is None or dbias.shape == (OC,))
     G = scratch.shape[0] if sum_columns else bias_backward_groups(N, OC)
     rows, block_columns = column_tile(OC)
     grid = (G, triton.cdiv(OC, block_columns))
@@ -107,5 +108,5 @@ def gelu_backward(dinp, inp, dout, dbias=None, scratch=None):
         dinp, scratch if sum_columns else dinp, inp, dout, N, OC, triton.cdiv(N, G),
         SUM_COLUMNS=sum_columns, ROWS=rows, BLOCK_OC=block_columns, num_warps=8,
     )
-    if sum_columns:
+    if dbias is not None:
         sum_partials(dbias, scratch)

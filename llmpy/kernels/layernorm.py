@@ -166,11 +166,15 @@ def _layernorm_backward_kernel(
         tl.store(partials_ptr + (2 * G + group) * C + columns, tl.sum(dinp_sum, axis=0), mask=column_mask)
 
 
+def layernorm_backward_groups(N, C):
+    """G, the number of row groups (programs) of the backward on (N, C) rows."""
+    rows, _, _ = _row_tile(C)
+    return max(1, min(_MAX_BACKWARD_GROUPS, triton.cdiv(N, rows)))
+
+
 def layernorm_backward_scratch(N, C, device):
     """The fp32 (3, G, C) partial-sum buffer for layernorm_backward on (N, C) rows; allocate once, reuse every step."""
-    rows, _, _ = _row_tile(C)
-    groups = max(1, min(_MAX_BACKWARD_GROUPS, triton.cdiv(N, rows)))
-    return torch.empty((3, groups, C), dtype=torch.float32, device=device)
+    return torch.empty((3, layernorm_backward_groups(N, C), C), dtype=torch.float32, device=device)
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, dinp_column_sums=None):
@@ -179,18 +183,23 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
 
     dout, inp, dinp: contiguous (N, C) in the activation dtype; mean, rstd: fp32 (N,) from the forward;
     scratch: fp32 (3, G, C) from layernorm_backward_scratch (any G >= 1 is correct; G sets the summation order).
+    dweight and dbias None: stage 1 only, the partial sums of dweight, dbias (and the updated dinp, if scratch has 3
+    blocks) are left in scratch for a later stage 2 (bias.PartialSums).
     """
     C = inp.shape[-1]
     N = inp.numel() // C
-    G = scratch.shape[1]
+    K, G = scratch.shape[:2]
     assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous()
-    assert scratch.shape == (3, G, C) and scratch.is_contiguous() and dweight.shape == (C,) and dbias.shape == (C,)
-    sum_dinp = dinp_column_sums is not None
+    assert scratch.shape == (K, G, C) and K in (2, 3) and scratch.is_contiguous()
+    sum_dinp = K == 3 if dweight is None else dinp_column_sums is not None
     rows, block_c, _ = _row_tile(C)
     _layernorm_backward_kernel[(G,)](
         dinp, scratch, dout, inp, weight, mean, rstd, N, C, G, triton.cdiv(N, G),
         SUM_DINP=sum_dinp, ROWS=rows, BLOCK_C=block_c, num_warps=4,  # 4 warps pipeline better than 8 (docstring)
     )
+    if dweight is None:
+        return
+    assert dweight.shape == (C,) and dbias.shape == (C,)
     if sum_dinp:
         sum_partials([dweight, dbias, dinp_column_sums], scratch)
     else:

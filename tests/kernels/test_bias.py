@@ -1,5 +1,6 @@
-"""bias_backward (dbias += column sums of dout) against a float64 torch sum, and its determinism; value_bias_backward
-(a vector times a matrix per layer) against a float64 product.
+"""bias_backward (dbias += column sums of dout) against a float64 torch sum, and its determinism; PartialSums (stage 2
+of many sums in one launch) against float64 sums; value_bias_backward (a vector times a matrix per layer) against a
+float64 product.
 
 dbias starts from random values and must end at dbias + dout.sum(0). Tolerance: the kernel sums N values per column
 in fp32 (per-lane running sums, then fixed trees), so its rounding error is a few times N * 2^-24 * sum|dout| at
@@ -11,7 +12,7 @@ bf16 dout is exact in fp32, so the same tolerance holds against the float64 sum 
 import pytest
 import torch
 
-from llmpy.kernels.bias import bias_backward, bias_backward_scratch, sum_partials, value_bias_backward
+from llmpy.kernels.bias import PartialSums, bias_backward, bias_backward_scratch, sum_partials, value_bias_backward
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -84,6 +85,40 @@ def test_sum_partials_adds_up_to_three_sums_in_one_launch(device):
 
     for out, want in zip(outs, expected):
         torch.testing.assert_close(out.double(), want, **TOLERANCE)
+
+
+def test_partial_sums_add_each_slot_into_its_target(device):
+    """PartialSums: targets are (C,) slices of one fp32 buffer, at offsets in any order; slot i's partials (G, C)
+    summed over G are added into targets[i]. A slot without a target holds NaN and must not be read; the buffer's
+    other elements stay as they were. G = 70 crosses the 64-row stage-2 block, C = 80 ends in a partial column block."""
+    G, C = 70, 80
+    generator = torch.Generator().manual_seed(9)
+    out = torch.randn(10 * C, generator=generator).to(device)
+    targets = [out[5 * C:6 * C], None, out[C + 3:2 * C + 3], out[:C]]
+    sums = PartialSums(out, targets, G, C)
+    sums.partials.copy_(torch.randn(len(targets), G, C, generator=generator))
+    sums.partials[1] = float("nan")
+    expected = out.double().clone()
+    for i, start in ((0, 5 * C), (2, C + 3), (3, 0)):
+        expected[start:start + C] += sums.partials[i].double().sum(0)
+
+    sums.add_to_targets()
+
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE)
+
+
+def test_stage_1_only_then_partial_sums_gives_the_sums(device):
+    """bias_backward without dbias leaves the partial sums in scratch (a PartialSums's slot); added later, they give
+    dbias + dout.sum(0)."""
+    N, OC = 70, 80
+    dout, dbias = random_inputs(N, OC, torch.bfloat16, device, seed=7)
+    expected = dbias.double() + dout.double().sum(0)
+    sums = PartialSums(dbias, [dbias], bias_backward_scratch(N, OC, device).shape[0], OC)
+
+    bias_backward(None, dout, sums.partials[0])
+    sums.add_to_targets()
+
+    torch.testing.assert_close(dbias.double(), expected, **TOLERANCE)
 
 
 @pytest.mark.parametrize("groups", [1, 5, 8, 70])

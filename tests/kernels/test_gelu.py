@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmpy.kernels.bias import bias_backward_scratch
+from llmpy.kernels.bias import PartialSums, bias_backward_groups, bias_backward_scratch
 from llmpy.kernels.gelu import gelu_backward, gelu_forward
 
 # x down to -12 makes sigmoid's exp(-2u) overflow to inf (the right limit, gelu -> -0); under the interpreter numpy
@@ -83,6 +83,25 @@ def test_backward_adds_the_column_sums_of_dinp(device, N, OC, dtype):
 
     tolerance = FP32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE
     torch.testing.assert_close(dinp.double(), expected_dinp, **tolerance)
+    torch.testing.assert_close(dbias.double(), expected_dbias + dinp.double().sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_backward_partial_sums_added_later_give_the_column_sums(device):
+    """With scratch but no dbias the kernel leaves its partial sums in scratch (here a PartialSums's slot, as in the
+    model), and PartialSums adds them into dbias afterwards: the same sum as above."""
+    N, OC = 37, 80
+    generator = torch.Generator().manual_seed(4)
+    x = (3 * torch.randn(N, OC, generator=generator)).to(device=device, dtype=torch.bfloat16)
+    dout = torch.randn(N, OC, generator=generator).to(device=device, dtype=torch.bfloat16)
+    dbias = torch.randn(OC, generator=generator).to(device)
+    expected_dbias = dbias.double()
+    sums = PartialSums(dbias, [dbias], bias_backward_groups(N, OC), OC)
+    sums.partials.fill_(float("nan"))
+    dinp = torch.full_like(x, float("nan"))
+
+    gelu_backward(dinp, x, dout, scratch=sums.partials[0])
+    sums.add_to_targets()
+
     torch.testing.assert_close(dbias.double(), expected_dbias + dinp.double().sum(0), rtol=1e-5, atol=1e-5)
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmpy.kernels.bias import PartialSums
 from llmpy.kernels.layernorm import layernorm_backward, layernorm_backward_scratch, layernorm_forward
 
 EPS = 1e-5
@@ -67,10 +68,12 @@ def test_forward_matches_torch(device, N, C, dtype):
     torch.testing.assert_close(rstd.double(), expected_rstd, **FP32_TOLERANCE)
 
 
-def run_backward_case(device, N, C, dtype, scratch):
+def run_backward_case(device, N, C, dtype, scratch, deferred=False):
     """Runs layernorm_backward on random inputs and checks dinp, dweight, dbias against float64 autograd, and the
     optional column sums of the updated dinp (the preceding projection's bias gradient) against a float64 sum of the
-    dinp the kernel wrote: an fp32 sum of N values, FP32_TOLERANCE as for dweight and dbias."""
+    dinp the kernel wrote: an fp32 sum of N values, FP32_TOLERANCE as for dweight and dbias.
+    deferred: the kernel only writes the partial sums (dweight and dbias None), into a PartialSums's slots (the
+    scratch's shape), and PartialSums adds them into dweight, dbias and the column sums afterwards, as the model does."""
     generator = torch.Generator().manual_seed(N * C)
     x, weight, bias = random_layer(N, C, dtype, device, seed=N + 3)
     dout = torch.randn(N, C, generator=generator).to(device=device, dtype=dtype)
@@ -90,7 +93,16 @@ def run_backward_case(device, N, C, dtype, scratch):
 
     expected_dinp_column_sums = dinp_column_sums.double()  # + the written dinp's column sums, below
 
-    layernorm_backward(dinp, dweight, dbias, dout, x, weight, mean, rstd, scratch, dinp_column_sums=dinp_column_sums)
+    if deferred:
+        grads = torch.cat([dweight, dbias, dinp_column_sums])  # the targets: slices of one fp32 buffer
+        sums = PartialSums(grads, list(grads.view(3, C)), scratch.shape[1], C)
+        sums.partials.fill_(float("nan"))
+        layernorm_backward(dinp, None, None, dout, x, weight, mean, rstd, sums.partials)
+        sums.add_to_targets()
+        dweight, dbias, dinp_column_sums = grads.view(3, C)
+    else:
+        layernorm_backward(dinp, dweight, dbias, dout, x, weight, mean, rstd, scratch,
+                           dinp_column_sums=dinp_column_sums)
 
     torch.testing.assert_close(dinp.double(), expected_dinp, **tolerance_for(dtype))
     torch.testing.assert_close(dweight.double(), expected_dweight, **FP32_TOLERANCE)
@@ -104,6 +116,11 @@ def run_backward_case(device, N, C, dtype, scratch):
 def test_backward_accumulates_torch_gradients(device, N, C, dtype):
     scratch = layernorm_backward_scratch(N, C, device).fill_(float("nan"))
     run_backward_case(device, N, C, dtype, scratch)
+
+
+@pytest.mark.parametrize("N, C", SHAPES)
+def test_backward_partial_sums_added_later_give_the_same_gradients(device, N, C):
+    run_backward_case(device, N, C, torch.bfloat16, layernorm_backward_scratch(N, C, device), deferred=True)
 
 
 @pytest.mark.parametrize("groups", [1, 5, 70])
