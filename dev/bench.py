@@ -148,6 +148,19 @@ class PowerMeter:
                 "sm_mhz": statistics.median(self.clocks) if self.clocks else None}
 
 
+def software_versions():
+    """The versions a GPU result depends on: torch (and its CUDA), Triton, cuDNN, and the cuDNN frontend."""
+    import torch
+    import triton
+    try:
+        import cudnn
+        frontend = cudnn.__version__
+    except (ImportError, OSError):
+        frontend = "not installed"
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "cudnn": torch.backends.cudnn.version(), "cudnn_frontend": frontend}
+
+
 def worker(args):
     """Times one contender in this process and prints its results as one JSON line."""
     import torch
@@ -182,7 +195,8 @@ def worker(args):
     print(json.dumps({"ms": ms, "tok_s": tokens_per_second, "losses": losses,
                       "mfu": mfu(flops_per_token(config, args.sequence_length), tokens_per_second, peak),
                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                      "device": torch.cuda.get_device_name(), "torch": torch.__version__, **power}))
+                      "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "versions": software_versions(), **power}))
     if dist is not None:
         dist.destroy()
 
@@ -235,8 +249,10 @@ def main():
     base = (results.get("compile") or {}).get("tok_s")
     device = next((r["device"] for r in results.values() if r), "?")
     torch_version = next((r["torch"] for r in results.values() if r), "?")
-    print(f"\n{args.model} B={args.batch_size} T={args.sequence_length} {args.dtype}, {device}, torch {torch_version}, "
-          f"median of {args.steps} steps after {args.warmup}, {time.strftime('%Y-%m-%d')}")
+    versions = next((r["versions"] for r in results.values() if r), {})
+    print(f"\n{args.model} B={args.batch_size} T={args.sequence_length} {args.dtype}, {device}, "
+          + ", ".join(f"{name} {version}" for name, version in versions.items())
+          + f", median of {args.steps} steps after {args.warmup}, {time.strftime('%Y-%m-%d')}")
     print(f"{'contender':10s} {'ms/step':>9s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs compile':>11s} "
           f"{'J/step':>7s} {'W':>5s} {'SM MHz':>7s}")
     for name, r in results.items():
@@ -252,6 +268,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch_version,
+                       "versions": versions,
                        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "json")},
                        "results": results}, f, indent=1)
 
