@@ -14,8 +14,9 @@ distinct tokens, 8 (T + U) C bytes.
 
 dwte is the hard part: which rows it accumulates into depends on the data, and many rows of dout go to the same
 token (in text, the commonest tokens fill several % of all positions). A deterministic sum needs the rows grouped
-by token first (llm.c sorts them on the host); the mainline uses float atomics for dwte instead - see
-llmpy/kernels/encoder.py for why that trade is made (and what it costs: dwte is not bitwise reproducible).
+by token first (llm.c sorts them on the host); the mainline uses float atomics for dwte by default - see
+llmpy/kernels/encoder.py for why that trade is made (and what it costs: dwte is not bitwise reproducible) - and
+sorts on the host, as llm.c does, in its deterministic mode (v3).
 
 The path:
 forward   v1  one program per row: the whole row of C channels, gathered, added, written.
@@ -25,9 +26,16 @@ backward  v1  one program per row: its dout row atomically added into dwte[token
               atomics; the dwpe ones collide B-way on each position.
           v2  the mainline: one program per (position t, block of channels), looping over the batch: dwpe[t] is
               summed in registers and written once (deterministic), only dwte uses atomics.
+          v3  deterministic (for the mainline's --deterministic 1): the rows grouped by token on the host (a
+              stable sort, each token's run cut into segments of at most R = 64 rows); one kernel sums each segment's
+              whole rows in increasing row order into dwte[token] (the token's whole run) or a scratch slot (a split
+              run), a second adds each split run's slots in order into dwte[token]; dwpe as in v2, without the
+              atomics. No atomics: the same bits every run, for reading dout twice and two more launches.
 The bound: the fastest of torch eager (an embedding gather and an add; index_add_ and a column sum) and
 torch.compile of the same torch code.
 """
+
+import functools
 
 from common import Result, assert_close, compiled, device, mark_bound, time_ms
 
@@ -113,6 +121,21 @@ def backward_v2(dwte, dwpe, dout, tokens):
     mainline.encoder_backward(dwte=dwte, dwpe=dwpe, dout=dout, tokens=tokens)
 
 
+def deterministic_backward(dout, tokens, **options):
+    """A DeterministicEncoderBackward prepared for these tokens: call it with (dwte, dwpe, dout)."""
+    backward = mainline.DeterministicEncoderBackward(*tokens.shape, dout.shape[-1], dout.device, **options)
+    backward.prepare(tokens.cpu())
+    return backward
+
+
+def backward_v3(dwte, dwpe, dout, tokens, **options):
+    """The mainline's deterministic backward, llmpy.kernels.encoder.DeterministicEncoderBackward, used as in training:
+    prepare(tokens) on the host (the grouping and one copy to the device), then three launches: dwpe (v2's kernel
+    without the dwte atomics), the segments' sums, the split runs' sums. The benchmark times only the launches: in
+    training the host's work for a micro-batch overlaps the GPU's work on the one before."""
+    deterministic_backward(dout, tokens, **options)(dwte, dwpe, dout)
+
+
 def eager_forward(tokens, wte, wpe):
     """torch: the embedding gather (writes a (B, T, C) tensor), then the broadcast add (reads it back)."""
     return torch.nn.functional.embedding(tokens, wte) + wpe[:tokens.shape[1]]
@@ -167,7 +190,9 @@ def check(small: bool) -> list[str]:
 
         forwards = {"v1": forward_v1, "v2 mainline": forward_v2,
                     "torch eager": lambda out, *inputs: out.copy_(eager_forward(*inputs))}
-        backwards = {"v1": backward_v1, "v2 mainline": backward_v2, "torch eager": eager_backward}
+        # small: segments of at most 2 rows, so that the commonest tokens' runs are split as at d12 with R = 64
+        v3 = functools.partial(backward_v3, max_segment_rows=2) if small else backward_v3
+        backwards = {"v1": backward_v1, "v2 mainline": backward_v2, "v3 deterministic": v3, "torch eager": eager_backward}
         if dev == "cuda" and dtype == torch.bfloat16:
             forwards["torch.compile"] = compiled(torch_forward)
             backwards["torch.compile"] = compiled(eager_backward)
@@ -182,6 +207,15 @@ def check(small: bool) -> list[str]:
             err = assert_close(f"encoder backward {name} {tag} dwte", dwte, dwte_ref, SUM_TOL)
             pe_err = assert_close(f"encoder backward {name} {tag} dwpe", dwpe, dwpe_ref, SUM_TOL)
             lines.append(f"backward {name} {tag}: dwte rel error {err:.1e}, dwpe {pe_err:.1e}")
+        # v3's point: the same bits on every call (v1 and v2's dwte may differ in the last bits on a GPU)
+        results = []
+        for _ in range(2):
+            dwte, dwpe = dwte0.clone(), dwpe0.clone()
+            v3(dwte, dwpe, dout, tokens)
+            results.append((dwte, dwpe))
+        if not (torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])):
+            raise AssertionError(f"encoder backward v3 deterministic {tag}: two calls differ")
+        lines.append(f"backward v3 deterministic {tag}: bitwise equal on a second call")
     return lines
 
 
@@ -215,6 +249,8 @@ def benchmark() -> list[Result]:
     results += [
         run("encoder_backward", "v1 atomics per row", backward_v1, backward_args, backward_bytes),
         run("encoder_backward", "v2 dwpe in registers", backward_v2, backward_args, backward_bytes, mainline=True),
+        run("encoder_backward", "v3 deterministic", deterministic_backward(dout, tokens), (dwte, dwpe, dout),
+            backward_bytes),
     ]
     results += mark_bound([
         run("encoder_backward", "torch eager", eager_backward, backward_args, backward_bytes),
