@@ -23,14 +23,14 @@ Tolerances, from what was measured on an H100 at d12 (B=4, T=64; 2026-11-24) wit
 """
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 from llmpy.config import file_prefix, split_params
-from llmpy.formats import FormatError, read_debug_state, read_model
+from llmpy.formats import FormatError
+from llmpy.reference_files import read_reference_files
 
 TOLERANCES = {  # dtype -> (logits and loss, gradients: relative; each of the 10 losses: absolute)
     "float32": (1e-5, 1e-5, 1e-4),
@@ -69,6 +69,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # the reference files first, before torch and the device: a missing or stale set is told at once, on any machine
+    command = f"python train_gpt2_torch.py --model {args.model} --write_tensors 1 --write_dir {args.dir}"
+    try:
+        config, weights, state, reference = read_reference_files(args.dir, file_prefix(args.model), command)
+    except FormatError as e:
+        sys.exit(f"test_gpt2.py: error: {e}")
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: our kernels run on CPU tensors
     import torch
@@ -79,16 +85,6 @@ def main(argv=None):
         sys.exit("test_gpt2.py: no CUDA device; run with --device cpu for the Triton interpreter")
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
     torch.backends.cudnn.allow_tf32 = False
-
-    prefix = os.path.join(args.dir, file_prefix(args.model))
-    try:
-        config, weights = read_model(prefix + ".bin")
-        state = read_debug_state(prefix + "_debug_state.bin", config)
-        with open(prefix + "_debug_losses.json") as f:
-            reference = json.load(f)
-    except (FormatError, OSError) as e:
-        sys.exit(f"test_gpt2.py: {e}\n  write the reference files first: "
-                 f"python train_gpt2_torch.py --model {args.model} --write_tensors 1")
 
     B, T = state.x.shape
     V = config.vocab_size

@@ -12,14 +12,14 @@ of the 10 steps. It prints one line per comparison, then `overall okay: 1` (exit
 """
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 from llmpy.config import file_prefix, split_params
-from llmpy.formats import FormatError, read_debug_state, read_model
+from llmpy.formats import FormatError
+from llmpy.reference_files import read_reference_files
 from train_gpt2_cpu import GPT2
 
 # Tolerances: a tensor passes when max|ours - ref| <= ATOL + rtol * max|ref|.
@@ -42,8 +42,6 @@ RTOL_LOSS = 1e-6
 RTOL_STEP_LOSSES = 5e-6
 NUM_STEPS = 10
 
-REFERENCE_COMMAND = "python train_gpt2_torch.py --model d12 --device cpu --write_tensors 1"
-
 
 def compare(name, ours, ref, rtol):
     """Prints one line for a tensor (or scalar) and returns whether it is within tolerance."""
@@ -55,33 +53,20 @@ def compare(name, ours, ref, rtol):
     return ok
 
 
-def load_reference(directory, prefix):
-    paths = {kind: os.path.join(directory, f"{prefix}{suffix}")
-             for kind, suffix in (("model", ".bin"), ("state", "_debug_state.bin"), ("losses", "_debug_losses.json"))}
-    missing = [p for p in paths.values() if not os.path.isfile(p)]
-    if missing:
-        raise FormatError(missing[0], f"file not found: write the reference files with `{REFERENCE_COMMAND}` "
-                                      f"(--model tiny for {file_prefix('tiny')}, --write_dir for another folder)")
-    config, params = read_model(paths["model"])
-    state = read_debug_state(paths["state"], config)
-    try:
-        with open(paths["losses"]) as f:
-            hyper = json.load(f)
-        losses = [float(v) for v in hyper["losses"]]
-        adamw = {k: float(hyper[k]) for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay")}
-        grad_clip = float(hyper.get("grad_clip", 0.0))
-    except (ValueError, KeyError, TypeError) as e:
-        raise FormatError(paths["losses"], f"not a debug losses file ({type(e).__name__}: {e})") from None
-    if len(losses) != NUM_STEPS:
-        raise FormatError(paths["losses"], f"has {len(losses)} losses, expected {NUM_STEPS}")
-    if grad_clip:
-        raise FormatError(paths["losses"], f"grad_clip {grad_clip}: the NumPy trainer does not clip, "
-                                           "so the reference must not either")
-    return config, params, state, losses, adamw
+def load_reference(directory, prefix, command):
+    config, params, state, reference = read_reference_files(directory, prefix, command)
+    losses_file = os.path.join(directory, f"{prefix}_debug_losses.json")
+    if len(reference["losses"]) != NUM_STEPS:
+        raise FormatError(losses_file, f"has {len(reference['losses'])} losses, expected {NUM_STEPS}")
+    if reference["grad_clip"]:
+        raise FormatError(losses_file, f"grad_clip {reference['grad_clip']}: the NumPy trainer does not clip, "
+                                       "so the reference must not either")
+    adamw = {k: reference[k] for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay")}
+    return config, params, state, reference["losses"], adamw
 
 
-def run_checks(directory, prefix):
-    config, params, state, ref_losses, adamw = load_reference(directory, prefix)
+def run_checks(directory, prefix, command):
+    config, params, state, ref_losses, adamw = load_reference(directory, prefix, command)
     B, T = state.x.shape
     V = config.vocab_size
     model = GPT2(config, params)
@@ -114,10 +99,11 @@ def main(argv=None):
                     help="descriptor whose file prefix to use (d12 -> gpt2_124M, tiny -> gpt2_tiny)")
     ap.add_argument("--dir", default=".", help="folder of the reference files")
     args = ap.parse_args(argv)
+    command = f"python train_gpt2_torch.py --model {args.model} --device cpu --write_tensors 1 --write_dir {args.dir}"
     try:
-        ok = run_checks(args.dir, args.prefix or file_prefix(args.model))
+        ok = run_checks(args.dir, args.prefix or file_prefix(args.model), command)
     except (FormatError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"test_gpt2_cpu.py: error: {e}", file=sys.stderr)
         return 1
     print(f"overall okay: {int(ok)}")
     return 0 if ok else 1

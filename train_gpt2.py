@@ -15,18 +15,24 @@ On several GPUs, one process each (README, "Multiple GPUs and nodes"; scripts/mu
     torchrun --standalone --nproc_per_node 8 train_gpt2.py -e d12 -b 16 -t 1024 -d 524288 -z 1
 Each rank reads its own batches; the gradients are summed over the ranks with NCCL (-z 0), or reduce-scattered so
 that each rank updates its shard of the master weights and AdamW moments, then all-gathered (-z 1, ZeRO stage 1).
+
+Long runs (README, "Long runs"): -n N writes a checkpoint to the -o folder every N steps and at the end, from a
+background thread (llmpy/checkpoint.py); -y 1 resumes from the newest one, exactly; Ctrl-C or SIGTERM finishes the
+step, writes a checkpoint and exits (130 / 143); -sl / -sg skip the update of an outlier step.
+    python train_gpt2.py -e d12 -b 16 -t 1024 -x 5000 -o log124M -n 500 -y 1     # the same command resumes it
 """
 
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 
-from llmpy import formats
+from llmpy import checkpoint, formats
 from llmpy.config import config_from_descriptor, num_parameters
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
@@ -35,7 +41,10 @@ from llmpy.kernels.reduce import sum_into
 from llmpy.logger import Logger
 from llmpy.mfu import flops_per_token, mfu, peak_flops
 from llmpy.model import GPT2
+from llmpy.outlier import OutlierGuard
+from llmpy.rand import Xorshift
 from llmpy.schedule import SCHEDULES, lr_at
+from llmpy.signals import StopRequest, exit_quietly, exit_status, signal_name
 from llmpy.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -61,7 +70,8 @@ def parse_args(argv=None):
     add("-t", "--sequence_length", type=int, default=1024, help="sequence length T")
     add("-d", "--total_batch_size", type=int, default=-1,
         help="tokens per optimizer step, a multiple of B*T: the rest is gradient accumulation; -1 means B*T")
-    add("-x", "--max_steps", type=int, default=-1, help="optimizer steps; -1 means one epoch of the training data")
+    add("-x", "--max_steps", type=int, default=-1,
+        help="optimizer steps; -1 means one epoch of the training data; 0 only evaluates")
     add("-l", "--learning_rate", type=float, default=3e-4, help="peak learning rate")
     add("-u", "--warmup_iters", type=int, default=0, help="steps of linear learning-rate warmup")
     add("-q", "--final_lr_frac", type=float, default=1.0, help="the rate decays to learning_rate * final_lr_frac")
@@ -74,8 +84,30 @@ def parse_args(argv=None):
     add("-m", "--val_max_steps", type=int, default=20, help="batches per validation loss (at most the val data)")
     add("-s", "--sample_every", type=int, default=20, help="print a sampled text every N steps; 0 never")
     add("-g", "--gen_tokens", type=int, default=64, help="tokens per sample (at most T)")
-    add("-o", "--output_log_dir", default=None, help="folder for main.log (s:STEP trl:LOSS ..., s:STEP tel:LOSS)")
+    add("-o", "--output_log_dir", default=None,
+        help="folder for main.log (s:STEP trl:LOSS ..., s:STEP tel:LOSS) and the checkpoints; made if missing")
+    add("-n", "--checkpoint_every", type=int, default=0,
+        help="write a checkpoint to -o every N steps and at the end (0: only when stopped by a signal)")
+    add("-nk", "--checkpoints_keep", type=int, default=0,
+        help="keep the newest K checkpoints, removing older ones (0: keep all)")
+    add("-nm", "--major_checkpoint_every", type=int, default=0,
+        help="with -nk: also keep every checkpoint whose step is a multiple of M")
+    add("-y", "--resume", type=int, default=0, choices=(0, 1),
+        help="1: continue from the newest complete checkpoint in -o (start from -e if there is none), exactly: "
+             "weights, optimizer, step, data order and RNG")
+    add("-sl", "--skip_update_lossz", type=float, default=0.0,
+        help="outlier guard: skip the update of a step whose loss z-score over the last 128 steps is above this "
+             "(0: off)")
+    add("-sg", "--skip_update_gradz", type=float, default=0.0,
+        help="outlier guard: skip the update of a step whose grad-norm z-score is above this (0: off)")
     add("-a", "--overfit_single_batch", type=int, default=0, choices=(0, 1), help="train on the first batch only")
+    add("--shuffle", type=int, default=1, choices=(0, 1),
+        help="read the training batches in llm.c's shuffled order (each rank's own, seeded 42 + rank); 0: in the "
+             "files' order (always with -a 1)")
+    add("--deterministic", type=int, default=0, choices=(0, 1),
+        help="GPU: bit-identical results run to run (the embedding backward and cuDNN's attention backward without "
+             "float atomics, cuBLASLt's first algorithm rather than the fastest timed; slower, see BENCHMARKS.md). "
+             "CPU runs are deterministic anyway")
     add("--seed", type=int, default=42, help="seed of the random init and of the sampling")
     add("--dtype", default="bfloat16", choices=tuple(DTYPES), help="parameters and activations (grads, master "
         "weights and optimizer state are fp32 either way)")
@@ -118,16 +150,25 @@ def check_args(args):
                 "-m/--val_max_steps": args.val_max_steps, "-g/--gen_tokens": args.gen_tokens}
     non_negative = {"-u/--warmup_iters": args.warmup_iters, "-v/--val_loss_every": args.val_loss_every,
                     "-s/--sample_every": args.sample_every, "-c/--weight_decay": args.weight_decay,
-                    "--grad_clip": args.grad_clip}
+                    "--grad_clip": args.grad_clip, "-n/--checkpoint_every": args.checkpoint_every,
+                    "-nk/--checkpoints_keep": args.checkpoints_keep,
+                    "-nm/--major_checkpoint_every": args.major_checkpoint_every,
+                    "-sl/--skip_update_lossz": args.skip_update_lossz,
+                    "-sg/--skip_update_gradz": args.skip_update_gradz}
     for flag, value in positive.items():
         if not value > 0:
             raise ValueError(f"{flag} must be positive, got {value}")
     for flag, value in non_negative.items():
-        if not value >= 0:  # also refuses nan
-            raise ValueError(f"{flag} must be >= 0, got {value}")
-    for flag, value in {"-d/--total_batch_size": args.total_batch_size, "-x/--max_steps": args.max_steps}.items():
-        if value != -1 and value <= 0:
-            raise ValueError(f"{flag} must be positive or -1, got {value}")
+        if not (value >= 0 and math.isfinite(value)):  # also refuses nan
+            raise ValueError(f"{flag} must be >= 0 and finite, got {value}")
+    if args.total_batch_size != -1 and args.total_batch_size <= 0:
+        raise ValueError(f"-d/--total_batch_size must be positive or -1, got {args.total_batch_size}")
+    if args.max_steps < -1:
+        raise ValueError(f"-x/--max_steps must be >= 0, or -1 for one epoch, got {args.max_steps}")
+    if not args.output_log_dir:
+        for flag, value in (("-n/--checkpoint_every", args.checkpoint_every), ("-y/--resume", args.resume)):
+            if value:
+                raise ValueError(f"{flag} {value} needs -o/--output_log_dir, the folder of the checkpoints")
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise ValueError(f"-l/--learning_rate must be positive, got {args.learning_rate}")
     if not 0 <= args.final_lr_frac <= 1:
@@ -148,20 +189,20 @@ def pick_device(name):
     return device
 
 
-def load_init(init):
-    """-e: (config, flat fp32 weights) from an llm.c model file, or (config, None) for a random-init descriptor."""
+def init_config(init):
+    """-e: the model's config, from an llm.c model file's header or a random-init descriptor."""
     if os.path.exists(init) or init.endswith(".bin"):
-        return formats.read_model(init)
+        return formats.read_model_header(init)[0]
     try:
-        return config_from_descriptor(init), None
+        return config_from_descriptor(init)
     except ValueError as e:
         raise ValueError(f"-e/--init {init}: no such model file, and {e}") from None
 
 
-def open_loader(flag, pattern, B, T, vocab_size, dist):
+def open_loader(flag, pattern, B, T, vocab_size, dist, shuffle=False):
     """This rank's DataLoader, whose errors (no files, too small for a batch, token ids >= vocab) name the flag."""
     try:
-        return DataLoader(pattern, B, T, rank=dist.rank, world_size=dist.world_size, vocab_size=vocab_size)
+        return DataLoader(pattern, B, T, dist.rank, dist.world_size, shuffle=shuffle, vocab_size=vocab_size)
     except (formats.FormatError, ValueError) as e:
         raise ValueError(f"{flag}: {e}") from None
 
@@ -182,23 +223,35 @@ def as_tensors(x, y):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def train_step(model, micro_batches, lr, step, args, loss_sum):
-    """One optimizer step over this rank's micro-batches: (mean loss, grad norm before clipping) as Python floats.
+def train_step(model, micro_batches, lr, step, args, loss_sum, guard):
+    """One optimizer step over this rank's micro-batches: (mean loss, grad norm before clipping, the outlier guard's
+    (loss z, grad z, why the update was skipped or None)) as Python values.
 
     Each micro-batch's dlogits are scaled by 1 / (all tokens of the step, over all ranks), so the fp32 gradients
-    accumulated here and summed over the ranks in clip_and_update are the gradient of the step's mean loss;
-    loss_sum accumulates that same mean on the device (this rank's part, then summed over the ranks).
+    accumulated here and summed over the ranks in reduce_gradients are the gradient of the step's mean loss;
+    loss_sum accumulates that same mean on the device (this rank's part, then summed over the ranks). The update is
+    launched before the step's one host sync, except with the outlier guard on: then it waits for the loss and norm
+    to come back, as in llm.c.
     """
     tokens = model.B * model.T * len(micro_batches) * model.dist.world_size
     model.zero_grad()
     loss_sum.zero_()
     for x, y in micro_batches:
         model.train_micro_batch(*as_tensors(x, y), 1.0 / tokens, loss_sum)
-    model.clip_and_update(lr, step + 1, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    model.reduce_gradients()
     model.dist.all_reduce_sum_(loss_sum, "the loss")
+
+    def update():
+        model.update(lr, step + 1, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+
+    if not guard.active:
+        update()
     # the step's one synchronisation: the loss and the squared grad norm come back to the host in one copy
     loss, grad_norm_sq = torch.cat([loss_sum, model.grad_norm_sq]).tolist()
-    return loss, math.sqrt(grad_norm_sq)
+    verdict = guard.check(loss, math.sqrt(grad_norm_sq))
+    if guard.active and verdict[2] is None:
+        update()
+    return loss, math.sqrt(grad_norm_sq), verdict
 
 
 def validation_loss(model, loader, num_batches, loss_sum):
@@ -222,19 +275,34 @@ def sample_softmax(logits, coin):
 
 def generate(model, tokenizer, num_tokens, rng):
     """Samples num_tokens - 1 tokens after an EOT, as llm.c: the (B, T) batch starts all EOT and position t of
-    row 0 is drawn from the logits at t - 1 (a full forward per token: no KV cache, the buffers are (B, T))."""
+    row 0 is drawn from the logits at t - 1 (a full forward per token: no KV cache, the buffers are (B, T)), with
+    coins from llm.c's xorshift generator rng (llmpy.rand.Xorshift; a checkpoint saves its state)."""
     B, T, V, Vp = model.B, model.T, model.config.vocab_size, model.config.padded_vocab_size
     num_tokens = min(num_tokens, T)
     tokens = np.full((B, T), tokenizer.eot, dtype=np.int32)
     for t in range(1, num_tokens):
         model.forward(torch.from_numpy(tokens))
         logits = model.acts.logits.view(B, T, Vp)[0, t - 1, :V].float().cpu().numpy()
-        tokens[0, t] = sample_softmax(logits, rng.random())
+        tokens[0, t] = sample_softmax(logits, rng.random_f32())
     return tokenizer.decode(tokens[0, 1:num_tokens])
 
 
 def format_mfu(value):
     return "MFU n/a" if value is None else f"MFU {100 * value:.1f}%"
+
+
+# the flags that shape the run, saved with each checkpoint so that a resume can say which ones changed
+RUN_FLAGS = ("batch_size", "sequence_length", "total_batch_size", "max_steps", "learning_rate", "warmup_iters",
+             "final_lr_frac", "lr_schedule", "weight_decay", "grad_clip", "dtype", "seed", "shuffle", "zero_stage",
+             "skip_update_lossz", "skip_update_gradz", "input_bin")
+
+
+class Stopped(Exception):
+    """The run stopped at the end of a step because of a signal (after its checkpoint, when it has a folder)."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
 
 
 def train(args):
@@ -248,13 +316,85 @@ def train(args):
         dist.destroy()
 
 
+def open_outputs(args, dist, say):
+    """Checks the outputs before any work (-o, --write_model), finds the checkpoint to resume from (-y 1) and
+    clears what a killed run left in the folder. Returns (the checkpoint or None, the complete checkpoints kept)."""
+    folder = args.output_log_dir
+    if args.write_model:
+        formats.check_output_file("--write_model", args.write_model)
+    if not folder:
+        return None, []
+    formats.check_output_folder("-o/--output_log_dir", folder)
+    resume, kept = None, checkpoint.complete_steps(folder)
+    if args.resume:
+        resume = checkpoint.latest_checkpoint(folder, say)
+        if resume is None:
+            say(f"note: -y 1: no complete checkpoint in {folder}, starting from -e {args.init}")
+        kept = [step for step in kept if resume is not None and step <= resume.step]
+    elif kept:
+        raise ValueError(f"-o/--output_log_dir {folder} holds the checkpoints of an earlier run (the newest of step "
+                         f"{kept[-1]}): continue it with -y 1, or give another folder")
+    step = resume.step if resume else -1
+    if not dist.all_same(step, "the checkpoint to resume from"):
+        raise ValueError(f"-y 1: the processes found different checkpoints in {folder} (this one {step}): is it on "
+                         "a file system every process sees?")
+    checkpoint.remove_incomplete(folder, dist.rank, dist.world_size, kept)
+    return resume, kept
+
+
+def restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags, say):
+    """Sets the model, the loader, the sampling RNG and the outlier guard from the checkpoint (weights from its model
+    file, the optimizer state of this rank's shard assembled from the old ranks' files, whatever their number).
+    Returns the sampling RNG."""
+    dist = model.dist
+    _, weights = formats.read_model(resume.model_path)
+    model.load_weights(weights)
+    model.load_optimizer_state(*checkpoint.assemble_shard(resume.states, model.config, model.shard.start,
+                                                          model.shard.stop))
+    old_world = len(resume.states)
+    mine = resume.states[dist.rank] if dist.rank < old_world else None
+    saved = (mine or resume.states[0]).extension
+    if saved is not None:
+        changed = [f"{k} {saved['run'].get(k)} -> {run_flags[k]}" for k in RUN_FLAGS if saved["run"].get(k) !=
+                   run_flags[k]]
+        if changed:
+            say(f"note: the checkpoint's run differs ({'; '.join(changed)}): it continues, but not as it would have")
+        guard.load_state(saved["outlier"])
+    same_layout = old_world == dist.world_size and (saved is None or (saved["run"]["batch_size"],
+                  saved["run"]["sequence_length"]) == (model.B, model.T))
+    try:
+        if not same_layout:
+            raise ValueError(f"it was written by {old_world} processes with other batches")
+        train_loader.restore(mine.loader)
+        train_loader.epoch = saved["loader_epoch"] if saved else 0
+    except ValueError as e:
+        say(f"note: the data loader cannot continue where the checkpoint's was ({e}): it goes on after as many "
+            f"tokens, {resume.step} steps' worth, in the order of a fresh start")
+        train_loader.skip(resume.step * grad_accum_steps)
+    say(f"resumed from {resume.model_path}: step {resume.step}, written by {old_world} process(es)")
+    return Xorshift(resume.states[0].rng)
+
+
+def checkpoint_tensors(model):
+    """What a checkpoint copies from the device: the flat parameters (the model file) and this rank's optimizer
+    state."""
+    return model.params[:num_parameters(model.config)], model.optimizer_state()
+
+
+def save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags):
+    extension = {"zero_stage": model.zero_stage, "shard": [model.shard.start, model.shard.stop], "run": run_flags,
+                 "loader_epoch": train_loader.epoch, "outlier": guard.state()}
+    fields = (model.dist.world_size, model.dist.rank, sample_rng.state, train_loader.state(), extension)
+    writer.save(step, model.config, *checkpoint_tensors(model), fields)
+
+
 def train_on(args, dist):
     """The run of this rank; only rank 0 (dist.is_main) prints, logs, samples and writes files."""
     say = print if dist.is_main else lambda *_, **__: None
     device, world = dist.device, dist.world_size
     dtype = DTYPES[args.dtype]
     B, T = args.batch_size, args.sequence_length
-    config, weights = load_init(args.init)
+    config = init_config(args.init)
     if T > config.max_seq_len:
         raise ValueError(f"-t/--sequence_length {T} is longer than the model's max_seq_len {config.max_seq_len}")
     tokens_per_micro_batch = B * T * world  # one micro-batch on every rank
@@ -264,8 +404,13 @@ def train_on(args, dist):
         raise ValueError(f"-d/--total_batch_size {total_batch_size} is not a multiple of {processes} = "
                          f"{tokens_per_micro_batch}")
     grad_accum_steps = total_batch_size // tokens_per_micro_batch
+    resume, kept_checkpoints = open_outputs(args, dist, say)
+    if resume is not None and resume.config != config:
+        raise ValueError(f"{resume.model_path}: holds a model of {resume.config}, but -e/--init {args.init} is "
+                         f"{config}: resume with the -e of the run that wrote it")
 
-    train_loader = open_loader("-i/--input_bin", args.input_bin, B, T, config.vocab_size, dist)
+    shuffle = bool(args.shuffle) and not args.overfit_single_batch  # llm.c: -a 1 reads the first batch, unshuffled
+    train_loader = open_loader("-i/--input_bin", args.input_bin, B, T, config.vocab_size, dist, shuffle)
     val_loader = None
     if args.input_val_bin and args.val_loss_every > 0:
         val_loader = open_loader("-j/--input_val_bin", args.input_val_bin, B, T, config.vocab_size, dist)
@@ -283,11 +428,19 @@ def train_on(args, dist):
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     model = GPT2(config, B, T, dtype=dtype, device=device, recompute=args.recompute, attention_impl=args.attention,
                  dist=dist, zero_stage=args.zero_stage, cuda_graphs=bool(args.cuda_graphs),
-                 gelu_fusion=args.gelu_fusion)
-    if weights is None:
-        model.init_weights(args.seed)
+                 gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic))
+    run_flags = {**{k: getattr(args, k) for k in RUN_FLAGS}, "total_batch_size": total_batch_size,
+                 "max_steps": max_steps, "shuffle": int(shuffle)}
+    guard = OutlierGuard(args.skip_update_lossz, args.skip_update_gradz)
+    step0 = resume.step if resume is not None else 0
+    if resume is not None:
+        sample_rng = restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags, say)
     else:
-        model.load_weights(weights)
+        sample_rng = Xorshift(args.seed)
+        if os.path.exists(args.init) or args.init.endswith(".bin"):
+            model.load_weights(formats.read_model(args.init)[1])
+        else:
+            model.init_weights(args.seed)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     flops = flops_per_token(config, T)
@@ -295,12 +448,14 @@ def train_on(args, dist):
     say(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
         f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
         f"{num_parameters(config):,} parameters")
-    say(f"device {device_name}, dtype {args.dtype}, attention {model.attention_impl}, recompute {args.recompute}")
+    say(f"device {device_name}, dtype {args.dtype}, attention {model.attention_impl}, recompute {args.recompute}"
+        f"{', deterministic' if args.deterministic else ''}")
     say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
         f", zero stage {args.zero_stage}")
     per_process = (f" x {world} processes", f" for each of {world} processes") if world > 1 else ("", "")
     say(f"B={B} T={T}, {grad_accum_steps} micro-batch(es){per_process[0]} = {total_batch_size:,} tokens a step, "
-        f"{max_steps} steps; train data {train_loader.num_batches_per_epoch} micro-batches an epoch{per_process[1]}")
+        f"{max_steps} steps; train data {train_loader.num_batches_per_epoch} micro-batches an epoch{per_process[1]}"
+        f"{', shuffled' if shuffle else ''}")
     # -m counts the validation batches of all ranks together, so that a run's val loss does not depend on its world
     # size when -m is a multiple of it; each rank reads its share, at most the val data
     val_batches = min(-(-args.val_max_steps // world), val_loader.num_batches_per_epoch) if val_loader else 0
@@ -308,49 +463,84 @@ def train_on(args, dist):
         say(f"validation: {val_batches * world} batches every {args.val_loss_every} steps")
     say(f"{flops / 1e9:.3f} GFLOPs a token; peak {'unknown' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
 
-    logger = Logger(args.output_log_dir if dist.is_main else None)
+    writer = None
+    if args.output_log_dir:
+        writer = checkpoint.CheckpointWriter(args.output_log_dir, dist, args.checkpoints_keep,
+                                             args.major_checkpoint_every, kept_checkpoints, say)
+        if args.checkpoint_every:
+            writer.reserve(*checkpoint_tensors(model))
+            say(f"checkpoints: every {args.checkpoint_every} steps and at the end, in {args.output_log_dir}"
+                + (f", keeping the newest {args.checkpoints_keep}" if args.checkpoints_keep else ""))
+    logger = Logger(args.output_log_dir if dist.is_main else None, resume_step=step0 if resume else None)
     loss_sum = torch.zeros(1, dtype=torch.float32, device=device)
-    sample_rng = np.random.default_rng(args.seed)
     single_batch = None
     timed_ms = []
-    for step in range(max_steps + 1):
-        last_step = step == max_steps
-        if val_loader and (step % args.val_loss_every == 0 or last_step):
-            val_loss = validation_loss(model, val_loader, val_batches, loss_sum)
-            say(f"val loss {val_loss:.6f}")
-            logger.log_val(step, val_loss)
-        if tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
-            say(f"generating:\n---\n{generate(model, tokenizer, args.gen_tokens, sample_rng)}\n---")
-        if last_step:
-            break
 
-        t0 = time.perf_counter()  # a step is timed as llm.c's: from reading its batches to its loss on the host
-        if args.overfit_single_batch:  # llm.c resets the loader before every micro-batch: the same batch always
-            if single_batch is None:
-                single_batch = train_loader.next_batch()
-            micro_batches = [single_batch] * grad_accum_steps
-        else:
-            micro_batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]
-        lr = lr_at(step, max_steps, args.learning_rate, args.warmup_iters, args.final_lr_frac, args.lr_schedule)
-        loss, grad_norm = train_step(model, micro_batches, lr, step, args, loss_sum)
-        ms = (time.perf_counter() - t0) * 1000
-        tokens_per_second = total_batch_size / ms * 1000  # all ranks' tokens; MFU is per GPU
-        if step >= TIMING_WARMUP_STEPS:
-            timed_ms.append(ms)
-        say(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {grad_norm:.4f} | lr {lr:.2e} | "
-            f"{ms:.2f} ms | {format_mfu(mfu(flops, tokens_per_second / world, peak))} | {tokens_per_second:.0f} tok/s")
-        logger.log_train(step, loss, lr, grad_norm, ms, tokens_per_second)
-    logger.close()
+    def stopped_at_once(signum):  # a second signal: one line, and the process ends (StopRequest)
+        newest = f"; the newest complete checkpoint is step {writer.complete[-1]}" if writer and writer.complete else ""
+        print(f"{os.path.basename(sys.argv[0])}: second {signal_name(signum)}: stopped at once{newest}",
+              file=sys.stderr)
+
+    with StopRequest(stopped_at_once) as stop:
+        for step in range(step0, max_steps + 1):
+            last_step = step == max_steps
+            if writer and args.checkpoint_every and step > step0 and (step % args.checkpoint_every == 0 or last_step):
+                save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags)
+            if val_loader and (step % args.val_loss_every == 0 or last_step):
+                val_loss = validation_loss(model, val_loader, val_batches, loss_sum)
+                say(f"val loss {val_loss:.6f}")
+                logger.log_val(step, val_loss)
+            if tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
+                say(f"generating:\n---\n{generate(model, tokenizer, args.gen_tokens, sample_rng)}\n---")
+            if last_step:
+                break
+
+            t0 = time.perf_counter()  # a step is timed as llm.c's: from reading its batches to its loss on the host
+            if args.overfit_single_batch:  # llm.c resets the loader before every micro-batch: the same batch always
+                if single_batch is None:
+                    single_batch = train_loader.next_batch()
+                micro_batches = [single_batch] * grad_accum_steps
+            else:
+                micro_batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]
+            lr = lr_at(step, max_steps, args.learning_rate, args.warmup_iters, args.final_lr_frac, args.lr_schedule)
+            loss, grad_norm, (zl, zg, skipped) = train_step(model, micro_batches, lr, step, args, loss_sum, guard)
+            ms = (time.perf_counter() - t0) * 1000
+            tokens_per_second = total_batch_size / ms * 1000  # all ranks' tokens; MFU is per GPU
+            if step >= step0 + TIMING_WARMUP_STEPS:
+                timed_ms.append(ms)
+            zscores = f" | z {zl:+.2f} {zg:+.2f}" if guard.active else ""
+            say(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {grad_norm:.4f}{zscores} | lr {lr:.2e} | "
+                f"{ms:.2f} ms | {format_mfu(mfu(flops, tokens_per_second / world, peak))} | {tokens_per_second:.0f} "
+                "tok/s")
+            if skipped:
+                say(f"step {step + 1}: update skipped, {skipped}")
+            logger.log_train(step, loss, lr, grad_norm, ms, tokens_per_second, (zl, zg) if guard.active else None,
+                             skipped is not None)
+            if writer:
+                writer.poll()
+            signum = stop.signum or 0
+            if world > 1:  # every rank stops at the same step, whichever got the signal
+                signum = max(signum, 1) if dist.sum_ints([signum], "whether to stop")[0] else 0
+            if signum:
+                raise stop_with_checkpoint(signum, writer, step + 1, model, train_loader, sample_rng, guard,
+                                           run_flags, logger)
+        logger.close()
+        if writer:
+            writer.finish()
+        if stop.requested:  # a signal during the last validation: the run is complete, the checkpoint written
+            raise Stopped(stop.signum, f"stopped by {signal_name(stop.signum)} at the end of the run")
 
     if timed_ms:
         ms = sum(timed_ms) / len(timed_ms)
         tokens_per_second = total_batch_size / ms * 1000
-        say(f"average over steps {TIMING_WARMUP_STEPS + 1}..{max_steps}: {ms:.2f} ms/step, {tokens_per_second:.0f} "
-            f"tok/s, {format_mfu(mfu(flops, tokens_per_second / world, peak))}")
-    else:
+        say(f"average over steps {step0 + TIMING_WARMUP_STEPS + 1}..{max_steps}: {ms:.2f} ms/step, "
+            f"{tokens_per_second:.0f} tok/s, {format_mfu(mfu(flops, tokens_per_second / world, peak))}")
+    elif max_steps > step0:
         say("no average time: the first step compiles the kernels and is left out")
     if device.type == "cuda":
         say(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+    if writer:
+        writer.close()
     if args.write_model:
         weights = model.weights_fp32()  # under -z 1 a collective: every rank takes part
         if dist.is_main:
@@ -358,15 +548,35 @@ def train_on(args, dist):
             say(f"wrote {args.write_model}")
 
 
+def stop_with_checkpoint(signum, writer, step, model, train_loader, sample_rng, guard, run_flags, logger):
+    """A signal arrived: the step is done; write its checkpoint (when there is a folder) and say how to go on."""
+    logger.close()
+    if signum not in (signal.SIGINT, signal.SIGTERM):  # another rank's signal
+        signum = signal.SIGTERM
+    if writer is None:
+        return Stopped(signum, f"stopped by {signal_name(signum)} after step {step}; no -o folder, so no checkpoint")
+    if not writer.complete or writer.complete[-1] != step:
+        save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags)
+    writer.finish()
+    writer.close()
+    return Stopped(signum, f"stopped by {signal_name(signum)} after step {step}; checkpoint {step} in "
+                           f"{writer.folder}: continue with the same command and -y 1")
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train(args)
-    except torch.cuda.OutOfMemoryError:
-        fail(f"CUDA out of memory with -b {args.batch_size} -t {args.sequence_length} -r {args.recompute}: use a "
-             f"smaller -b (with -d to keep the tokens a step) or -r 1 / -r 2 to recompute activations")
-    except (formats.FormatError, ValueError, OSError, DistributedError) as e:
-        fail(str(e))
+    prog = os.path.basename(sys.argv[0])
+    with exit_quietly(prog):  # a signal before the training loop: one line (the loop stops at a step's end)
+        args = parse_args(argv)
+        try:
+            train(args)
+        except torch.cuda.OutOfMemoryError:
+            fail(f"CUDA out of memory with -b {args.batch_size} -t {args.sequence_length} -r {args.recompute}: use "
+                 f"a smaller -b (with -d to keep the tokens a step) or -r 1 / -r 2 to recompute activations")
+        except Stopped as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            sys.exit(exit_status(e.signum))
+        except (formats.FormatError, ValueError, OSError, DistributedError) as e:
+            fail(str(e))
 
 
 def fail(message):

@@ -37,11 +37,14 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402 (after the environment variable above)
 
-from llmpy.config import (GPT2_EOT, config_from_descriptor, decayed_param_names, gpt2_init, num_parameters,
-                          param_shapes, split_params)
+from llmpy.config import (GPT2_EOT, config_from_descriptor, decayed_param_names, gpt2_init, is_descriptor,
+                          num_parameters, param_shapes, split_params)
 from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_model
+from llmpy.signals import exit_quietly
 from llmpy.tokenizer import Tokenizer
+
+PROG = os.path.basename(sys.argv[0])
 
 LAYERNORM_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -467,14 +470,16 @@ def sample_tokens(model, length, rng):
 def load_model(arg, seed):
     """--model: an llm.c model file, or a descriptor (d12, tiny, ...) for GPT-2's seeded random initialisation:
     weights N(0, 0.02), the residual projections N(0, 0.02/sqrt(2L)), biases 0, layernorms 1 and 0."""
-    if not os.path.exists(arg):
-        try:
-            config = config_from_descriptor(arg)
-        except ValueError:
-            raise FormatError(arg, "file not found (write it with: python train_gpt2_torch.py --model d12 "
-                                   "--write_tensors 1), and not a model descriptor like d12 or tiny") from None
-        return config, gpt2_init(config, seed)
-    return read_model(arg)
+    if os.path.exists(arg):
+        return read_model(arg)
+    if not is_descriptor(arg):
+        raise FormatError(arg, "file not found (write it with: python train_gpt2_torch.py --model d12 "
+                               "--write_tensors 1), and not a model descriptor like d12 or tiny")
+    try:
+        config = config_from_descriptor(arg)
+    except ValueError as e:  # a descriptor with impossible numbers, e.g. d2c65h4: the error says which
+        raise ValueError(f"-e/--model: {e}") from None
+    return config, gpt2_init(config, seed)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -494,7 +499,8 @@ def parse_args(argv):
     ap.add_argument("--tokenizer", default="gpt2_tokenizer.bin", help="llm.c tokenizer file, for decoding samples")
     ap.add_argument("-b", "--batch_size", type=int, default=4)
     ap.add_argument("-t", "--sequence_length", type=int, default=64)
-    ap.add_argument("-x", "--max_steps", type=int, default=40)
+    ap.add_argument("-x", "--max_steps", type=int, default=40,
+                    help="optimizer steps; 0: only a validation loss and a sample")
     ap.add_argument("-l", "--learning_rate", type=float, default=1e-4)
     ap.add_argument("--beta1", type=float, default=0.9)
     ap.add_argument("--beta2", type=float, default=0.999)
@@ -513,6 +519,9 @@ def parse_args(argv):
     for flag in ("max_steps", "val_loss_every", "sample_every"):
         if getattr(args, flag) < 0:
             ap.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
+    for flag in ("learning_rate", "beta1", "beta2", "eps", "weight_decay"):
+        if not math.isfinite(getattr(args, flag)):  # inf and nan would train to nan and still exit 0
+            ap.error(f"--{flag} must be a finite number, got {getattr(args, flag)}")
     if not (args.learning_rate > 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1 and args.eps > 0
             and args.weight_decay >= 0):
         ap.error("AdamW needs --learning_rate > 0, 0 <= --beta1, --beta2 < 1, --eps > 0, --weight_decay >= 0")
@@ -542,7 +551,8 @@ def train(args):
         last_step = step == args.max_steps
         if args.val_loss_every and (step % args.val_loss_every == 0 or last_step):
             print(f"val loss {validation_loss(model, val_loader, args.val_max_steps):.6f}")
-        if args.sample_every and step > 0 and (step % args.sample_every == 0 or last_step):
+        # and at the last step, as llm.c: so -x 0 evaluates a model with a validation loss and a sample
+        if args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
             tokens = sample_tokens(model, args.gen_tokens, sample_rng)
             text = tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))
             print(f"generating:\n---\n{text}\n---")
@@ -562,11 +572,16 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        train(args)
-    except (FormatError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with exit_quietly(PROG):
+        try:
+            train(args)
+        except (FormatError, ValueError, OSError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        except MemoryError as e:  # NumPy's says how much it could not allocate, for which shape
+            print(f"{PROG}: error: out of memory ({e}): use a smaller -b/--batch_size than {args.batch_size}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

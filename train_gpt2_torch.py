@@ -37,6 +37,7 @@ from llmpy import formats
 from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_params
 from llmpy.data import DataLoader
 from llmpy.schedule import lr_at
+from llmpy.signals import exit_quietly
 from llmpy.tokenizer import TokenizerError, gpt2_encoding, gpt2_token_bytes
 
 DATA_HINT = "run `python dev/data/tinyshakespeare.py` to make the tiny Shakespeare shards"
@@ -212,9 +213,16 @@ def model_from_flat(config, flat, flash=True):
 @torch.no_grad()
 def gpt_from_pretrained(name, flash=True):
     """GPT-2 weights from Hugging Face (needs transformers and a network)."""
-    from transformers import GPT2LMHeadModel
-
-    hf_state = GPT2LMHeadModel.from_pretrained(name).state_dict()
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise ValueError(f"--model {name}: Hugging Face's weights need the transformers package: "
+                         f"pip install transformers (and the network, to download them)") from None
+    try:
+        hf_state = GPT2LMHeadModel.from_pretrained(name).state_dict()
+    except OSError as e:  # offline, or no such checkpoint: transformers' message is several lines
+        raise ValueError(f"--model {name}: could not load Hugging Face's weights ({type(e).__name__}): "
+                         f"offline? they are downloaded from huggingface.co") from None
     model = GPT(config_from_descriptor(PRETRAINED[name]), flash)
     # OpenAI's checkpoints store these matmul weights as Conv1D, (in, out): nn.Linear wants (out, in)
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -325,8 +333,9 @@ def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding):
         optimizer.step()
         losses.append(loss.item())
         print(f"reference step {step}: loss {losses[-1]:.6f}")
-    with open(path(f"{prefix}_debug_losses.json"), "w") as f:
-        json.dump({**hyper, "losses": losses}, f, indent=1)
+    # the match tests take this file with the debug state: a half-written one must never be read
+    formats.write_file_atomic(path(f"{prefix}_debug_losses.json"),
+                              [json.dumps({**hyper, "losses": losses}, indent=1).encode()])
     print(f"wrote {prefix}.bin, {prefix}_bf16.bin, {prefix}_debug_state.bin, {prefix}_debug_losses.json and "
           f"gpt2_tokenizer.bin to {write_dir}")
 
@@ -357,7 +366,7 @@ def parse_args(argv=None):
     add("--sequence_length", "-t", type=int, default=64, help="sequence length T")
     add("--total_batch_size", type=int, default=0,
         help="tokens per optimizer step, a multiple of B*T (gradient accumulation); 0 means B*T")
-    add("--num_iterations", type=int, default=10, help="optimizer steps")
+    add("--num_iterations", type=int, default=10, help="optimizer steps; 0: only a validation loss and a sample")
     add("--learning_rate", type=float, default=1e-4, help="peak learning rate")
     add("--warmup_iters", type=int, default=0, help="steps of linear learning-rate warmup")
     add("--final_lr_frac", type=float, default=1.0,
@@ -370,6 +379,8 @@ def parse_args(argv=None):
     add("--sample_every", type=int, default=0, help="print a sampled text every N steps and at the end; 0 never")
     add("--sample_length", type=int, default=64, help="tokens per sample")
     add("--overfit_single_batch", **flag, default=0, help="train on the first batch over and over")
+    add("--shuffle", **flag, default=1, help="read the training batches in llm.c's shuffled order, as train_gpt2.py "
+                                             "does (each rank's own, seeded 42 + rank); 0: in the files' order")
     add("--seed", type=int, default=42, help="seed of the initialisation and of the sampling")
     add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     add("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -396,8 +407,11 @@ def check_args(args):
     for name in ("total_batch_size", "num_iterations", "warmup_iters", "val_loss_every", "sample_every"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("learning_rate", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(args, name)):  # inf and nan would train to nan and still exit 0
+            raise ValueError(f"--{name} must be a finite number, got {getattr(args, name)}")
     for name in ("weight_decay", "grad_clip"):
-        if not getattr(args, name) >= 0:  # also rejects nan
+        if not getattr(args, name) >= 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
@@ -407,6 +421,20 @@ def check_args(args):
     if args.total_batch_size % tokens_per_micro:
         raise ValueError(f"--total_batch_size {args.total_batch_size} is not a multiple of B*T = "
                          f"{args.batch_size}*{args.sequence_length} = {tokens_per_micro}")
+    if args.output_dir:
+        check_output_dir(args.output_dir)
+
+
+def check_output_dir(path):
+    """--output_dir, made now if missing: a path that cannot hold main.log fails before any work, naming the flag."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output_dir {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output_dir {path}: cannot make the folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--output_dir {path}: the folder is not writable")
 
 
 def pick_device(name):
@@ -453,10 +481,10 @@ def build_model(args):
     return model, descriptor
 
 
-def open_loader(flag, pattern, B, T, vocab_size, rank=0, world_size=1):
+def open_loader(flag, pattern, B, T, vocab_size, rank=0, world_size=1, shuffle=False):
     if not glob.glob(pattern):
         raise ValueError(f"--{flag} {pattern}: no such file; {DATA_HINT}")
-    return DataLoader(pattern, B, T, rank=rank, world_size=world_size, vocab_size=vocab_size)
+    return DataLoader(pattern, B, T, rank=rank, world_size=world_size, shuffle=shuffle, vocab_size=vocab_size)
 
 
 def load_encoding(ranks_file, required):
@@ -513,7 +541,9 @@ def train_on(args, device, rank, world_size):
     config = model.config
     if T > config.max_seq_len:
         raise ValueError(f"--sequence_length {T} exceeds the model's max_seq_len {config.max_seq_len}")
-    train_loader = open_loader("input_bin", args.input_bin, B, T, config.vocab_size, rank, world_size)
+    # llm.c's shuffled order for training, as train_gpt2.py (the reference files take the first batch of the file)
+    shuffle = bool(args.shuffle) and not args.overfit_single_batch and not args.write_tensors
+    train_loader = open_loader("input_bin", args.input_bin, B, T, config.vocab_size, rank, world_size, shuffle)
     model.to(device)
 
     if args.write_tensors:
@@ -551,7 +581,6 @@ def train_on(args, device, rank, world_size):
     sample_generator = torch.Generator(device=device).manual_seed(args.seed)
     log = None
     if args.output_dir and rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
         log = open(os.path.join(args.output_dir, "main.log"), "w")
 
     def log_line(line):
@@ -567,7 +596,8 @@ def train_on(args, device, rank, world_size):
             val_loss = mean_over_ranks(val_loss, world_size, device)
             say(f"step {step}: val loss {val_loss:.6f}")
             log_line(f"s:{step} tel:{val_loss:.6f}")
-        if args.sample_every and (step % args.sample_every == 0 or last_step) and step > 0 and rank == 0:
+        # and at the last step, as llm.c: so --num_iterations 0 evaluates a model with a validation loss and a sample
+        if args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step) and rank == 0:
             start = torch.full((1, 1), GPT2_EOT, dtype=torch.long, device=device)
             ids = generate(model, start, args.sample_length, sample_generator)[0, 1:].tolist()
             print("sample:", encoding.decode(ids) if encoding else ids)
@@ -596,11 +626,13 @@ def train_on(args, device, rank, world_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        train(args)
-    except (formats.FormatError, ValueError, OSError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    prog = os.path.basename(sys.argv[0])
+    with exit_quietly(prog):  # under torchrun every rank gets the signal and prints its own line
+        try:
+            train(args)
+        except (formats.FormatError, ValueError, OSError) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

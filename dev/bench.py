@@ -13,6 +13,8 @@ memory and compiled state cannot help or hurt another:
   eager      train_gpt2_torch.py's model, flash SDPA, bf16 autocast, fused AdamW; B/2 x 2 micro-batches by
              default (--eager_micro 0 for none), since eager at B=64 needs more memory than the GPU has
   compile    the same under torch.compile: the baseline to beat
+  deterministic  the mainline with --deterministic 1 (bit-identical run to run: llmpy.vendor.set_deterministic, the
+             deterministic embedding backward); not run by default
   ddp        mainline's step in a process group of one process (llmpy.distributed, -z 0): its all-reduces run
   zero1      the same with -z 1 (ZeRO-1): reduce-scatter, sharded AdamW, all-gather, all over one rank
              (ddp and zero1 against mainline: the world-size-1 overhead of data parallelism; not run by default)
@@ -61,25 +63,27 @@ def batches(config, B, T, seed):
         yield tokens[:, :-1], tokens[:, 1:]
 
 
-def mainline_steps(config, flat, args, dist=None, zero_stage=0):
+def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=False):
     """Yields after each training step of the mainline; the step's loss is on the host by then.
-    dist, zero_stage: as train_gpt2.py's (ddp and zero1)."""
+    dist, zero_stage, deterministic: as train_gpt2.py's (ddp, zero1 and deterministic)."""
     import torch
 
     from llmpy.model import GPT2
+    from llmpy.outlier import OutlierGuard
     from train_gpt2 import train_step
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = GPT2(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda",
                  recompute=args.recompute, attention_impl=args.attention, dist=dist, zero_stage=zero_stage,
-                 cuda_graphs=bool(args.cuda_graphs), gelu_fusion=args.gelu_fusion)
+                 cuda_graphs=bool(args.cuda_graphs), gelu_fusion=args.gelu_fusion, deterministic=deterministic)
     model.load_weights(flat)
     loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
     hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     data = batches(config, args.batch_size, args.sequence_length, args.seed)
+    guard = OutlierGuard()  # off, as in training without -sl/-sg
     step = 0
     while True:
-        loss, _ = train_step(model, [next(data)], LR, step, hyper, loss_sum)
+        loss, _, _ = train_step(model, [next(data)], LR, step, hyper, loss_sum, guard)
         step += 1
         yield loss
 
@@ -168,8 +172,8 @@ def worker(args):
     config = config_from_descriptor(args.model)
     flat = gpt2_init(config, args.seed)
     dist = None
-    if args.worker == "mainline":
-        steps = mainline_steps(config, flat, args)
+    if args.worker in ("mainline", "deterministic"):
+        steps = mainline_steps(config, flat, args, deterministic=args.worker == "deterministic")
     elif args.worker in ("ddp", "zero1"):
         from llmpy.distributed import init_distributed
 
@@ -229,9 +233,10 @@ def main():
     if args.worker:
         return worker(args)
     contenders = args.contenders.split(",")
-    unknown = set(contenders) - {"mainline", "eager", "compile", "ddp", "zero1"}
+    unknown = set(contenders) - {"mainline", "deterministic", "eager", "compile", "ddp", "zero1"}
     if unknown or args.steps < 1 or args.warmup < 0:
-        sys.exit(f"bench.py: contenders are mainline, eager, compile, ddp, zero1 (got {args.contenders}); "
+        sys.exit(f"bench.py: contenders are mainline, deterministic, eager, compile, ddp, zero1 (got "
+                 f"{args.contenders}); "
                  f"--steps >= 1")
     results = {}
     for name in contenders:
@@ -253,17 +258,17 @@ def main():
     print(f"\n{args.model} B={args.batch_size} T={args.sequence_length} {args.dtype}, {device}, "
           + ", ".join(f"{name} {version}" for name, version in versions.items())
           + f", median of {args.steps} steps after {args.warmup}, {time.strftime('%Y-%m-%d')}")
-    print(f"{'contender':10s} {'ms/step':>9s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs compile':>11s} "
+    print(f"{'contender':13s} {'ms/step':>9s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs compile':>11s} "
           f"{'J/step':>7s} {'W':>5s} {'SM MHz':>7s}")
     for name, r in results.items():
         if r is None:
-            print(f"{name:10s} {'failed':>9s}")
+            print(f"{name:13s} {'failed':>9s}")
             continue
         ratio = f"{r['tok_s'] / base:.2f}x" if base else "n/a"
         mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         power = (f" {r['joules_per_step']:7.1f} {r['watts']:5.0f} {r['sm_mhz'] or 0:7.0f}"
                  if "joules_per_step" in r else "")
-        print(f"{name:10s} {r['ms']:9.1f} {r['tok_s']:10.0f} {mfu_text:>6s} {r['peak_mem_gib']:9.1f} {ratio:>11s}"
+        print(f"{name:13s} {r['ms']:9.1f} {r['tok_s']:10.0f} {mfu_text:>6s} {r['peak_mem_gib']:9.1f} {ratio:>11s}"
               + power)
     if args.json:
         with open(args.json, "w") as f:

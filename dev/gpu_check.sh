@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
-#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [matmul_algos] [bench_large]
-#   (none: all but the last two)
+#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [matmul_algos]
+#                         [bench_large]          (none: all but the last two)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
 # LLMPY_TIKTOKEN_FILE. Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -92,6 +92,19 @@ PY
         run python3 dev/matmul_algos.py ;;
     bench)
         run python3 dev/bench.py --contenders mainline,eager,compile,ddp,zero1 --json "${OUT:-.}/bench_d12.json" ;;
+    long_runs)
+        # a d12 run killed at 3 random steps and resumed: bit-identical under --deterministic 1 (dev/resume_check.py);
+        # what --deterministic 1 costs; the checkpoint's stall and write rate at d12 and d36, and the step time with
+        # checkpoints against without (the training log's averages and "checkpoint N written" lines)
+        ck=$(mktemp -d)
+        run python3 dev/resume_check.py -o "$ck/resume" --deterministic 1
+        run python3 dev/bench.py --contenders mainline,deterministic --json "${OUT:-.}/bench_d12_deterministic.json"
+        for spec in "d12 64 40" "d36 16 40"; do
+            set -- $spec
+            run python3 train_gpt2.py -e "$1" -b "$2" -t 1024 -x "$3" -v 0 -s 0 -o "$ck/$1_plain"
+            run python3 train_gpt2.py -e "$1" -b "$2" -t 1024 -x "$3" -v 0 -s 0 -o "$ck/$1_checkpoints" -n 20 -nk 1
+            rm -rf "$ck/$1_plain" "$ck/$1_checkpoints"
+        done ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
         for model_sizes in "d24 56 48 40" "d36 32 28 24"; do
@@ -106,7 +119,8 @@ PY
             done
         done ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, matmul_algos, bench_large)"; status=1 ;;
+        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, matmul_algos," \
+            "bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
 from llmpy.model import GPT2  # noqa: E402
+from llmpy.outlier import OutlierGuard  # noqa: E402
 from train_gpt2 import train_step  # noqa: E402
 
 # kernel name fragments -> kind; the first match wins
@@ -49,7 +50,8 @@ def mainline_step(config, B, T, args):
     y = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
     loss_sum = torch.zeros(1, device="cuda")
     hyper = SimpleNamespace(weight_decay=0.1, grad_clip=1.0)
-    return lambda step: train_step(model, [(x, y)], 3e-4, step, hyper, loss_sum)
+    guard = OutlierGuard()
+    return lambda step: train_step(model, [(x, y)], 3e-4, step, hyper, loss_sum, guard)
 
 
 def compile_step(config, B, T, args):

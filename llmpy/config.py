@@ -43,16 +43,30 @@ _GPT2_SIZES = {12: (768, 12), 24: (1024, 16), 36: (1280, 20), 48: (1600, 25)}
 _ALIASES = {"tiny": "d2c64h4"}
 
 
-def config_from_descriptor(descriptor):
-    """'d12', 'd24', 'd36', 'd48' (GPT-2 124M..1.5B) or 'dLcChH' (e.g. 'd2c64h4', alias 'tiny')."""
+def _descriptor_match(descriptor):
     desc = _ALIASES.get(descriptor, descriptor)
     m = re.fullmatch(r"d(\d+)(?:c(\d+)h(\d+))?", desc)
-    if m is None or (m.group(2) is None and int(m.group(1)) not in _GPT2_SIZES):
+    return None if m is None or (m.group(2) is None and int(m.group(1)) not in _GPT2_SIZES) else m
+
+
+def is_descriptor(text):
+    """Whether text has a descriptor's form (d12, tiny, dLcChH), whatever its numbers: the trainers take a model
+    file or a descriptor in one flag, and a well-formed descriptor's error should be about its numbers."""
+    return _descriptor_match(text) is not None
+
+
+def config_from_descriptor(descriptor):
+    """'d12', 'd24', 'd36', 'd48' (GPT-2 124M..1.5B) or 'dLcChH' (e.g. 'd2c64h4', alias 'tiny'). ValueError, one
+    line: what the descriptors look like, or for a well-formed one what is wrong with its numbers."""
+    m = _descriptor_match(descriptor)
+    if m is None:
         raise ValueError(f"unknown model descriptor {descriptor!r}: use d12, d24, d36, d48, tiny, or dLcChH like d2c64h4")
     layers = int(m.group(1))
     channels, heads = (int(m.group(2)), int(m.group(3))) if m.group(2) else _GPT2_SIZES[layers]
     if layers < 1 or channels < 1 or heads < 1:
         raise ValueError(f"model descriptor {descriptor!r}: layers, channels and heads must be positive")
+    if channels % heads:
+        raise ValueError(f"model descriptor {descriptor!r}: {channels} channels are not divisible by {heads} heads")
     return GPT2Config(num_layers=layers, num_heads=heads, channels=channels)
 
 

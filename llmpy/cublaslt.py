@@ -36,6 +36,9 @@ EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_
 _DATA_TYPE = {torch.float32: _CUDA_R_32F, torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
 _WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS itself takes on Hopper
 _CANDIDATES = 8  # algorithms asked of the heuristic per shape, then timed
+# False (--deterministic 1): take the heuristic's first algorithm without timing. Timing can pick another algorithm in
+# another process (candidates within a few % of each other trade places), and another algorithm rounds differently
+TIME_ALGORITHMS = True
 
 
 class CublasLtError(RuntimeError):
@@ -206,10 +209,10 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
                f"cublasLtMatmul ({epilogue}, m={m} n={n} k={k})")
 
     if isinstance(algo, list):  # the candidates: not yet chosen
-        if len(algo) > 1 and torch.cuda.is_current_stream_capturing():
+        if len(algo) > 1 and TIME_ALGORITHMS and torch.cuda.is_current_stream_capturing():
             raise CublasLtError("cuBLASLt: a matmul's first call is inside a CUDA graph capture; run it once eagerly")
         d_before = d.clone() if c is d and adds_c and len(algo) > 1 else None  # timing adds to D again and again
-        plan[4] = algo = _fastest(algo, launch) if len(algo) > 1 else algo[0]
+        plan[4] = algo = _fastest(algo, launch) if len(algo) > 1 and TIME_ALGORITHMS else algo[0]
         if d_before is not None:
             d.copy_(d_before)
     launch(algo)

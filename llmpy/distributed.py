@@ -91,6 +91,24 @@ class Dist:
         """Every rank's slice of the flat buffer full (world_size * S,) copied into full on every rank, in place."""
         self._collective(f"the all-gather of {what}", _all_gather, full, self.shard(full))
 
+    def sum_ints(self, values, what):
+        """The host integers values (a list) summed over all ranks, element by element (one small all-reduce that
+        waits for the GPU; for decisions every rank must take together, not for the step's hot path)."""
+        if self.group is None:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.int64, device=self.device)
+        self.all_reduce_sum_(total, what)
+        return total.tolist()
+
+    def all_agree(self, flag, what):
+        """True on every rank if flag is true on every rank."""
+        return self.sum_ints([int(bool(flag))], what)[0] == self.world_size
+
+    def all_same(self, value, what):
+        """Whether the integer value (|value| < 2^28) is the same on every rank: sum(v)^2 = W sum(v^2) only then."""
+        total, squares = self.sum_ints([value, value * value], what)
+        return total * total == self.world_size * squares
+
     def _collective(self, what, function, *args, **kwargs):
         if self.group is None:
             return

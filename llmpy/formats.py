@@ -1,7 +1,7 @@
 """llm.c's binary files, byte for byte: model, debug state, tokenizer, token shards, eval files.
 
 Every file starts with a header of 256 little-endian int32 (1024 bytes): a magic number, a version, then sizes;
-unused slots are zero. The layouts are in DESIGN.md §2. Readers check the magic, the version and that the file is
+unused slots are zero. Readers check the magic, the version and that the file is
 exactly as long as its header says, and raise FormatError with one line naming the file and the problem. Writers
 write to a temporary file and rename it into place, so a failed write never leaves a half-written file behind.
 NumPy only.
@@ -34,10 +34,11 @@ class FormatError(Exception):
         super().__init__(f"{path}: {problem}")
 
 
-def _read_bytes(path):
+def _read_bytes(path, count=-1):
+    """The file's bytes (its first count bytes, if given), or FormatError naming the file."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(count)
     except FileNotFoundError:
         raise FormatError(path, "file not found") from None
     except IsADirectoryError:
@@ -58,10 +59,11 @@ def _read_header(path, data, magic, versions, kind):
     return header
 
 
-def _check_length(path, data, expected, kind):
-    if len(data) != expected:
-        problem = "truncated" if len(data) < expected else "has trailing bytes"
-        raise FormatError(path, f"{problem}: {len(data)} bytes, the header describes a {kind} of {expected} bytes")
+def _check_length(path, data, expected, kind, size=None):
+    size = len(data) if size is None else size
+    if size != expected:
+        problem = "truncated" if size < expected else "has trailing bytes"
+        raise FormatError(path, f"{problem}: {size} bytes, the header describes a {kind} of {expected} bytes")
 
 
 def _new_header(*values):
@@ -70,19 +72,73 @@ def _new_header(*values):
     return header
 
 
-def _write_atomic(path, chunks):
-    """Writes the byte chunks (bytes or arrays) to path via a temporary file in the same folder."""
+def write_file_atomic(path, chunks):
+    """Writes the chunks (bytes, or arrays written as their bytes) to path, all or nothing: to a temporary file in the
+    same folder (path + ".tmp" + the process id), flushed to the disk (fsync), then renamed over path, and the folder
+    synced so the rename itself survives a power cut. A reader sees the old file or the whole new one, never a part;
+    a failure or an interruption (KeyboardInterrupt) removes the temporary file, and one left by a killed process
+    carries that process's id (llmpy.checkpoint removes them)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             for chunk in chunks:
-                f.write(chunk.tobytes() if isinstance(chunk, np.ndarray) else chunk)
+                f.write(memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else chunk)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_folder(os.path.dirname(path) or ".")
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def sync_folder(folder):
+    """fsync a folder, so that files created, renamed or removed in it stay so after a crash of the machine."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output_folder(flag, folder):
+    """Makes folder (and its parents) if needed and checks that files can be created in it, before hours of work
+    are spent on what would go there; ValueError naming the flag otherwise."""
+    try:
+        _probe_folder(folder)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({_why(e, folder)})") from None
+
+
+def check_output_file(flag, path):
+    """Checks that path can be written (atomically: a temporary beside it, then a rename) without writing it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        _probe_folder(folder)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write there ({_why(e, folder)})") from None
+
+
+def _probe_folder(folder):
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".write_test{os.getpid()}")
+    open(probe, "wb").close()
+    os.remove(probe)
+
+
+def _why(error, folder):
+    """An OSError in words, saying which part of the path is a file where a folder should be."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        part = folder
+        while part and not os.path.exists(part):
+            part = os.path.dirname(part)
+        if os.path.isfile(part):
+            return f"{part} is a file, not a folder"
+    return error.strerror
 
 
 def float32_to_bfloat16_bits(x):
@@ -100,16 +156,27 @@ def bfloat16_bits_to_float32(bits):
 # ----------------------------------------------------------------------------- model
 
 
-def read_model(path):
-    """An llm.c model file (v3 fp32 or v5 bf16) -> (GPT2Config, flat float32 parameters in llm.c's order)."""
-    data = _read_bytes(path)
-    header = _read_header(path, data, MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16), "model")
+def read_model_header(path, check_length=False):
+    """An llm.c model file's header -> (GPT2Config, the number of parameters, its version: 3 fp32 or 5 bf16), without
+    reading the weights; check_length also checks the file's size against it."""
+    header = _read_header(path, _read_bytes(path, HEADER_BYTES), MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16), "model")
     maxT, V, L, NH, C, Vp = (int(v) for v in header[2:8])
     if min(maxT, V, L, NH, C) <= 0 or C % NH or Vp < V:
         raise FormatError(path, f"nonsense model header: max_seq_len={maxT} vocab={V} layers={L} heads={NH} channels={C} padded_vocab={Vp}")
     config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp, num_layers=L, num_heads=NH, channels=C)
     n = num_parameters(config)
-    bf16 = header[1] == MODEL_VERSION_BF16
+    version = int(header[1])
+    if check_length:
+        _check_length(path, b"", HEADER_BYTES + n * (2 if version == MODEL_VERSION_BF16 else 4), "model",
+                      size=os.path.getsize(path))
+    return config, n, version
+
+
+def read_model(path):
+    """An llm.c model file (v3 fp32 or v5 bf16) -> (GPT2Config, flat float32 parameters in llm.c's order)."""
+    config, n, version = read_model_header(path)
+    data = _read_bytes(path)
+    bf16 = version == MODEL_VERSION_BF16
     _check_length(path, data, HEADER_BYTES + n * (2 if bf16 else 4), "model")
     if bf16:
         flat = bfloat16_bits_to_float32(np.frombuffer(data, dtype="<u2", count=n, offset=HEADER_BYTES))
@@ -118,21 +185,32 @@ def read_model(path):
     return config, flat
 
 
+def model_file_chunks(config, payload, dtype):
+    """A model file's header and payload, for write_file_atomic. payload: the flat parameters, float32 for a v3
+    file, or for a v5 (bf16) file their bf16 bit patterns as uint16."""
+    version = {"float32": MODEL_VERSION_FP32, "bfloat16": MODEL_VERSION_BF16}[dtype]
+    expected = np.dtype("<f4" if dtype == "float32" else "<u2")
+    if payload.shape != (num_parameters(config),) or payload.dtype != expected:
+        raise ValueError(f"a {dtype} model file needs {expected} parameters of shape ({num_parameters(config)},), "
+                         f"got {payload.dtype} {payload.shape}")
+    c = config
+    header = _new_header(MODEL_MAGIC, version, c.max_seq_len, c.vocab_size, c.num_layers, c.num_heads, c.channels,
+                         c.padded_vocab_size)
+    return [header, payload]
+
+
 def write_model(path, config, flat_params, dtype="float32"):
     """Writes flat float32 parameters (llm.c order, padded wte) as an llm.c model file, fp32 (v3) or bf16 (v5)."""
     flat = np.asarray(flat_params, dtype=np.float32)
     if flat.shape != (num_parameters(config),):
         raise ValueError(f"{path}: parameters have shape {flat.shape}, the config needs ({num_parameters(config)},)")
     if dtype == "float32":
-        version, payload = MODEL_VERSION_FP32, flat.astype("<f4")
+        payload = flat.astype("<f4")
     elif dtype == "bfloat16":
-        version, payload = MODEL_VERSION_BF16, float32_to_bfloat16_bits(flat).astype("<u2")
+        payload = float32_to_bfloat16_bits(flat).astype("<u2")
     else:
         raise ValueError(f"model dtype must be float32 or bfloat16, not {dtype!r}")
-    c = config
-    header = _new_header(MODEL_MAGIC, version, c.max_seq_len, c.vocab_size, c.num_layers, c.num_heads, c.channels,
-                         c.padded_vocab_size)
-    _write_atomic(path, [header, payload])
+    write_file_atomic(path, model_file_chunks(config, payload, dtype))
 
 
 # ----------------------------------------------------------------------------- debug state
@@ -183,7 +261,7 @@ def write_debug_state(path, config, x, y, logits, loss, grads_flat):
     if y.shape != (B, T) or logits.shape != (B, T, V) or grads_flat.shape != (n,):
         raise ValueError(f"{path}: debug state shapes disagree: x {x.shape}, y {y.shape}, logits {logits.shape}, grads {grads_flat.shape}")
     header = _new_header(STATE_MAGIC, STATE_VERSION, B, T)
-    _write_atomic(path, [header, x.astype("<i4"), y.astype("<i4"), logits.astype("<f4"),
+    write_file_atomic(path, [header, x.astype("<i4"), y.astype("<i4"), logits.astype("<f4"),
                          np.array([loss], dtype="<f4"), grads_flat.astype("<f4")])
 
 
@@ -216,7 +294,7 @@ def write_tokenizer(path, token_bytes, eot):
         if not 0 < len(b) < 256:
             raise ValueError(f"{path}: token {i} is {len(b)} bytes long; the format stores lengths 1..255")
     body = b"".join(bytes([len(b)]) + bytes(b) for b in token_bytes)
-    _write_atomic(path, [_new_header(TOKENIZER_MAGIC, TOKENIZER_VERSION, len(token_bytes), eot), body])
+    write_file_atomic(path, [_new_header(TOKENIZER_MAGIC, TOKENIZER_VERSION, len(token_bytes), eot), body])
 
 
 # ----------------------------------------------------------------------------- token shards
@@ -273,7 +351,7 @@ def write_shard(path, tokens, dtype=np.uint16):
     if tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max:
         raise ValueError(f"{path}: token ids [{tokens.min()}, {tokens.max()}] do not fit in {dtype}")
     header = _new_header(magic, _SHARD_KINDS[magic][0], len(tokens))
-    _write_atomic(path, [header, tokens.astype(dtype.newbyteorder("<"))])
+    write_file_atomic(path, [header, tokens.astype(dtype.newbyteorder("<"))])
 
 
 # ----------------------------------------------------------------------------- eval files (HellaSwag, MMLU)
@@ -306,7 +384,7 @@ def write_eval_file(path, examples):
             raise ValueError(f"{path}: example {ex.index} has a value outside uint16")
     longest = max((2 * len(s) for s in streams), default=0)
     header = _new_header(EVAL_MAGIC, EVAL_VERSION, len(examples), longest)
-    _write_atomic(path, [header] + [np.array(s, dtype="<u2") for s in streams])
+    write_file_atomic(path, [header] + [np.array(s, dtype="<u2") for s in streams])
 
 
 def read_eval_file(path, vocab_size=None):

@@ -1,33 +1,53 @@
 """The training log, llm.c's format: one line per event, `s:STEP key:value ...`, easy to grep and plot.
 
-    s:0 tel:10.9876                                                 validation loss before step 0's update
-    s:0 trl:10.9912 lr:0.000300 norm:5.21 ms:151.2 tok/s:433427     training step 0: loss, lr, grad norm, timing
+    s:0 tel:10.987612                                                 validation loss before step 0's update
+    s:0 trl:10.991234 lr:0.000300 norm:5.2100 ms:151.2 tok/s:433427   training step 0: loss, lr, grad norm, timing
 
-Steps count from 0, as in llm.c: `s:N tel` is measured before step N trains, `s:N trl` is step N's own loss.
-Every line is flushed at once, so a run that dies still leaves its log. A Logger without a folder logs nothing.
+Steps count from 0, as in llm.c: `s:N tel` is measured before step N trains, `s:N trl` is step N's own loss (with
+the outlier guard on, also its z-scores zl and zg, and skip:1 when its update was skipped). Losses carry 6 decimals
+(llm.c writes 4), enough to see two runs agree to fp32. Every line is flushed at once, so a run that dies still
+leaves its log. A Logger without a folder logs nothing.
+
+A resumed run (-y 1) from the checkpoint of step S keeps the lines of steps before S and appends from there: the
+lines a killed run wrote after its checkpoint are dropped, so the log reads as one run that was never stopped.
 """
 
 import os
+import re
+
+from .formats import write_file_atomic
+
+_STEP = re.compile(r"^s:(\d+) ")
 
 
 class Logger:
-    def __init__(self, folder):
-        """Starts DIR/main.log afresh (creating DIR); folder None: no log."""
+    def __init__(self, folder, resume_step=None):
+        """Starts DIR/main.log afresh, or keeps its lines of steps before resume_step; folder None: no log."""
         self.file = None
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-            self.file = open(os.path.join(folder, "main.log"), "w")
+        if not folder:
+            return
+        path = os.path.join(folder, "main.log")
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.endswith("\n") and (m := _STEP.match(line))
+                        and int(m.group(1)) < resume_step]
+            write_file_atomic(path, [line.encode() for line in kept])
+            self.file = open(path, "a")
+        else:
+            self.file = open(path, "w")
 
     def _write(self, line):
         if self.file:
             self.file.write(line + "\n")
             self.file.flush()
 
-    def log_train(self, step, loss, lr, grad_norm, ms, tokens_per_second):
-        self._write(f"s:{step} trl:{loss:.4f} lr:{lr:.6f} norm:{grad_norm:.4f} ms:{ms:.1f} tok/s:{tokens_per_second:.0f}")
+    def log_train(self, step, loss, lr, grad_norm, ms, tokens_per_second, zscores=None, skipped=False):
+        guard = "" if zscores is None else f" zl:{zscores[0]:.2f} zg:{zscores[1]:.2f}" + (" skip:1" if skipped else "")
+        self._write(f"s:{step} trl:{loss:.6f} lr:{lr:.6f} norm:{grad_norm:.4f} ms:{ms:.1f} "
+                    f"tok/s:{tokens_per_second:.0f}{guard}")
 
     def log_val(self, step, loss):
-        self._write(f"s:{step} tel:{loss:.4f}")
+        self._write(f"s:{step} tel:{loss:.6f}")
 
     def close(self):
         if self.file:

@@ -65,7 +65,7 @@ class Activations:
 
 class GPT2:
     def __init__(self, config, B, T, dtype=torch.bfloat16, device="cuda", recompute=0, attention_impl="cudnn",
-                 dist=None, zero_stage=0, cuda_graphs=False, gelu_fusion=0):
+                 dist=None, zero_stage=0, cuda_graphs=False, gelu_fusion=0, deterministic=False):
         if T > config.max_seq_len:
             raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
         if attention_impl not in ("cudnn", "triton"):
@@ -76,6 +76,12 @@ class GPT2:
             vendor.cudnn_frontend()  # now, not at the first step: says what to install where it is missing
         self.config, self.B, self.T = config, B, T
         self.dtype, self.device = dtype, torch.device(device)
+        # deterministic: results that do not change run to run. The GPU's vendor choices (vendor.set_deterministic)
+        # and the embedding's backward, which sums each token's rows in an order fixed by the tokens, from tables
+        # train_micro_batch prepares on the host, instead of with float atomics
+        self.deterministic = deterministic
+        if self.device.type == "cuda":
+            vendor.set_deterministic(deterministic)
         self.recompute, self.attention_impl = recompute, attention_impl
         if zero_stage not in (0, 1):
             raise ValueError(f"-z/--zero_stage must be 0 or 1, not {zero_stage}")
@@ -98,6 +104,8 @@ class GPT2:
         self.g = split_params(config, self.grads[:P])
         self.acts = Activations(config, B, T, dtype, device, recompute, attention_impl)
         C, N, L, g = config.channels, B * T, config.num_layers, self.g
+        self.ordered_encoder_backward = (encoder.DeterministicEncoderBackward(B, T, C, self.device) if deterministic
+                                         else None)
         # The bias and layernorm gradients are column sums, taken in two stages (llmpy.kernels.bias): stage 1 in the
         # kernel that writes the summed gradient, into partial sums of its own per layer, and stage 2 once, at the
         # end of backward, for all of them (bias.PartialSums). Layernorm i (ln1 of layer l is 2l, ln2 2l + 1, lnf
@@ -176,11 +184,18 @@ class GPT2:
         acts.losses (N,) and overwrites the logits with dlogits scaled by dloss (default 1/N), ready for backward.
         train=False (validation) computes the losses only and leaves the logits as they are.
         """
+        self._load_batch(inputs, targets, backward=train and targets is not None)
+        dloss = 1.0 / (self.B * self.T) if dloss is None else dloss
+        self._forward(targets is not None, dloss, train)
+
+    def _load_batch(self, inputs, targets, backward):
+        """Copies the batch into the device buffers the step reads (and a graph replays); a batch a backward will
+        follow also gets the deterministic embedding backward's tables, made on the host from the host's tokens."""
         self.inputs.copy_(inputs, non_blocking=True)
         if targets is not None:
             self.targets.copy_(targets, non_blocking=True)
-        dloss = 1.0 / (self.B * self.T) if dloss is None else dloss
-        self._forward(targets is not None, dloss, train)
+        if backward and self.ordered_encoder_backward is not None:
+            self.ordered_encoder_backward.prepare(inputs)
 
     def _forward(self, has_targets, dloss, train):
         """The forward of the batch in self.inputs (and self.targets): no host work but launches."""
@@ -223,8 +238,7 @@ class GPT2:
         everything that changes (tokens, learning rate, step count) from device memory, and why a step's first
         micro-batch, which writes the weight gradients rather than adding to them, has a graph of its own.
         """
-        self.inputs.copy_(inputs, non_blocking=True)
-        self.targets.copy_(targets, non_blocking=True)
+        self._load_batch(inputs, targets, backward=True)
         key = (dloss, loss_sum.data_ptr(), self._write_weight_grads)
         if not self.cuda_graphs or key not in self._graphs:
             self._micro_batch(dloss, loss_sum)
@@ -323,7 +337,10 @@ class GPT2:
             layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, residual, p["ln1w"][l], a.ln1_mean[l],
                                          a.ln1_rstd[l], self._layernorm_partials(2 * l))
         self._wait_for_weight_gradients()  # the encoder's gradient adds to wte's
-        encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
+        if self.ordered_encoder_backward is not None:
+            self.ordered_encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1))
+        else:
+            encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
         for sums in self.partial_sums.values():  # stage 2 of every bias and layernorm gradient (__init__)
             sums.add_to_targets()
         if self.attention_impl == "cudnn":  # the value bias's gradient, for all layers (_attention_backward)
@@ -387,23 +404,51 @@ class GPT2:
         self._write_weight_grads = True
 
     def clip_and_update(self, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0):
-        """Sums the gradients over the ranks, then the global gradient norm, clipping scale and AdamW, all on the
-        device: nothing here waits for the GPU (NCCL's collectives are queued on the stream like kernels).
-        step counts from 1. The grad norm (before clipping) is left in grad_norm_sq for whoever wants it later.
+        """reduce_gradients, then update: the step's optimizer work, all on the device."""
+        self.reduce_gradients()
+        self.update(lr, step, beta1, beta2, eps, weight_decay, grad_clip)
 
-        Every micro-batch's dloss is 1 / (the step's tokens over all ranks), so the sum over ranks is the gradient of
-        the step's mean loss (a sum, not torch's AVG: gloo has no AVG).
-        """
+    def reduce_gradients(self):
+        """Sums the gradients over the ranks and leaves the squared global gradient norm (before clipping) in
+        grad_norm_sq, on the device: nothing here waits for the GPU (NCCL's collectives are queued on the stream like
+        kernels). Every micro-batch's dloss is 1 / (the step's tokens over all ranks), so the sum over ranks is the
+        gradient of the step's mean loss (a sum, not torch's AVG: gloo has no AVG)."""
         grads = self._reduce_gradients()
         norm.global_norm_squared(self.grad_norm_sq, grads, self.norm_scratch)
         if self.zero_stage == 1:  # each rank summed the squares of its shard; the padding adds zeros
             self.dist.all_reduce_sum_(self.grad_norm_sq, "the gradient norm")
+
+    def update(self, lr, step, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0):
+        """After reduce_gradients: the clipping scale and AdamW over this rank's shard (step counts from 1), then
+        under -z 1 every rank's updated parameters to every rank. A step whose update is skipped (the outlier
+        guard) just does not call this."""
         norm.clip_scale(self.grad_scale, self.grad_norm_sq, grad_clip)
         adamw.set_adamw_hparams(self.hparams, lr, step, beta1, beta2, self.hparams_staging)
-        adamw.adamw_update(self.params[self.shard], self.master, grads, self.m, self.v, self.hparams, self.grad_scale,
-                           beta1, beta2, eps, weight_decay, self.decay_segments)
+        adamw.adamw_update(self.params[self.shard], self.master, self.grads[self.shard], self.m, self.v, self.hparams,
+                           self.grad_scale, beta1, beta2, eps, weight_decay, self.decay_segments)
         if self.zero_stage == 1:  # every rank's updated parameters (bf16, or fp32 in fp32 runs) to every rank
             self.dist.all_gather_(self.params, "the updated parameters")
+
+    def optimizer_state(self):
+        """This rank's shard of the AdamW state, device fp32 tensors: {"m", "v", "master"} (master None in fp32 runs,
+        where the parameters are the master weights)."""
+        return {"m": self.m, "v": self.v, "master": self.master}
+
+    def load_optimizer_state(self, m, v, master=None):
+        """Sets this rank's shard of the AdamW state from host fp32 arrays (a checkpoint), after load_weights.
+        master None keeps the master weights load_weights took from the weights; in an fp32 run, given master
+        weights become the parameters (the checkpoint's weights file may be their bf16 rounding)."""
+        for target, source in ((self.m, m), (self.v, v)):
+            target.copy_(torch.from_numpy(np.asarray(source, dtype=np.float32)))
+        if master is None:
+            return
+        master = torch.from_numpy(np.asarray(master, dtype=np.float32))
+        if self.master is not None:
+            self.master.copy_(master)
+            return
+        self.params[self.shard].copy_(master)
+        if self.zero_stage == 1:
+            self.dist.all_gather_(self.params, "the restored parameters")
 
     def _reduce_gradients(self):
         """The gradients this rank updates with: all of them summed over the ranks (-z 0), or its shard (-z 1).

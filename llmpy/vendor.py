@@ -93,7 +93,17 @@ def heads(x, NH, K):
 
 
 _cudnn = {}  # the cuDNN frontend module and a handle, set up on first use
-_attention_graphs = {}  # (direction, every tensor's shape and strides) -> (graph, its tensors, workspace)
+_attention_graphs = {}  # (direction, determinism, every tensor's shape and strides) -> (graph, its tensors, workspace)
+_deterministic = False  # set_deterministic
+
+
+def set_deterministic(flag):
+    """--deterministic 1: results that do not change from run to run (or process to process). cuBLASLt takes its
+    heuristic's first algorithm instead of the fastest it times, and cuDNN's attention backward its deterministic
+    algorithm (its default sums dq with float atomics, in whatever order the GPU runs them)."""
+    global _deterministic
+    _deterministic = bool(flag)
+    cublaslt.TIME_ALGORITHMS = not flag
 
 
 def cudnn_frontend():
@@ -118,7 +128,8 @@ def _cudnn_attention(backward, inputs, outputs):
     built once, when cuDNN also picks its kernel, and serves every layer; a call only binds the layer's tensors.
     """
     cudnn, handle = cudnn_frontend()
-    key = (backward,) + tuple((tuple(t.shape), t.stride()) for t in inputs + outputs)
+    deterministic = _deterministic
+    key = (backward, deterministic) + tuple((tuple(t.shape), t.stride()) for t in inputs + outputs)
     if key not in _attention_graphs:
         graph = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
                               compute_data_type=cudnn.data_type.FLOAT, handle=handle)
@@ -127,7 +138,8 @@ def _cudnn_attention(backward, inputs, outputs):
         if backward:
             q, k, v, out, dout, lse = nodes
             results = graph.sdpa_backward(name="attention_backward", q=q, k=k, v=v, o=out, dO=dout, stats=lse,
-                                          attn_scale=scale, use_causal_mask=True)
+                                          attn_scale=scale, use_causal_mask=True,
+                                          use_deterministic_algorithm=deterministic)
         else:
             q, k, v = nodes
             results = graph.sdpa(name="attention", q=q, k=k, v=v, is_inference=False, attn_scale=scale,

@@ -18,12 +18,12 @@ failure = sys.argv.pop(1)
 real_train_step = train_gpt2.train_step
 
 
-def failing_train_step(model, micro_batches, lr, step, args, loss_sum):
+def failing_train_step(model, micro_batches, lr, step, *rest):
     if model.dist.rank == 1 and step == 1:
         if failure == "die":
             os._exit(3)
         time.sleep(3600)
-    return real_train_step(model, micro_batches, lr, step, args, loss_sum)
+    return real_train_step(model, micro_batches, lr, step, *rest)
 
 
 train_gpt2.train_step = failing_train_step

@@ -12,6 +12,7 @@
 - The CLI: a short training run with validation and sampling; bad input gives one line and exit 1, no traceback.
 """
 
+import json
 import math
 import shutil
 import subprocess
@@ -295,6 +296,14 @@ def test_model_descriptor_gives_gpt2s_random_init():
     np.testing.assert_array_equal(cpu.load_model("d2c128h4", seed=0)[1], flat)  # seeded
 
 
+def test_a_descriptor_with_impossible_numbers_says_what_is_wrong():
+    for descriptor, problem in (("d2c65h4", "65 channels are not divisible by 4 heads"),
+                                ("d0c64h4", "layers, channels and heads must be positive"),
+                                ("d7x", "unknown model descriptor 'd7x': use d12")):
+        with pytest.raises(ValueError, match=problem):
+            config_from_descriptor(descriptor)
+
+
 def test_trainer_does_not_import_torch():
     code = "import sys, train_gpt2_cpu; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -372,6 +381,39 @@ def test_match_without_reference_files_says_how_to_make_them(tmp_path):
     assert "python train_gpt2_torch.py --model d12 --device cpu --write_tensors 1" in result.stderr
 
 
+def write_stale_losses(tiny_reference, folder, change):
+    """A copy of the tiny reference files whose losses file is changed as if written by another run."""
+    prefix = file_prefix("tiny")
+    for suffix in (".bin", "_debug_state.bin"):
+        shutil.copy(tiny_reference / f"{prefix}{suffix}", folder)
+    losses = json.loads((tiny_reference / f"{prefix}_debug_losses.json").read_text())
+    change(losses)
+    (folder / f"{prefix}_debug_losses.json").write_text(json.dumps(losses))
+    return folder / f"{prefix}_debug_losses.json"
+
+
+STALE_LOSSES = {  # what another run would have written -> what the one line says
+    "other B and T": (lambda losses: losses.update(B=2, T=32), "is for model tiny, B=2, T=32, but "),
+    "other model": (lambda losses: losses.update(model="d2c128h4"), "gpt2_tiny.bin holds another model"),
+    "other batch": (lambda losses: losses.update(losses=[9.5] + losses["losses"][1:]),
+                    "its first loss 9.500000 is not the debug state's"),
+}
+
+
+@pytest.mark.parametrize("script", ["test_gpt2_cpu.py", "test_gpt2.py"])
+@pytest.mark.parametrize("case", STALE_LOSSES)
+def test_match_with_a_losses_file_of_another_run_says_to_rerun_the_reference(tiny_reference, tmp_path, script, case):
+    """The losses file is written last, after 10 steps: a reference run stopped before then leaves an older one
+    beside its debug state. Compared with each other they would report mismatches: the files must be refused."""
+    change, mention = STALE_LOSSES[case]
+    losses_file = write_stale_losses(tiny_reference, tmp_path, change)
+    result = run(script, "--model", "tiny", "--dir", tmp_path)  # test_gpt2.py reads the files before the GPU
+    assert result.returncode == 1 and result.stdout == "", result.stdout  # no tensor compared
+    assert result.stderr.startswith(f"{script}: error: {losses_file}: ") and result.stderr.count("\n") == 1
+    assert mention in result.stderr and "rerun `python train_gpt2_torch.py --model tiny " in result.stderr
+    assert f"--write_tensors 1 --write_dir {tmp_path}`" in result.stderr, result.stderr
+
+
 def test_short_training_run_validates_samples_and_decodes(shards, tiny_reference):
     result = run("train_gpt2_cpu.py", "--model", "tiny", "-i", shards / "train.bin", "-j", shards / "val.bin",
                  "--tokenizer", tiny_reference / "gpt2_tokenizer.bin", "-b", 2, "-t", 16, "-x", 4, "-v", 2, "-m", 2,
@@ -394,6 +436,25 @@ def test_missing_tokenizer_prints_token_ids(shards, tmp_path):
     assert len(sample) == 3 and all(0 <= int(t) < 50257 for t in sample)
 
 
+def test_zero_steps_evaluates_and_samples_without_training(shards, tiny_reference):
+    result = run("train_gpt2_cpu.py", "--model", "tiny", "-i", shards / "train.bin", "-j", shards / "val.bin",
+                 "--tokenizer", tiny_reference / "gpt2_tokenizer.bin", "-b", 2, "-t", 16, "-x", 0, "-v", 5, "-m", 2,
+                 "-s", 5, "-g", 8)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("val loss ") == 1 and result.stdout.count("generating:") == 1, result.stdout
+    assert "train loss" not in result.stdout
+
+
+def test_a_batch_too_large_for_the_memory_says_to_use_a_smaller_one(tmp_path):
+    """-b 100000 -t 64 needs 1.2 TiB for the logits alone: NumPy's MemoryError becomes one line."""
+    formats.write_shard(tmp_path / "train.bin", np.zeros(100_000 * 64 + 1, dtype=np.uint16))
+    result = run("train_gpt2_cpu.py", "--model", "tiny", "-i", tmp_path / "train.bin", "-b", 100_000, "-t", 64,
+                 "-x", 1, "-v", 0, "-s", 0)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("train_gpt2_cpu.py: error: out of memory (Unable to allocate "), result.stderr
+    assert result.stderr.endswith("use a smaller -b/--batch_size than 100000\n")
+
+
 def bad_input_cases(tmp_path, shards):
     """(flags, what the one error line must mention)."""
     good = ["-i", shards / "train.bin", "-j", shards / "val.bin", "-x", 1, "-v", 0, "-s", 0]
@@ -411,23 +472,31 @@ def bad_input_cases(tmp_path, shards):
         "T > max_seq_len": (["--model", model, *good, "-t", 2048], "max_seq_len"),
         "batch larger than the data": (["--model", model, *good, "-i", tmp_path / "small.bin"], "small.bin"),
         "missing val shards": (["--model", model, *good, "-v", 1, "-j", tmp_path / "nope_val.bin"], "nope_val.bin"),
+        "impossible descriptor": (["--model", "d2c65h4", *good],
+                                  "-e/--model: model descriptor 'd2c65h4': 65 channels are not divisible by 4 heads"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing model", "truncated model", "wrong magic", "T > max_seq_len",
-                                  "batch larger than the data", "missing val shards"])
+                                  "batch larger than the data", "missing val shards", "impossible descriptor"])
 def test_bad_input_gives_one_line_and_exit_1(case, tmp_path, shards):
     flags, mention = bad_input_cases(tmp_path, shards)[case]
     result = run("train_gpt2_cpu.py", *flags)
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("train_gpt2_cpu.py: error: "), result.stderr
     assert mention in result.stderr, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("flags, mention", [(["-b", "0"], "--batch_size must be at least 1"),
                                             (["-t", "x"], "invalid int value: 'x'"),
-                                            (["-l", "-1"], "--learning_rate > 0")])
+                                            (["-l", "-1"], "--learning_rate > 0"),
+                                            (["-l", "inf"], "--learning_rate must be a finite number, got inf"),
+                                            (["-l", "nan"], "--learning_rate must be a finite number, got nan"),
+                                            (["-c", "inf"], "--weight_decay must be a finite number, got inf"),
+                                            (["--eps", "inf"], "--eps must be a finite number, got inf"),
+                                            (["--beta1", "nan"], "--beta1 must be a finite number, got nan"),
+                                            (["--beta2=-inf"], "--beta2 must be a finite number, got -inf")])
 def test_bad_flag_gives_one_line_and_exit_2(flags, mention):
     result = run("train_gpt2_cpu.py", *flags)
     assert result.returncode == 2 and result.stdout == ""

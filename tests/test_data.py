@@ -24,6 +24,7 @@ import pytest
 from llmpy.config import GPT2_EOT
 from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_shard, write_shard
+from llmpy.rand import Mt19937
 from llmpy.tokenizer import gpt2_encoding
 
 DATA_SCRIPTS = Path(__file__).resolve().parents[1] / "dev" / "data"
@@ -103,49 +104,156 @@ def test_llama3_uint32_shards_load_ids_beyond_uint16(tmp_path):
     assert max(s.max() for s in shards) > 65535
 
 
-def chunk_starts(shard, B, T):
-    """Maps each B*T-chunk's tokens (with the one after) to the chunk's start in the shard."""
-    return {tuple(shard[s: s + B * T + 1]): s for s in range(0, len(shard) - B * T, B * T)}
+class LlmcMt19937:
+    """llm.c's Mersenne Twister (llmc/rand.h: manual_seed, next_state, randint32), transcribed in plain Python as an
+    independent reference for llmpy.rand, which draws from NumPy's MT19937."""
+
+    def __init__(self, seed):
+        self.state = [seed & 0xFFFFFFFF]
+        for j in range(1, 624):
+            self.state.append((1812433253 * (self.state[-1] ^ (self.state[-1] >> 30)) + j) & 0xFFFFFFFF)
+        self.left, self.next = 1, 0
+
+    def _twist(self):
+        s, mag = self.state, (0, 0x9908B0DF)
+        for j in range(624):
+            y = (s[j] & 0x80000000) | (s[(j + 1) % 624] & 0x7FFFFFFF)
+            s[j] = s[(j + 397) % 624] ^ (y >> 1) ^ mag[y & 1]
+        self.left, self.next = 624, 0
+
+    def randint32(self):
+        self.left -= 1
+        if self.left <= 0:
+            self._twist()
+        y = self.state[self.next]
+        self.next += 1
+        y ^= y >> 11
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        return y ^ (y >> 18)
+
+    def permute(self, values):  # random_permutation
+        for i in range(len(values) - 1, 0, -1):
+            j = self.randint32() % (i + 1)
+            values[i], values[j] = values[j], values[i]
 
 
-def test_shuffle_permutes_each_shards_chunks_the_same_on_every_rank(tmp_path):
+def llmc_shuffled_starts(shard_sizes, B, T, rank, world_size, count):
+    """The token where each of rank's first count batches starts, as (shard, token), by llm.c's shuffling
+    DataLoader (llmc/dataloader.h: dataloader_init, _reset, _advance_, _next_batch) written out."""
+    rng = LlmcMt19937(42 + rank)
+    samples = [(n - 1) // (B * T * world_size) for n in shard_sizes]
+    shard_order = list(range(len(shard_sizes)))
+    position = sample = 0
+    sample_order = []
+
+    def open_shard(p):
+        nonlocal position, sample, sample_order
+        position, sample = p, 0
+        sample_order = list(range(samples[shard_order[p]]))
+        rng.permute(sample_order)
+
+    def reset():
+        rng.permute(shard_order)
+        open_shard(0)
+
+    reset()
+    starts = []
+    while len(starts) < count:
+        if sample >= samples[shard_order[position]]:
+            reset() if position == len(shard_sizes) - 1 else open_shard(position + 1)
+        starts.append((shard_order[position], (sample_order[sample] * world_size + rank) * B * T))
+        sample += 1
+    return starts
+
+
+def test_mersenne_twister_is_llmcs_and_torchs():
+    # llmc/rand.h's example: manual_seed(137) then randint32() five times, the same numbers as torch.randint
+    assert [LlmcMt19937(137).randint32() for _ in range(1)] == [4053805790]
+    reference = LlmcMt19937(137)
+    expected = [reference.randint32() for _ in range(2000)]  # across two twists
+    assert expected[:5] == [4053805790, 2173880614, 380293709, 1237255315, 2986595568]
+    assert Mt19937(137).randint32(2000).tolist() == expected
+
+
+def test_permutations_and_saved_states_are_llmcs():
+    ours, reference = Mt19937(43), LlmcMt19937(43)
+    for n in (1, 2, 7, 700, 3):  # 700 draws cross a twist
+        values = np.arange(n, dtype=np.int32)
+        ours.permute(values)
+        expected = list(range(n))
+        reference.permute(expected)
+        assert values.tolist() == expected
+    # llm.c's struct: seed_ u64, left_ i32, next_ u32, state_[624] u32, MATRIX_A[2] u32, 2,520 bytes
+    data = ours.to_bytes()
+    assert len(data) == 2520
+    assert np.frombuffer(data, "<u4", 624, offset=16).tolist() == reference.state
+    assert (np.frombuffer(data, "<i4", 1, 8)[0], np.frombuffer(data, "<u4", 1, 12)[0]) == (reference.left, reference.next)
+    assert np.frombuffer(data, "<u4", 2, 2512).tolist() == [0, 0x9908B0DF]
+    restored = Mt19937.from_bytes(data)
+    assert restored.randint32(1000).tolist() == [reference.randint32() for _ in range(1000)]
+    fresh, reference = Mt19937.from_bytes(Mt19937(5).to_bytes()), LlmcMt19937(5)  # left_ 1, next_ 0: twist next
+    assert fresh.randint32(3).tolist() == [reference.randint32() for _ in range(3)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shuffled_batches_are_llmcs_across_ranks_shards_and_epochs(tmp_path, world_size):
+    B, T = 2, 4
+    sizes = [25 * B * T * world_size + 3, 9 * B * T * world_size + 1, 4 * B * T * world_size + 5]
+    pattern, shards = random_shards(tmp_path, sizes)
+    for rank in range(world_size):
+        loader = DataLoader(pattern, B, T, rank, world_size, shuffle=True)
+        count = 2 * loader.num_batches_per_epoch + 5
+        for i, (shard, start) in enumerate(llmc_shuffled_starts(sizes, B, T, rank, world_size, count)):
+            x, y = loader.next_batch()
+            piece = shards[shard][start: start + B * T + 1].astype(np.int32)
+            np.testing.assert_array_equal(x.ravel(), piece[:-1], err_msg=f"x of batch {i}, rank {rank}")
+            np.testing.assert_array_equal(y.ravel(), piece[1:], err_msg=f"y of batch {i}, rank {rank}")
+        assert loader.epoch == 2
+
+
+def test_shuffle_reads_every_batch_once_a_pass_and_the_ranks_read_disjoint_tokens(tmp_path):
     B, T, world_size = 2, 4, 2
-    pattern, shards = random_shards(tmp_path, [401, 161])  # 25 and 10 steps of 16 tokens, 50 and 20 chunks
-    starts = [chunk_starts(shard, B, T) for shard in shards]
-    loaders = [DataLoader(pattern, B, T, rank, world_size, shuffle=True, seed=7) for rank in range(world_size)]
-    epochs = []
+    pattern, shards = random_shards(tmp_path, [401, 161])  # 25 and 10 samples of 16 tokens
+    loaders = [DataLoader(pattern, B, T, rank, world_size, shuffle=True) for rank in range(world_size)]
+    passes = []
     for _ in range(2):
-        read = []  # (shard, chunk start) of every batch of the epoch, rank after rank within a step
-        for _ in range(loaders[0].num_batches_per_epoch):
-            for loader in loaders:
-                x, y = loader.next_batch()
-                np.testing.assert_array_equal(y.ravel()[:-1], x.ravel()[1:])
-                piece = tuple(np.append(x.ravel(), y.ravel()[-1]))
-                shard = loader.shard_index
-                assert piece in starts[shard], "a batch that is not a whole chunk of its shard"
-                read.append((shard, starts[shard][piece]))
-        epochs.append(read)
-    for read in epochs:
-        # every chunk of every shard exactly once per epoch: the ranks never read the same chunk
-        assert sorted(read) == sorted((i, s) for i in range(len(shards)) for s in starts[i].values())
+        read = []  # (shard, token) where each batch of the pass starts, every rank
+        for loader in loaders:
+            for _ in range(loader.num_batches_per_epoch):
+                loader.next_batch()
+                read.append((int(loader.shard_order[loader.shard]), int(loader.sample_order[loader.sample - 1]) *
+                             B * T * world_size + loader.rank * B * T))
+        passes.append(read)
+        every_batch = [(s, i * B * T) for s, n in enumerate((50, 20)) for i in range(n)]
+        assert sorted(read) == every_batch  # every B*T chunk of every shard exactly once, over the ranks
         assert read != sorted(read), "shuffled order should differ from the file order"
-        assert [shard for shard, _ in read] == sorted(shard for shard, _ in read), "shards stay in order"
-    assert epochs[0] != epochs[1], "each epoch draws a new permutation"
+    assert passes[0] != passes[1], "each pass draws new orders"
 
 
-def test_shuffle_is_reproducible_from_the_seed(tmp_path):
-    pattern, _ = random_shards(tmp_path, [801])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_restored_state_continues_exactly(tmp_path, shuffle):
+    pattern, _ = random_shards(tmp_path, [161, 401, 97])
+    for stop in (0, 3, 10, 35, 41, 45):  # 10 + 25 + 6 = 41 batches a pass: inside, at the ends of shards and passes
+        resumed = DataLoader(pattern, 2, 4, rank=1, world_size=2, shuffle=shuffle)
+        fresh = DataLoader(pattern, 2, 4, rank=1, world_size=2, shuffle=shuffle)
+        fresh.skip(stop)
+        resumed.restore(fresh.state())
+        for i in range(50):
+            x, y = fresh.next_batch()
+            x2, y2 = resumed.next_batch()
+            np.testing.assert_array_equal(x, x2, err_msg=f"batch {i} after {stop}")
+            np.testing.assert_array_equal(y, y2)
 
-    def first_batches(seed, count=20):
-        loader = DataLoader(pattern, 2, 4, shuffle=True, seed=seed)
-        return [loader.next_batch()[0].tolist() for _ in range(count)]
 
-    assert first_batches(3) == first_batches(3)
-    assert first_batches(3) != first_batches(4)
-    loader = DataLoader(pattern, 2, 4, shuffle=True, seed=3)
-    [loader.next_batch() for _ in range(150)]  # into the second epoch
-    loader.reset()
-    assert [loader.next_batch()[0].tolist() for _ in range(20)] == first_batches(3)
+def test_a_state_of_other_shards_is_refused(tmp_path):
+    pattern, _ = random_shards(tmp_path, [161, 401])
+    state = DataLoader(pattern, 2, 4, shuffle=True).state()
+    with pytest.raises(ValueError, match="not shuffled|was shuffled"):
+        DataLoader(pattern, 2, 4, shuffle=False).restore(state)
+    (tmp_path / "shard_002.bin").write_bytes((tmp_path / "shard_000.bin").read_bytes())
+    with pytest.raises(ValueError, match="not a permutation of 3 shards"):
+        DataLoader(pattern, 2, 4, shuffle=True).restore(state)
 
 
 def test_no_matching_shard_is_an_error_naming_the_pattern(tmp_path):
@@ -383,6 +491,22 @@ def test_bad_local_samples_are_one_line_errors(tmp_path, script):
     csv.write_text("text\nhello\n")
     assert_fails_with_one_line(run_data_script(script, "--input", csv, "--output_dir", tmp_path),
                                f"{csv}: expected a .jsonl or .json file")
+
+
+@pytest.mark.usefixtures("tiktoken_file")
+@pytest.mark.parametrize("script", ["fineweb.py", "tinystories.py"])
+def test_a_local_sample_without_text_is_an_error_naming_it(tmp_path, script):
+    """Only <|endoftext|> tokens, or no shard at all, must not pass for a prepared dataset."""
+    field = "text" if script == "fineweb.py" else "story"
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("".join(json.dumps({field: text}) + "\n" for text in ("", "  ", "\n\t\n")))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    cases = ((blank, f"the '{field}' of all 3 records is empty or blank"), (empty, "it holds no records"))
+    for sample, problem in cases:
+        result = run_data_script(script, "--input", sample, "--output_dir", tmp_path / "shards", "--processes", 2)
+        assert_fails_with_one_line(result, f"{sample}: no text to tokenize: {problem}")
+        assert not list(tmp_path.glob("shards/*")), "no shard may be written"
 
 
 @pytest.mark.usefixtures("tiktoken_file")

@@ -50,7 +50,7 @@ from test_train_gpt2 import B, CONFIG, STEP_LINE, T, base_args, gpt2_init, write
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_BATCHES = 4  # of the reference: the total batch is 4*B*T tokens, one micro-batch a rank with 4 processes
-TRAIN_FLAGS = ["-x", 2, "-d", MICRO_BATCHES * B * T, "-v", 2, "-m", 4, "-s", 0]
+TRAIN_FLAGS = ["-x", 2, "-d", MICRO_BATCHES * B * T, "-v", 2, "-m", 4, "-s", 0, "--shuffle", 0]
 RUN_TIMEOUT_S = 240  # a run that takes longer hangs: its processes are killed and the test fails
 HAVE_MPI = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
 
@@ -261,7 +261,7 @@ def test_pytorch_reference_under_torchrun_with_ddp_matches_one_process(runs, tmp
     files = runs.files
     args = ["--init_from", files["model"], "-b", B, "-t", T, "--input_bin", files["train"], "--input_val_bin",
             files["val"], "--num_iterations", 3, "--val_loss_every", 3, "--val_max_steps", 4, "--total_batch_size",
-            MICRO_BATCHES * B * T, "--learning_rate", 3e-4, "--device", "cpu"]
+            MICRO_BATCHES * B * T, "--learning_rate", 3e-4, "--device", "cpu", "--shuffle", 0]
     single = subprocess.run([sys.executable, str(REPO / "train_gpt2_torch.py"), *map(str, args)], capture_output=True,
                             text=True, timeout=RUN_TIMEOUT_S)
     assert single.returncode == 0, single.stderr

@@ -355,10 +355,11 @@ def test_training_run_from_the_written_model_logs_train_and_val_losses(reference
 
 
 def test_first_training_step_from_the_written_model_has_the_debug_states_loss(reference_files, shard):
-    """The trainer's first batch is the debug batch: the float32 loss printed (6 decimals) is the debug state's."""
+    """The trainer's first batch in file order (--shuffle 0) is the debug batch: the float32 loss printed (6 decimals)
+    is the debug state's."""
     state_loss = json.loads((reference_files / "gpt2_tiny_debug_losses.json").read_text())["losses"][0]
     result = run_trainer("--init_from", reference_files / "gpt2_tiny.bin", "--device", "cpu", "--input_bin", shard,
-                         "--input_val_bin", "", "--num_iterations", 1)
+                         "--input_val_bin", "", "--num_iterations", 1, "--shuffle", 0)
     assert result.returncode == 0, result.stderr
     loss = float(re.search(r"loss (\S+)", result.stdout).group(1))
     assert loss == pytest.approx(state_loss, abs=1e-5)
@@ -378,7 +379,13 @@ BAD_FLAGS = [
     (["-t", "2000"], "--sequence_length 2000 exceeds the model's max_seq_len 1024"),
     (["-b", "0"], "--batch_size must be positive"),
     (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of B*T"),
-    (["--learning_rate", "nan"], "--learning_rate must be positive"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (["--weight_decay", "inf"], "--weight_decay must be a finite number, got inf"),
+    (["--grad_clip", "nan"], "--grad_clip must be a finite number, got nan"),
+    (["--model", "d2c65h4"], "--model: model descriptor 'd2c65h4': 65 channels are not divisible by 4 heads"),
+    (["--output_dir", "{tiny}"], "--output_dir {tiny}: is a file, not a folder"),
+    (["--output_dir", "{tiny}/log"], "--output_dir {tiny}/log: cannot make the folder (Not a directory)"),
     (["--flash", "2"], "--flash: invalid choice"),
     (["--device", "tpu:x"], "--device 'tpu:x' is not a device"),
     (["--input_bin", "{missing}"], "python dev/data/tinyshakespeare.py"),
@@ -390,7 +397,7 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_input_is_one_line_and_a_nonzero_exit(flags, message, bad_files, shard):
-    flags = [f.format(**bad_files) for f in flags]
+    flags, message = [f.format(**bad_files) for f in flags], message.format(**bad_files)
     model = [] if "--init_from" in flags or "--model" in flags else ["--model", "tiny"]
     data = [] if "--input_bin" in flags else ["--input_bin", shard]
     result = run_trainer(*model, *data, "--device", "cpu", *flags)
@@ -403,3 +410,61 @@ def test_unknown_model_descriptor_is_one_line(shard):
     result = run_trainer("--model", "d7x", "--input_bin", shard)
     assert result.returncode != 0 and result.stderr.startswith("train_gpt2_torch.py: error: --model: unknown model")
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_a_read_only_output_dir_is_refused_at_the_start(shard, tmp_path):
+    (tmp_path / "log").mkdir(mode=0o500)
+    result = run_trainer("--model", "tiny", "--input_bin", shard, "--device", "cpu", "--output_dir", tmp_path / "log")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"train_gpt2_torch.py: error: --output_dir {tmp_path / 'log'}: the folder is not writable\n"
+
+
+@pytest.mark.parametrize("transformers, message", [
+    ("", "--model gpt2: Hugging Face's weights need the transformers package: pip install transformers (and the "
+         "network, to download them)"),
+    ("class GPT2LMHeadModel:\n"
+     "    @staticmethod\n"
+     "    def from_pretrained(name):\n"
+     "        raise OSError(\"We couldn't connect to 'https://huggingface.co'\\nCheck your internet connection\")\n",
+     "--model gpt2: could not load Hugging Face's weights (OSError): offline? they are downloaded from huggingface.co"),
+], ids=["transformers missing", "offline"])
+def test_pretrained_weights_without_transformers_or_network_are_one_line(shard, tmp_path, transformers, message):
+    """A stand-in transformers package first on the path: one without GPT2LMHeadModel (as good as none), and one
+    whose download fails with a message of several lines, as transformers' does offline."""
+    (tmp_path / "transformers").mkdir()
+    (tmp_path / "transformers" / "__init__.py").write_text(transformers)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(REPO / "train_gpt2_torch.py"), "--model", "gpt2", "--input_bin",
+                             str(shard), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == f"train_gpt2_torch.py: error: {message}\n", result.stderr
+
+
+def test_zero_iterations_evaluates_and_samples_without_training(reference_files, shard, tmp_path):
+    result = run_trainer("--init_from", reference_files / "gpt2_tiny.bin", "--device", "cpu", "--input_bin", shard,
+                         "--input_val_bin", shard, "--num_iterations", 0, "--val_loss_every", 5, "--val_max_steps", 2,
+                         "--sample_every", 5, "--sample_length", 4, "--output_dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("step 0: val loss ") == 1 and result.stdout.count("sample:") == 1, result.stdout
+    assert "tok/s" not in result.stdout
+    assert re.fullmatch(r"s:0 tel:[\d.]+\n", (tmp_path / "main.log").read_text())
+
+
+def test_the_losses_file_replaces_the_old_one_whole(tmp_path):
+    """Written to a temporary file and renamed over the old one (llmpy.formats.write_file_atomic), never rewritten
+    in place: a reader of the old file, here a second hard link to it, still sees it whole."""
+    if not os.path.isfile(RANKS_FILE):
+        pytest.skip("no GPT-2 ranks file: set LLMPY_TIKTOKEN_FILE")
+    old = tmp_path / "old.json"
+    old.write_text('{"losses": "of an earlier run"}')
+    os.link(old, tmp_path / "small_debug_losses.json")
+    model = ref.model_from_flat(SMALL, random_flat(SMALL, seed=19))
+    x, y = random_tokens(SMALL, (2, 8), seed=20), random_tokens(SMALL, (2, 8), seed=21)
+    ref.write_reference_files(model, x, y, tmp_path, "small", "small", ref.gpt2_encoding(RANKS_FILE))
+    assert old.read_text() == '{"losses": "of an earlier run"}'
+    written = json.loads((tmp_path / "small_debug_losses.json").read_text())
+    assert (written["B"], written["T"], len(written["losses"])) == (2, 8, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # and no temporary file left
+        "gpt2_tokenizer.bin", "old.json", "small.bin", "small_bf16.bin", "small_debug_losses.json",
+        "small_debug_state.bin"]

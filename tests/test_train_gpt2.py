@@ -26,6 +26,7 @@ import torch
 import train_gpt2_torch as ref
 from llmpy import formats
 from llmpy.config import GPT2Config, num_parameters, split_params
+from llmpy.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = GPT2Config(max_seq_len=32, vocab_size=500, padded_vocab_size=512, num_layers=2, num_heads=4, channels=64)
@@ -79,8 +80,16 @@ def base_args(files):
             "-i", files["train"], "-j", files["val"], "--tokenizer", files["tokenizer"]]
 
 
+def shuffled_batches(path):
+    """The training batches in the order train_gpt2.py reads them by default: llm.c's shuffled order (rank 0's,
+    seeded 42), int64 (B, T) tensors. tests/test_data.py checks that order against llm.c's algorithm."""
+    loader = DataLoader(str(path), B, T, shuffle=True)
+    while True:
+        yield tuple(torch.from_numpy(a.astype(np.int64)) for a in loader.next_batch())
+
+
 def shard_batch(path, index):
-    """Batch `index` of a shard as train_gpt2.py reads it: tokens [index*B*T, (index+1)*B*T + 1), int64 (B, T)."""
+    """Batch `index` of a shard in file order: tokens [index*B*T, (index+1)*B*T + 1), int64 (B, T)."""
     tokens = np.array(formats.read_shard(path)[index * B * T: (index + 1) * B * T + 1], dtype=np.int64)
     return torch.from_numpy(tokens[:-1].reshape(B, T)), torch.from_numpy(tokens[1:].reshape(B, T))
 
@@ -88,7 +97,7 @@ def shard_batch(path, index):
 def reference_run(files, num_steps, micro_batches):
     """The PyTorch reference on the same weights and batches as train_gpt2.py's defaults: AdamW at lr 3e-4 (the
     cosine schedule with final_lr_frac 1.0 is constant), gradient clipping at 1.0, no weight decay, fp32.
-    Step s trains on batches s*micro_batches ... of the train shard. Returns (initial flat weights, the trained
+    Step s trains on the next micro_batches batches of the shuffled order (shuffled_batches). Returns (initial flat weights, the trained
     model, [(loss, grad norm) per step], the loss of the first 2 val batches before training)."""
     _, flat = formats.read_model(files["model"])
     model = ref.model_from_flat(CONFIG, flat, flash=False)
@@ -96,17 +105,21 @@ def reference_run(files, num_steps, micro_batches):
         val_loss = sum(model(*shard_batch(files["val"], i))[1].item() for i in range(2)) / 2
     optimizer = ref.configure_optimizer(model, 3e-4, weight_decay=0.0)
     steps = []
+    train_batches = shuffled_batches(files["train"])
     for step in range(num_steps):
-        batches = [shard_batch(files["train"], step * micro_batches + i) for i in range(micro_batches)]
+        batches = [next(train_batches) for _ in range(micro_batches)]
         x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])  # (S, B, T)
         steps.append(ref.train_step(model, optimizer, x, y, 3e-4, grad_clip=1.0))
     return flat, model, steps, val_loss
 
 
-def test_three_steps_match_the_pytorch_reference(files, tmp_path):
+@pytest.mark.parametrize("deterministic", [0, 1])
+def test_three_steps_match_the_pytorch_reference(files, tmp_path, deterministic):
+    """--deterministic 1 changes only the order of the embedding gradient's sums (and, on a GPU, vendor choices):
+    the same tolerances hold."""
     log_dir, out_model = tmp_path / "log", tmp_path / "final.bin"
     result = run_trainer(*base_args(files), "-x", 3, "-v", 2, "-m", 2, "-s", 2, "-g", 4, "-o", log_dir,
-                         "--write_model", out_model, cwd=tmp_path)
+                         "--write_model", out_model, "--deterministic", deterministic, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 

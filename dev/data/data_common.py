@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
 from llmpy.config import GPT2_EOT  # noqa: E402
 from llmpy.formats import FormatError, write_shard  # noqa: E402
+from llmpy.signals import exit_quietly, ignore_interrupts  # noqa: E402
 from llmpy.tokenizer import TokenizerError, gpt2_encoding  # noqa: E402
 
 
@@ -28,11 +29,14 @@ class DataPrepError(Exception):
 
 
 def run_script(main):
-    """Runs main(); a problem with the inputs ends the script with one line on stderr and exit status 1."""
-    try:
-        main()
-    except (DataPrepError, TokenizerError, FormatError, OSError) as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    """Runs main(); a problem with the inputs ends the script with one line on stderr and exit status 1, Ctrl-C or
+    SIGTERM with one line and 130 or 143 (a shard being written is removed: write_shard writes atomically)."""
+    prog = Path(sys.argv[0]).name
+    with exit_quietly(prog):
+        try:
+            main()
+        except (DataPrepError, TokenizerError, FormatError, OSError) as e:
+            sys.exit(f"{prog}: error: {e}")
 
 
 def download(url, path, hint):
@@ -57,10 +61,23 @@ def read_documents(path, field):
     if not os.path.isfile(path):
         raise DataPrepError(f"{path}: file not found")
     if path.endswith(".jsonl"):
-        return _jsonl_documents(path, field)
+        return _with_some_text(path, field, _jsonl_documents(path, field))
     if path.endswith(".json"):
-        return _json_documents(path, field)
+        return _with_some_text(path, field, _json_documents(path, field))
     raise DataPrepError(f"{path}: expected a .jsonl or .json file of records with a {field!r} field")
+
+
+def _with_some_text(path, field, texts):
+    """The texts, then an error if not one of them had anything but whitespace: such an input would make shards of
+    nothing but <|endoftext|> tokens, or none at all, and the script would seem to have succeeded."""
+    count, any_text = 0, False
+    for text in texts:
+        count += 1
+        any_text = any_text or bool(text.strip())
+        yield text
+    if not any_text:
+        what = f"the {field!r} of all {count} records is empty or blank" if count else "it holds no records"
+        raise DataPrepError(f"{path}: no text to tokenize: {what}")
 
 
 def _jsonl_documents(path, field):
@@ -118,6 +135,7 @@ _worker_encoding = None  # each tokenizing process's own GPT-2 encoding
 
 def _init_worker(ranks_file):
     global _worker_encoding
+    ignore_interrupts()  # only the parent reports Ctrl-C or SIGTERM, and stops the pool
     _worker_encoding = gpt2_encoding(ranks_file)
 
 

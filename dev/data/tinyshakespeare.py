@@ -41,6 +41,7 @@ def main():
     if not os.path.isfile(text_path):
         raise DataPrepError(f"{text_path}: file not found")
     text = read_utf8_text(text_path)
+    print(f"tokenizing {text_path}: {len(text):,} characters")
 
     sections = text.split("\n\n")
     documents = [s + "\n\n" if i < len(sections) - 1 else s for i, s in enumerate(sections)]

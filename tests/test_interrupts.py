@@ -1,0 +1,152 @@
+"""Ctrl-C and SIGTERM in the NumPy trainer, the PyTorch reference (alone and under torchrun) and the dataset scripts.
+
+Each program is started on small local inputs and signalled once a line it prints shows it at work (a step's line;
+for a dataset script its first shard written, or the start of the tokenizing), long before it would finish. It must
+exit with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM) and print exactly one line on stderr,
+`<prog>: interrupted by SIGINT`, and no traceback anywhere (llmpy/signals.py's exit_quietly). A dataset script must
+leave no half-written shard: every shard in its folder reads back whole and no temporary file is left.
+
+Ctrl-C in a terminal signals the program's whole process group, the dataset scripts' tokenizing worker processes
+too (they must stay silent): the "group" cases send the signal to the group. `kill PID` signals the program alone,
+whose multiprocessing pool then ends its workers: the "program" cases.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmpy import formats
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_SCRIPTS = REPO / "dev" / "data"
+TIMEOUT_S = 120  # a program still running then hangs: it is killed and the test fails
+
+
+def interrupt(command, started, signum, target, cwd=REPO):
+    """Runs command, reads its stdout up to the first line containing `started`, sends signum to the program or
+    its process group (target "program" or "group"); returns (exit status, stdout, stderr)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as it is printed, not when a pipe's buffer fills
+    proc = subprocess.Popen(list(map(str, command)), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    watchdog = threading.Timer(TIMEOUT_S, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        stdout = []
+        for line in proc.stdout:
+            stdout.append(line)
+            if started in line:
+                if target == "group":
+                    os.killpg(proc.pid, signum)
+                else:
+                    proc.send_signal(signum)
+                break
+        rest, stderr = proc.communicate()
+    finally:
+        watchdog.cancel()
+    stdout = "".join(stdout) + rest
+    assert started in stdout, f"{command[1]} ended before printing {started!r}: {stdout}{stderr}"
+    return proc.returncode, stdout, stderr
+
+
+def assert_one_line(status, stdout, stderr, prog, signum):
+    assert status == 128 + signum, f"exit status {status}: {stdout}{stderr}"
+    assert stderr == f"{prog}: interrupted by {signal.Signals(signum).name}\n", stderr
+    assert "Traceback" not in stdout
+
+
+SIGNALS = [(signal.SIGINT, "group"), (signal.SIGTERM, "program")]
+SIGNAL_IDS = ["SIGINT-group", "SIGTERM-program"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    formats.write_shard(folder / "train.bin", rng.integers(0, 50257, 20_000).astype(np.uint16))
+    return folder / "train.bin"
+
+
+@pytest.mark.parametrize("signum, target", SIGNALS, ids=SIGNAL_IDS)
+def test_numpy_trainer(shards, signum, target):
+    command = [sys.executable, REPO / "train_gpt2_cpu.py", "-e", "tiny", "-i", shards, "-b", 2, "-t", 16,
+               "-x", 100_000, "-v", 0, "-s", 0]
+    assert_one_line(*interrupt(command, "step 1/", signum, target), "train_gpt2_cpu.py", signum)
+
+
+@pytest.mark.parametrize("signum, target", SIGNALS, ids=SIGNAL_IDS)
+def test_pytorch_reference(shards, signum, target):
+    command = [sys.executable, REPO / "train_gpt2_torch.py", "--model", "tiny", "--device", "cpu",
+               "--input_bin", shards, "--input_val_bin", "", "-b", 2, "-t", 16, "--num_iterations", 100_000]
+    assert_one_line(*interrupt(command, "| loss ", signum, target), "train_gpt2_torch.py", signum)
+
+
+def test_pytorch_reference_under_torchrun_prints_at_most_one_line_a_rank(shards, tmp_path):
+    """Ctrl-C reaches torchrun and both ranks (and torchrun passes it on again). torchrun itself prints warnings and
+    its own traceback; --tee 3 prefixes each line of rank r with [default<r>]:, which tells the ranks' lines apart."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "--tee", 3,
+               "--log_dir", tmp_path, REPO / "train_gpt2_torch.py", "--model", "tiny", "--device", "cpu",
+               "--input_bin", shards, "--input_val_bin", "", "-b", 2, "-t", 16, "--num_iterations", 100_000]
+    status, stdout, stderr = interrupt(command, "| loss ", signal.SIGINT, "group")
+    assert status != 0
+
+    def rank_lines(output, rank):
+        return [line for line in output.splitlines() if line.startswith(f"[default{rank}]:")]
+
+    said = "train_gpt2_torch.py: interrupted by SIGINT"
+    assert rank_lines(stderr, 0) == [f"[default0]:{said}"], stderr
+    assert rank_lines(stderr, 1) in ([], [f"[default1]:{said}"]), stderr  # a rank other than 0 may stay silent
+    assert "Traceback" not in stdout
+
+
+def random_text(seed, words):
+    rng = random.Random(seed)
+    vocabulary = ["the", "cat", "sat", "Hello", "world", "I'll", "3.14", "café", "日本語", ",", ".", "\n", "\n\n"]
+    return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    """10,000 documents as JSON lines, each with both scripts' fields: ~3M tokens, a second or more of work."""
+    path = tmp_path_factory.mktemp("documents") / "documents.jsonl"
+    lines = [json.dumps({"text": text, "story": text}) + "\n" for text in (random_text(i, 200) for i in range(100))]
+    path.write_text("".join(lines * 100))
+    return path
+
+
+def assert_only_whole_shards(folder):
+    files = sorted(Path(folder).iterdir())
+    assert files and all(f.suffix == ".bin" for f in files), [f.name for f in files]  # no temporary file left
+    for f in files:
+        formats.read_shard(f)  # a FormatError for a truncated one
+
+
+@pytest.mark.usefixtures("tiktoken_file")
+@pytest.mark.parametrize("script, signum, target", [("fineweb.py", signal.SIGINT, "group"),
+                                                    ("fineweb.py", signal.SIGTERM, "program"),
+                                                    ("tinystories.py", signal.SIGINT, "group")],
+                         ids=["fineweb-SIGINT-group", "fineweb-SIGTERM-program", "tinystories-SIGINT-group"])
+def test_dataset_scripts_with_worker_processes(documents, tmp_path, script, signum, target):
+    command = [sys.executable, DATA_SCRIPTS / script, "--input", documents, "--output_dir", tmp_path,
+               "--shard_size", 100_000, "--processes", 2]
+    status, stdout, stderr = interrupt(command, "wrote ", signum, target)
+    assert_one_line(status, stdout, stderr, script, signum)
+    assert_only_whole_shards(tmp_path)
+
+
+@pytest.mark.usefixtures("tiktoken_file")
+def test_tinyshakespeare_while_tokenizing(tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_text("\n\n".join([random_text(0, 20_000)] * 100))  # ~3M tokens: a second or more of tokenizing
+    output = tmp_path / "shards"
+    command = [sys.executable, DATA_SCRIPTS / "tinyshakespeare.py", "--input", text, "--output_dir", output]
+    assert_one_line(*interrupt(command, "tokenizing", signal.SIGTERM, "program"), "tinyshakespeare.py",
+                    signal.SIGTERM)
+    assert not output.exists()
