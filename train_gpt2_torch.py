@@ -12,7 +12,7 @@ files) and the baseline they are timed against (`--compile 1 --flash 1 --dtype b
 Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on the CPU):
 each rank reads its own batches and only rank 0 prints, logs and samples, as train_gpt2.py does.
 
-Layout shared with llm.c (DESIGN.md §2): the module's vocab is the real V = 50257, while files and flat buffers
+Layout shared with llm.c (llmpy/formats.py): the module's vocab is the real V = 50257, while files and flat buffers
 hold wte with Vp = 50304 rows (the extra rows zero), per-layer tensors stacked along a leading L axis and weight
 matrices as (out, in), which is also nn.Linear's layout.
 """

@@ -1,6 +1,6 @@
 """GPT-2 configuration and the parameter layout shared by every trainer and file.
 
-The parameters of a GPT-2 model live in one flat array, in llm.c's order (DESIGN.md §2).
+The parameters of a GPT-2 model live in one flat array, in llm.c's order (the model file's, llmpy/formats.py).
 Each tensor is a view into that array, so the optimizer, the gradient norm and the
 file readers and writers all work on a single buffer. This module is NumPy-only and
 the views work the same for NumPy arrays and torch tensors (both slice and reshape).

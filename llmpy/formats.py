@@ -159,7 +159,8 @@ def bfloat16_bits_to_float32(bits):
 def read_model_header(path, check_length=False):
     """An llm.c model file's header -> (GPT2Config, the number of parameters, its version: 3 fp32 or 5 bf16), without
     reading the weights; check_length also checks the file's size against it."""
-    header = _read_header(path, _read_bytes(path, HEADER_BYTES), MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16), "model")
+    header = _read_header(path, _read_bytes(path, HEADER_BYTES), MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16),
+                          "model")
     maxT, V, L, NH, C, Vp = (int(v) for v in header[2:8])
     if min(maxT, V, L, NH, C) <= 0 or C % NH or Vp < V:
         raise FormatError(path, f"nonsense model header: max_seq_len={maxT} vocab={V} layers={L} heads={NH} channels={C} padded_vocab={Vp}")

@@ -192,7 +192,8 @@ def check(small: bool) -> list[str]:
                     "torch eager": lambda out, *inputs: out.copy_(eager_forward(*inputs))}
         # small: segments of at most 2 rows, so that the commonest tokens' runs are split as at d12 with R = 64
         v3 = functools.partial(backward_v3, max_segment_rows=2) if small else backward_v3
-        backwards = {"v1": backward_v1, "v2 mainline": backward_v2, "v3 deterministic": v3, "torch eager": eager_backward}
+        backwards = {"v1": backward_v1, "v2 mainline": backward_v2, "v3 deterministic": v3,
+                     "torch eager": eager_backward}
         if dev == "cuda" and dtype == torch.bfloat16:
             forwards["torch.compile"] = compiled(torch_forward)
             backwards["torch.compile"] = compiled(eager_backward)
