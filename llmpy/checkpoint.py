@@ -343,7 +343,9 @@ class CheckpointWriter:
         if params.is_cuda:
             torch.cuda.current_stream().synchronize()
         self.stall_s.append(time.perf_counter() - start)
-        as_numpy = {name: t.numpy() for name, t in host.items()}
+        # bf16 has no NumPy dtype: its bits as uint16, which the model file's bf16 payload is
+        as_numpy = {name: t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+                    for name, t in host.items()}
         self._pending = (step, self._pool.submit(self._write, step, config, as_numpy, state_fields))
 
     def reserve(self, params, arrays):
@@ -366,10 +368,9 @@ class CheckpointWriter:
         written = 0
         if "params" in host:
             params = host["params"]
-            payload = params.view(np.uint16) if params.dtype.itemsize == 2 else params  # bf16 has no NumPy dtype
             formats.write_file_atomic(model_path(self.folder, step), formats.model_file_chunks(
-                config, payload, "bfloat16" if params.dtype.itemsize == 2 else "float32"))
-            written += payload.nbytes
+                config, params, "bfloat16" if params.dtype == np.uint16 else "float32"))
+            written += params.nbytes
             time.sleep(_SLOW_WRITE_S)
         world_size, rank, rng, loader, extension = state_fields
         chunks = state_chunks(world_size, rank, step, rng, loader, host["m"], host["v"], host.get("master"), extension)

@@ -291,3 +291,22 @@ def test_max_steps_zero_only_evaluates(files, tmp_path):
     assert code == 0, err
     assert not STEP_LINE.search(out) and re.search(r"^val loss \d", out, re.M)
     assert (tmp_path / "run" / "main.log").read_text().startswith("s:0 tel:")
+
+
+def test_a_bf16_run_checkpoints_its_master_weights_and_resumes_exactly(files, tmp_path):
+    """bf16: the model file is a bf16 (v5) one, the state carries the fp32 master weights; a run resumed from the
+    checkpoint of step 2 (copied into a fresh folder with the log) ends as the run that went on."""
+    args = [*base_args(files), "--dtype", "bfloat16", "-x", 4, "-n", 2, "-v", 2, "-m", 1, "-s", 0]
+    code, _, err = run([*args, "-o", tmp_path / "whole"], tmp_path)
+    assert code == 0, err
+    config, n, version = formats.read_model_header(tmp_path / "whole" / "model_00000002.bin", check_length=True)
+    state = (tmp_path / "whole" / "state_00000002_00000.bin").read_bytes()
+    assert version == 5 and np.frombuffer(state, "<i4", 6)[4] == 1  # [4]: master weights follow m and v
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("model_00000002.bin", "state_00000002_00000.bin", "DONE_00000002", "main.log"):
+        (resumed / name).write_bytes((tmp_path / "whole" / name).read_bytes())
+    code, out, err = run([*args, "-o", resumed, "-y", 1], tmp_path)
+    assert code == 0 and "resumed from" in out, err
+    assert losses(resumed) == losses(tmp_path / "whole")
+    assert (resumed / "model_00000004.bin").read_bytes() == (tmp_path / "whole" / "model_00000004.bin").read_bytes()
