@@ -248,7 +248,7 @@ class Checkpoint:
     states: list  # State of rank 0 .. W-1
 
 
-def open_checkpoint(folder, step, config_hint=None):
+def open_checkpoint(folder, step):
     """The checkpoint of step in folder, checked whole (the model file's header and length, every rank's state file
     there and consistent); raises FormatError naming the file that is wrong."""
     path = model_path(folder, step)
@@ -328,7 +328,7 @@ class CheckpointWriter:
         self._host = {}  # name -> host tensor (pinned on a GPU run)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending = None  # (step, Future) of the write under way
-        self.stall_s = []  # per save, the seconds training waited (the device-to-host copies)
+        self.stall_s = []  # per save, the seconds training waited (the copies, and a previous write unfinished)
 
     def save(self, step, config, params, arrays, state_fields):
         """Starts writing the checkpoint of step. params: the flat parameters (device, the run's dtype: written by

@@ -78,8 +78,7 @@ class GPT2:
         self.dtype, self.device = dtype, torch.device(device)
         # deterministic: results that do not change run to run. The GPU's vendor choices (vendor.set_deterministic)
         # and the embedding's backward, which sums each token's rows in an order fixed by the tokens, from tables
-        # train_micro_batch prepares on the host, instead of with float atomics
-        self.deterministic = deterministic
+        # _load_batch prepares on the host, instead of with float atomics (ordered_encoder_backward, below)
         if self.device.type == "cuda":
             vendor.set_deterministic(deterministic)
         self.recompute, self.attention_impl = recompute, attention_impl
