@@ -555,8 +555,7 @@ def stop_with_checkpoint(signum, writer, step, model, train_loader, sample_rng, 
         signum = signal.SIGTERM
     if writer is None:
         return Stopped(signum, f"stopped by {signal_name(signum)} after step {step}; no -o folder, so no checkpoint")
-    if not writer.complete or writer.complete[-1] != step:
-        save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags)
+    save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags)  # none of this step yet
     writer.finish()
     writer.close()
     return Stopped(signum, f"stopped by {signal_name(signum)} after step {step}; checkpoint {step} in "
