@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from llmpy import checkpoint, formats
+from llmpy import checkpoint, formats, hf
 from llmpy.config import config_from_descriptor, num_parameters
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
@@ -64,8 +64,9 @@ def parse_args(argv=None):
     add("-j", "--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
         help="validation token shards (a glob pattern); '' disables validation")
     add("-e", "--init", default="d12",
-        help="an llm.c model file (.bin, fp32 or bf16) to start from, or a descriptor for GPT-2's random init "
-             "with --seed: d12|d24|d36|d48 (124M..1.5B), tiny, or dLcChH like d2c64h4")
+        help="an llm.c model file (.bin, fp32 or bf16) to start from; gpt2|gpt2-medium|gpt2-large|gpt2-xl "
+             "(OpenAI's weights from the Hugging Face hub, downloaded once) or a Hugging Face GPT-2 folder; or a "
+             "descriptor for GPT-2's random init with --seed: d12|d24|d36|d48 (124M..1.5B), tiny, or dLcChH")
     add("-b", "--batch_size", type=int, default=4, help="micro-batch size B")
     add("-t", "--sequence_length", type=int, default=1024, help="sequence length T")
     add("-d", "--total_batch_size", type=int, default=-1,
@@ -190,7 +191,10 @@ def pick_device(name):
 
 
 def init_config(init):
-    """-e: the model's config, from an llm.c model file's header or a random-init descriptor."""
+    """-e: the model's config, from a Hugging Face folder's config.json (a pretrained GPT-2 is downloaded first), an
+    llm.c model file's header, or a random-init descriptor."""
+    if hf.is_hf_source(init):
+        return hf.read_hf_config(hf.hf_folder(init))
     if os.path.exists(init) or init.endswith(".bin"):
         return formats.read_model_header(init)[0]
     try:
@@ -437,7 +441,9 @@ def train_on(args, dist):
         sample_rng = restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags, say)
     else:
         sample_rng = Xorshift(args.seed)
-        if os.path.exists(args.init) or args.init.endswith(".bin"):
+        if hf.is_hf_source(args.init):
+            model.load_weights(hf.read_hf_weights(hf.hf_folder(args.init), config))
+        elif os.path.exists(args.init) or args.init.endswith(".bin"):
             model.load_weights(formats.read_model(args.init)[1])
         else:
             model.init_weights(args.seed)

@@ -41,6 +41,7 @@ from llmpy.config import (GPT2_EOT, config_from_descriptor, decayed_param_names,
                           num_parameters, param_shapes, split_params)
 from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_model
+from llmpy.hf import is_hf_source, load_hf
 from llmpy.signals import exit_quietly
 from llmpy.tokenizer import Tokenizer
 
@@ -468,8 +469,11 @@ def sample_tokens(model, length, rng):
 
 
 def load_model(arg, seed):
-    """--model: an llm.c model file, or a descriptor (d12, tiny, ...) for GPT-2's seeded random initialisation:
-    weights N(0, 0.02), the residual projections N(0, 0.02/sqrt(2L)), biases 0, layernorms 1 and 0."""
+    """--model: an llm.c model file, a Hugging Face GPT-2 (gpt2 ... gpt2-xl, or a folder: llmpy/hf.py), or a
+    descriptor (d12, tiny, ...) for GPT-2's seeded random initialisation: weights N(0, 0.02), the residual
+    projections N(0, 0.02/sqrt(2L)), biases 0, layernorms 1 and 0."""
+    if is_hf_source(arg):
+        return load_hf(arg)
     if os.path.exists(arg):
         return read_model(arg)
     if not is_descriptor(arg):
@@ -491,7 +495,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def parse_args(argv):
     ap = OneLineArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-e", "--model", default="gpt2_124M.bin",
-                    help="model file, or a descriptor (d12, tiny, ...) for a random init")
+                    help="model file; gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI's weights from the Hugging Face "
+                         "hub) or a Hugging Face GPT-2 folder; or a descriptor (d12, tiny, ...) for a random init")
     ap.add_argument("-i", "--input_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
                     help="train shards (glob)")
     ap.add_argument("-j", "--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from llmpy import formats
+from llmpy import formats, hf
 from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_params
 from llmpy.data import DataLoader
 from llmpy.schedule import lr_at
@@ -41,8 +41,6 @@ from llmpy.signals import exit_quietly
 from llmpy.tokenizer import TokenizerError, gpt2_encoding, gpt2_token_bytes
 
 DATA_HINT = "run `python dev/data/tinyshakespeare.py` to make the tiny Shakespeare shards"
-# Hugging Face's GPT-2 checkpoints and the descriptors of their shapes
-PRETRAINED = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 
 
 class CausalSelfAttention(nn.Module):
@@ -210,27 +208,6 @@ def model_from_flat(config, flat, flash=True):
     return model
 
 
-@torch.no_grad()
-def gpt_from_pretrained(name, flash=True):
-    """GPT-2 weights from Hugging Face (needs transformers and a network)."""
-    try:
-        from transformers import GPT2LMHeadModel
-    except ImportError:
-        raise ValueError(f"--model {name}: Hugging Face's weights need the transformers package: "
-                         f"pip install transformers (and the network, to download them)") from None
-    try:
-        hf_state = GPT2LMHeadModel.from_pretrained(name).state_dict()
-    except OSError as e:  # offline, or no such checkpoint: transformers' message is several lines
-        raise ValueError(f"--model {name}: could not load Hugging Face's weights ({type(e).__name__}): "
-                         f"offline? they are downloaded from huggingface.co") from None
-    model = GPT(config_from_descriptor(PRETRAINED[name]), flash)
-    # OpenAI's checkpoints store these matmul weights as Conv1D, (in, out): nn.Linear wants (out, in)
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    for key, p in model.state_dict().items():
-        p.copy_(hf_state[key].t() if key.endswith(conv1d) else hf_state[key])
-    return model
-
-
 def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
     """AdamW with weight decay on the matrices and embeddings (dim >= 2) only, not on biases and layernorms.
 
@@ -359,7 +336,8 @@ def parse_args(argv=None):
     add("--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
         help='validation token shards (a glob pattern); "" disables validation')
     add("--model", help="d12|d24|d36|d48 (GPT-2 124M..1.5B), tiny, or dLcChH like d2c64h4: seeded random init; "
-                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl: Hugging Face's weights (online only). "
+                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights from the Hugging Face hub (downloaded "
+                        "once); or a Hugging Face GPT-2 folder (config.json, model.safetensors). "
                         "Default: d12, or what --init_from holds")
     add("--init_from", help="start from the weights in an llm.c model file (.bin, fp32 or bf16)")
     add("--batch_size", "-b", type=int, default=4, help="micro-batch size B")
@@ -465,16 +443,18 @@ def descriptor_of(config):
 
 
 def build_model(args):
-    """The model from --init_from, Hugging Face, or a seeded random init; and its descriptor."""
+    """The model from --init_from, Hugging Face (a pretrained name or a folder), or a seeded random init; and its
+    descriptor."""
     flash = bool(args.flash)
     if args.init_from:
         config, flat = formats.read_model(args.init_from)
-        if args.model and (args.model in PRETRAINED or model_config(args.model) != config):
+        if args.model and (hf.is_hf_source(args.model) or model_config(args.model) != config):
             raise ValueError(f"--init_from {args.init_from} holds a {descriptor_of(config)} model, "
                              f"but --model says {args.model}")
         return model_from_flat(config, flat, flash), args.model or descriptor_of(config)
-    if args.model in PRETRAINED:
-        return gpt_from_pretrained(args.model, flash), PRETRAINED[args.model]
+    if args.model and hf.is_hf_source(args.model):
+        config, flat = hf.load_hf(args.model)
+        return model_from_flat(config, flat, flash), descriptor_of(config)
     descriptor = args.model or "d12"
     model = GPT(model_config(descriptor), flash)
     init_weights(model, args.seed)
