@@ -7,7 +7,7 @@ trailing "\\n\\n" (the last section has none). The first 32,768 tokens are the v
 
     python dev/data/tinyshakespeare.py                          # downloads the text (online)
     LLMPY_TINYSHAKESPEARE_FILE=input.txt python dev/data/tinyshakespeare.py   # or a local copy, offline
-    python dev/data/tinyshakespeare.py --input ../shared/data/tinyshakespeare/input.txt --tokenizer gpt2.tiktoken
+    python dev/data/tinyshakespeare.py --input /path/to/input.txt --tokenizer /path/to/gpt2.tiktoken
 """
 
 import argparse
