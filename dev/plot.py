@@ -41,17 +41,15 @@ class PlotError(Exception):
     """A problem with an input or the output; str() is one line."""
 
 
-def read_run(folder):
-    """folder/main.log's fields, as read_main_log returns them."""
-    if not os.path.isdir(folder):
-        raise PlotError(f"{folder}: no such folder")
-    path = os.path.join(folder, "main.log")
+def read_run(path):
+    """The fields of a run's main.log, as read_main_log returns them; path: the run's folder, or the log itself."""
+    log = os.path.join(path, "main.log") if os.path.isdir(path) else path
     try:
-        fields = read_main_log(path)
+        fields = read_main_log(log)
     except OSError as e:
-        raise PlotError(f"{path}: {e.strerror}") from None
+        raise PlotError(f"{log}: {e.strerror}") from None
     if not fields:
-        raise PlotError(f"{path}: no `s:STEP field:value` lines to plot")
+        raise PlotError(f"{log}: no `s:STEP field:value` lines to plot")
     return fields
 
 
@@ -136,8 +134,8 @@ def smoothing_factor(text):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's folder, holding its main.log "
-                                                                   "(train_gpt2.py's -o, llm.c's -o)")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's folder (train_gpt2.py's or llm.c's -o), "
+                                                                   "or its main.log")
     parser.add_argument("-o", "--output", default="runs.png", help="the figure's file (default: %(default)s)")
     parser.add_argument("--smooth", type=smoothing_factor, default=DEFAULT_SMOOTH,
                         help="the train loss's moving-average factor: 0 none, 0.99 strong (default: %(default)s)")
@@ -148,7 +146,7 @@ def main():
     if image_format not in FigureCanvasAgg.get_supported_filetypes():
         raise PlotError(f"{args.output}: unknown image format {image_format!r}: end -o with "
                         f"{', '.join('.' + f for f in sorted(FigureCanvasAgg.get_supported_filetypes()))}")
-    runs = [(os.path.normpath(folder), read_run(folder)) for folder in args.runs]
+    runs = [(os.path.normpath(path), read_run(path)) for path in args.runs]
     image = io.BytesIO()
     FigureCanvasAgg(draw(runs, args.smooth, args.log_x)).print_figure(image, format=image_format, dpi=120)
     try:

@@ -161,6 +161,7 @@ def test_a_resumed_llmc_log_reads_as_the_run_that_went_on(tmp_path):
     (tmp_path / "llmc").mkdir()
     (tmp_path / "llmc" / "main.log").write_text(LLMC_LOG)
     fields = plot.read_run(tmp_path / "llmc")
+    assert plot.read_run(tmp_path / "llmc" / "main.log") == fields  # the folder or the log itself
     assert fields == {"tel": {0: 11.0, 2: 9.5, 4: 8.6}, "eval": {0: 0.25, 2: 0.26},
                       "trl": {0: 11.01, 1: 10.0, 2: 9.3, 3: 8.9}, "lr": {0: 1e-4, 1: 2e-4, 2: 3e-4, 3: 3e-4},
                       "norm": {0: 9.5, 1: 8.0, 2: 7.1, 3: 6.5}}
@@ -210,7 +211,7 @@ def test_bad_inputs_and_outputs_are_one_line_errors(tmp_path, monkeypatch):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "main.log").write_text("step 1/2 | loss 3.0\n\n")
     monkeypatch.chdir(tmp_path)
-    for args, message in [(["missing"], "missing: no such folder"),
+    for args, message in [(["missing"], "missing: No such file or directory"),
                           (["no_log"], f"{os.path.join('no_log', 'main.log')}: No such file or directory"),
                           (["junk"], f"{os.path.join('junk', 'main.log')}: no `s:STEP field:value` lines to plot"),
                           (["run", "-o", "no_folder/runs.png"], "cannot write no_folder/runs.png: No such file or "
@@ -225,4 +226,5 @@ def test_bad_inputs_and_outputs_are_one_line_errors(tmp_path, monkeypatch):
     # as a command: the message is the one line on stderr
     result = subprocess.run([sys.executable, str(REPO / "dev" / "plot.py"), "run", "missing"], capture_output=True,
                             text=True, timeout=60)
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", "plot.py: error: missing: no such folder\n")
+    assert (result.returncode, result.stdout, result.stderr) == \
+        (1, "", "plot.py: error: missing: No such file or directory\n")
