@@ -48,8 +48,8 @@ def read_run(path):
         fields = read_main_log(log)
     except OSError as e:
         raise PlotError(f"{log}: {e.strerror}") from None
-    if not fields:
-        raise PlotError(f"{log}: no `s:STEP field:value` lines to plot")
+    if not any(field in fields for field, _ in PANELS):
+        raise PlotError(f"{log}: no `s:STEP {'|'.join(field for field, _ in PANELS)}:VALUE` lines to plot")
     return fields
 
 

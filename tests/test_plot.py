@@ -209,14 +209,14 @@ def test_bad_inputs_and_outputs_are_one_line_errors(tmp_path, monkeypatch):
     (tmp_path / "run" / "main.log").write_text(LLMC_LOG)
     (tmp_path / "no_log").mkdir()
     (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "main.log").write_text("step 1/2 | loss 3.0\n\n")
+    (tmp_path / "junk" / "main.log").write_text("step 1/2 | loss 3.0\n\ns:1 zl:0.50\n")  # no value to plot
     monkeypatch.chdir(tmp_path)
-    for args, message in [(["missing"], "missing: No such file or directory"),
-                          (["no_log"], f"{os.path.join('no_log', 'main.log')}: No such file or directory"),
-                          (["junk"], f"{os.path.join('junk', 'main.log')}: no `s:STEP field:value` lines to plot"),
-                          (["run", "-o", "no_folder/runs.png"], "cannot write no_folder/runs.png: No such file or "
-                                                                "directory"),
-                          (["run", "-o", "runs.xyz"], "runs.xyz: unknown image format 'xyz': end -o with ")]:
+    cases = [(["missing"], "missing: No such file or directory"),
+             (["no_log"], "no_log/main.log: No such file or directory"),
+             (["junk"], "junk/main.log: no `s:STEP trl|tel|eval|lr|norm|tok/s:VALUE` lines to plot"),
+             (["run", "-o", "no_folder/runs.png"], "cannot write no_folder/runs.png: No such file or directory"),
+             (["run", "-o", "runs.xyz"], "runs.xyz: unknown image format 'xyz': end -o with .")]  # a list of formats follows
+    for args, message in cases:
         monkeypatch.setattr(sys, "argv", ["plot.py", *args])
         with pytest.raises(plot.PlotError) as error:
             plot.main()
