@@ -215,7 +215,7 @@ def test_bad_inputs_and_outputs_are_one_line_errors(tmp_path, monkeypatch):
              (["no_log"], "no_log/main.log: No such file or directory"),
              (["junk"], "junk/main.log: no `s:STEP trl|tel|eval|lr|norm|tok/s:VALUE` lines to plot"),
              (["run", "-o", "no_folder/runs.png"], "cannot write no_folder/runs.png: No such file or directory"),
-             (["run", "-o", "runs.xyz"], "runs.xyz: unknown image format 'xyz': end -o with .")]  # a list of formats follows
+             (["run", "-o", "runs.xyz"], "runs.xyz: unknown image format 'xyz': end -o with .")]
     for args, message in cases:
         monkeypatch.setattr(sys, "argv", ["plot.py", *args])
         with pytest.raises(plot.PlotError) as error:
