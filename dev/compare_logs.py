@@ -7,18 +7,20 @@ the largest train-loss gap, the largest gap of the 10-step running means (the cu
 averaged out), and every val loss side by side with its gap.
 """
 
-import re
 import statistics
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for llmpy when run as a script
+from llmpy.logger import read_main_log  # noqa: E402
 
 
 def read_log(path):
-    train, val = {}, {}
-    for line in open(path):
-        m = re.match(r"s:(\d+) (trl|tel):([-\d.eE+naif]+)", line)
-        if m:
-            (train if m.group(2) == "trl" else val)[int(m.group(1))] = float(m.group(3))
-    return train, val
+    try:
+        log = read_main_log(path)
+    except OSError as e:
+        sys.exit(f"compare_logs.py: {path}: {e.strerror}")
+    return log.get("trl", {}), log.get("tel", {})
 
 
 def main():

@@ -53,3 +53,30 @@ class Logger:
         if self.file:
             self.file.close()
             self.file = None
+
+
+def read_main_log(path):
+    """A main.log's numbers by field, {field: {step: value}} in step order: "trl", "tel", "lr", "norm", "ms", "tok/s",
+    "zl", "zg", "skip" as written here, and "eval" (HellaSwag accuracy) as llm.c writes it. Raises OSError.
+
+    llm.c appends to the log of a resumed run, from its checkpoint's step: a line whose step is lower than the line
+    before it drops what the log held from that step on, as the killed run went on past its checkpoint, so the log
+    reads as the run that went on (a step logged twice: the last line wins). A last line without its newline is left
+    out (a killed run's, or one being written as the log is read), as are values that are not numbers."""
+    fields, last_step = {}, 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.endswith("\n") or not (m := _STEP.match(line)):
+                continue
+            step = int(m.group(1))
+            if step < last_step:
+                fields = {key: {s: v for s, v in values.items() if s < step} for key, values in fields.items()}
+            last_step = step
+            for item in line[m.end():].split():
+                key, _, text = item.partition(":")
+                try:
+                    value = float(text)
+                except ValueError:
+                    continue
+                fields.setdefault(key, {})[step] = value
+    return {key: dict(sorted(values.items())) for key, values in fields.items() if values}

@@ -9,14 +9,21 @@ leave no half-written shard: every shard in its folder reads back whole and no t
 Ctrl-C in a terminal signals the program's whole process group, the dataset scripts' tokenizing worker processes
 too (they must stay silent): the "group" cases send the signal to the group. `kill PID` signals the program alone,
 whose multiprocessing pool then ends its workers: the "program" cases.
+
+The dataset scripts draw progress bars on stderr when it is a terminal (and only then: the runs above, on pipes,
+print nothing else on stderr). On a terminal, Ctrl-C wipes the bar before the one line.
 """
 
+import fcntl
 import json
 import os
 import random
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from pathlib import Path
 
@@ -30,12 +37,16 @@ DATA_SCRIPTS = REPO / "dev" / "data"
 TIMEOUT_S = 120  # a program still running then hangs: it is killed and the test fails
 
 
-def interrupt(command, started, signum, target, cwd=REPO):
+def interrupt(command, started, signum, target, cwd=REPO, terminal=False):
     """Runs command, reads its stdout up to the first line containing `started`, sends signum to the program or
-    its process group (target "program" or "group"); returns (exit status, stdout, stderr)."""
+    its process group (target "program" or "group"); returns (exit status, stdout, stderr). terminal: stderr goes
+    to a terminal (a pseudo-terminal), as in a shell, and what it showed is returned, its line ends as \\n."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as it is printed, not when a pipe's buffer fills
-    proc = subprocess.Popen(list(map(str, command)), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    screen = Terminal() if terminal else None
+    proc = subprocess.Popen(list(map(str, command)), cwd=cwd, env=env, stdout=subprocess.PIPE, text=True,
+                            stderr=screen.program_end if screen else subprocess.PIPE, start_new_session=True)
+    if screen:
+        screen.start()
     watchdog = threading.Timer(TIMEOUT_S, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     try:
@@ -51,9 +62,42 @@ def interrupt(command, started, signum, target, cwd=REPO):
         rest, stderr = proc.communicate()
     finally:
         watchdog.cancel()
+    if screen:
+        stderr = screen.received()
     stdout = "".join(stdout) + rest
     assert started in stdout, f"{command[1]} ended before printing {started!r}: {stdout}{stderr}"
     return proc.returncode, stdout, stderr
+
+
+class Terminal:
+    """A pseudo-terminal 100 columns wide (tqdm draws nothing on one of 0 columns) for a program's stderr, and what
+    it received, read as it comes: a program writing to a full terminal would wait for a reader forever."""
+
+    def __init__(self):
+        self.our_end, self.program_end = os.openpty()
+        fcntl.ioctl(self.program_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        self.chunks = []
+        self.reader = threading.Thread(target=self._read)
+
+    def start(self):
+        """Once the program has started: from then on it holds the only copy of its end."""
+        os.close(self.program_end)
+        self.reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                chunk = os.read(self.our_end, 1 << 16)
+            except OSError:  # EIO once the program and every process it started have closed their end
+                break
+            if not chunk:
+                break
+            self.chunks.append(chunk)
+
+    def received(self):
+        self.reader.join()
+        os.close(self.our_end)
+        return b"".join(self.chunks).decode().replace("\r\n", "\n")
 
 
 def assert_one_line(status, stdout, stderr, prog, signum):
@@ -138,6 +182,21 @@ def test_dataset_scripts_with_worker_processes(documents, tmp_path, script, sign
                "--shard_size", 100_000, "--processes", 2]
     status, stdout, stderr = interrupt(command, "wrote ", signum, target)
     assert_one_line(status, stdout, stderr, script, signum)
+    assert_only_whole_shards(tmp_path)
+
+
+@pytest.mark.usefixtures("tiktoken_file")
+def test_ctrl_c_on_a_terminal_wipes_the_progress_bar_before_its_one_line(documents, tmp_path):
+    """On a terminal the tokenizing shows a progress bar (stderr); Ctrl-C wipes it (spaces over it, back to the
+    line's start) and the one line takes its place, as the last thing on the screen."""
+    command = [sys.executable, DATA_SCRIPTS / "fineweb.py", "--input", documents, "--output_dir", tmp_path,
+               "--shard_size", 100_000, "--processes", 2]
+    status, stdout, screen = interrupt(command, "wrote ", signal.SIGINT, "group", terminal=True)
+    assert status == 130, screen
+    assert "\rtokenizing: " in screen and " documents/s]" in screen
+    assert re.search(r"\r *\rfineweb.py: interrupted by SIGINT\n$", screen), screen[-300:]
+    assert "Traceback" not in screen + stdout
+    assert re.fullmatch(r"(wrote \S+_\d{6}\.bin: 100,000 tokens\n)+", stdout), stdout  # the bar stays off stdout
     assert_only_whole_shards(tmp_path)
 
 

@@ -1,18 +1,20 @@
 """What the dataset scripts share: downloading, reading local documents, tokenizing, writing token shards.
 
 Every document becomes <|endoftext|> followed by its GPT-2 tokens, so the model sees where documents start.
+
+The long jobs (downloading, unpacking, tokenizing) show a progress bar on stderr when it is a terminal.
 """
 
 import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
 from llmpy.config import GPT2_EOT  # noqa: E402
@@ -39,14 +41,25 @@ def run_script(main):
             sys.exit(f"{prog}: error: {e}")
 
 
+def progress(iterable=None, **kwargs):
+    """A progress bar (tqdm) for a job a person waits for: on stderr, and only when that is a terminal (not in a log
+    file or a test's pipe). It is wiped when done, or when an error or Ctrl-C ends the `with` block that holds it,
+    so the lines printed and a one-line error or interruption never land on the bar's line."""
+    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kwargs)
+
+
 def download(url, path, hint):
     """Downloads url to path (via a temporary file, so an interrupted download leaves nothing at path)."""
     print(f"downloading {url} to {path}")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.part"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, length=1 << 20)
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, \
+                progress(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                         unit_divisor=1024, desc="downloading") as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
         os.replace(tmp, path)
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
         if os.path.exists(tmp):
@@ -180,18 +193,20 @@ def _fill_shards(doc_tokens, shard_size):
         yield buffer[:fill]
 
 
-def write_shards(doc_tokens, output_dir, name, shard_size):
+def write_shards(doc_tokens, output_dir, name, shard_size, documents=None):
     """Writes the documents' tokens as uint16 shards {name}_val_000000.bin, {name}_train_000001.bin, ...:
-    the first shard is the validation split, the rest train. Returns [(path, number of tokens)]."""
+    the first shard is the validation split, the rest train. documents: how many there are, if known, for the
+    progress bar's end and time left. Returns [(path, number of tokens)]."""
     os.makedirs(output_dir, exist_ok=True)
     check_no_old_shards(output_dir, name)
     written = []
-    for index, shard in enumerate(_fill_shards(doc_tokens, shard_size)):
-        split = "val" if index == 0 else "train"
-        path = os.path.join(output_dir, f"{name}_{split}_{index:06d}.bin")
-        write_shard(path, shard)
-        print(f"wrote {path}: {len(shard):,} tokens")
-        written.append((path, len(shard)))
+    with progress(doc_tokens, total=documents, unit=" documents", desc="tokenizing") as bar:
+        for index, shard in enumerate(_fill_shards(bar, shard_size)):
+            split = "val" if index == 0 else "train"
+            path = os.path.join(output_dir, f"{name}_{split}_{index:06d}.bin")
+            write_shard(path, shard)
+            bar.write(f"wrote {path}: {len(shard):,} tokens", file=sys.stdout)  # above the bar, not through it
+            written.append((path, len(shard)))
     if len(written) < 2:
         print(f"warning: all {sum(n for _, n in written):,} tokens went to the val shard and there is no train "
               f"shard: use a smaller --shard_size", file=sys.stderr)

@@ -22,7 +22,8 @@ DATASETS = {"classic": ("HuggingFaceFW/fineweb", "fineweb"), "edu": ("HuggingFac
 
 
 def download_texts(repo, sample):
-    """The documents' texts of one sample of a Hugging Face dataset (downloaded and cached by `datasets`)."""
+    """The documents' texts of one sample of a Hugging Face dataset (downloaded and cached by `datasets`), and how
+    many there are."""
     try:
         from datasets import load_dataset
     except ImportError:
@@ -33,7 +34,7 @@ def download_texts(repo, sample):
     except Exception as e:  # datasets raises many kinds when offline
         raise DataPrepError(f"could not load {repo} {sample} ({type(e).__name__}): offline? "
                             f"pass --input /path/to/sample.jsonl") from None
-    return (record["text"] for record in dataset)
+    return (record["text"] for record in dataset), len(dataset)
 
 
 def main():
@@ -54,8 +55,11 @@ def main():
     # fail now, not after the download: a missing tokenizer, or shards of an earlier run in the way
     gpt2_encoding(args.tokenizer)
     check_no_old_shards(output_dir, name)
-    texts = read_documents(args.input, "text") if args.input else download_texts(repo, f"sample-{args.version}T")
-    write_shards(tokenize_documents(texts, args.tokenizer, args.processes), output_dir, name, args.shard_size)
+    if args.input:
+        texts, count = read_documents(args.input, "text"), None  # unknown until read: the bar shows no end
+    else:
+        texts, count = download_texts(repo, f"sample-{args.version}T")
+    write_shards(tokenize_documents(texts, args.tokenizer, args.processes), output_dir, name, args.shard_size, count)
 
 
 if __name__ == "__main__":

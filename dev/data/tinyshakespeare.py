@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from data_common import (TOKENIZER_HELP, DataPrepError, download, gpt2_encoding, read_utf8_text, run_script,
-                         tokenize_documents, write_shard)
+from data_common import (TOKENIZER_HELP, DataPrepError, download, gpt2_encoding, progress, read_utf8_text,
+                         run_script, tokenize_documents, write_shard)
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768
@@ -45,7 +45,9 @@ def main():
 
     sections = text.split("\n\n")
     documents = [s + "\n\n" if i < len(sections) - 1 else s for i, s in enumerate(sections)]
-    tokens = np.concatenate(list(tokenize_documents(documents, args.tokenizer)))
+    with progress(tokenize_documents(documents, args.tokenizer), total=len(documents), unit=" documents",
+                  desc="tokenizing") as bar:
+        tokens = np.concatenate(list(bar))
     if len(tokens) <= VAL_TOKENS:
         raise DataPrepError(f"{text_path}: only {len(tokens)} tokens, the val split alone takes {VAL_TOKENS}")
 

@@ -19,7 +19,8 @@ import shutil
 import tarfile
 
 from data_common import (TOKENIZER_HELP, DataPrepError, check_no_old_shards, default_processes, download,
-                         gpt2_encoding, positive_int, read_documents, run_script, tokenize_documents, write_shards)
+                         gpt2_encoding, positive_int, progress, read_documents, run_script, tokenize_documents,
+                         write_shards)
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +39,8 @@ def downloaded_json_files(output_dir):
     partial = f"{unpacked}.part"  # renamed when complete, so an interrupted unpacking is not mistaken for data
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        with tarfile.open(tarball) as tar:
-            tar.extractall(partial, filter="data")
+        with tarfile.open(tarball) as tar, progress(tar, unit=" files", desc="unpacking") as members:
+            tar.extractall(partial, members=members, filter="data")
     except tarfile.TarError as e:
         raise DataPrepError(f"{tarball}: cannot unpack ({e}): delete it to download it again") from None
     shutil.rmtree(unpacked, ignore_errors=True)
