@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
 from llmpy.config import GPT2_EOT  # noqa: E402
 from llmpy.formats import FormatError, write_shard  # noqa: E402
-from llmpy.signals import exit_quietly, ignore_interrupts  # noqa: E402
+from llmpy.signals import ignore_interrupts, run_quietly  # noqa: E402
 from llmpy.tokenizer import TokenizerError, gpt2_encoding  # noqa: E402
 
 
@@ -31,12 +31,7 @@ class DataPrepError(Exception):
 def run_script(main):
     """Runs main(); a problem with the inputs ends the script with one line on stderr and exit status 1, Ctrl-C or
     SIGTERM with one line and 130 or 143 (a shard being written is removed: write_shard writes atomically)."""
-    prog = Path(sys.argv[0]).name
-    with exit_quietly(prog):
-        try:
-            main()
-        except (DataPrepError, TokenizerError, FormatError, OSError) as e:
-            sys.exit(f"{prog}: error: {e}")
+    run_quietly(main, (DataPrepError, TokenizerError, FormatError, OSError))
 
 
 def download(url, path, hint):
