@@ -76,10 +76,17 @@ def _with_some_text(path, field, texts):
 
 
 def _jsonl_documents(path, field):
+    for line_number, record in read_jsonl_records(path):
+        yield _document_text(path, f"line {line_number}", record, field)
+
+
+def read_jsonl_records(path):
+    """(line number, parsed JSON value) of each non-blank line of a local .jsonl file, as an iterator; a line
+    that is not JSON, or a file that is not UTF-8, is a DataPrepError naming the file (and the line)."""
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(_utf8_lines(path, f), 1):
             if line.strip():
-                yield _document_text(path, f"line {line_number}", _parse_json(path, line, line_number), field)
+                yield line_number, _parse_json(path, line, line_number)
 
 
 def _json_documents(path, field):
