@@ -8,6 +8,9 @@ The model itself is llmpy.model.GPT2; torch is only the runtime (memory, cuBLAS,
     python train_gpt2.py                         # GPT-2 124M (d12) from random init on tiny Shakespeare
     python train_gpt2.py -e gpt2_124M.bin -b 16 -t 1024 -d 65536 -x 100 -o log124M
 
+-h 1 also scores HellaSwag (after python dev/data/hellaswag.py) at every validation step after step 0 and at the
+end, as llm.c does (llmpy/evals.py); -h alone, like --help, prints the help.
+
 Tests run it on the CPU under Triton's interpreter:
     TRITON_INTERPRET=1 python train_gpt2.py --device cpu --dtype float32 -e tiny -b 2 -t 16 -x 3
 
@@ -32,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from llmpy import checkpoint, formats, hf
+from llmpy import checkpoint, evals, formats, hf
 from llmpy.config import config_from_descriptor, num_parameters
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
@@ -56,9 +59,24 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HellaSwagOrHelp(argparse.Action):
+    """-h is llm.c's HellaSwag flag (-h 1), which argparse would take for its help: with a value it sets
+    --hellaswag, alone (-h, or -h followed by another flag) it prints the help, as --help does."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is None and option_string == "-h":
+            parser.print_help()
+            parser.exit()
+        if value not in (0, 1):
+            parser.error("argument -h/--hellaswag: expected 0 or 1" + ("" if value is None else f", got {value}"))
+        setattr(namespace, self.dest, value)
+
+
 def parse_args(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              add_help=False)
     add = p.add_argument
+    add("--help", action="help", help="print this help and exit (so does -h alone)")
     add("-i", "--input_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
         help="training token shards (a glob pattern)")
     add("-j", "--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
@@ -85,8 +103,14 @@ def parse_args(argv=None):
     add("-m", "--val_max_steps", type=int, default=20, help="batches per validation loss (at most the val data)")
     add("-s", "--sample_every", type=int, default=20, help="print a sampled text every N steps; 0 never")
     add("-g", "--gen_tokens", type=int, default=64, help="tokens per sample (at most T)")
+    add("-h", "--hellaswag", type=int, nargs="?", default=0, action=HellaSwagOrHelp, metavar="0|1",
+        help="1: score HellaSwag as llm.c does, at every validation step (-v) after step 0 and at the end, so "
+             "-x 0 scores the -e model; needs -b a multiple of 4. -h alone prints this help")
+    add("--hellaswag_file", default="dev/data/hellaswag/hellaswag_val.bin",
+        help="the llm.c eval file -h 1 scores (python dev/data/hellaswag.py writes it)")
     add("-o", "--output_log_dir", default=None,
-        help="folder for main.log (s:STEP trl:LOSS ..., s:STEP tel:LOSS) and the checkpoints; made if missing")
+        help="folder for main.log (s:STEP trl:LOSS ..., s:STEP tel:LOSS, s:STEP eval:ACC) and the checkpoints; made "
+             "if missing")
     add("-n", "--checkpoint_every", type=int, default=0,
         help="write a checkpoint to -o every N steps and at the end (0: only when stopped by a signal)")
     add("-nk", "--checkpoints_keep", type=int, default=0,
@@ -174,6 +198,10 @@ def check_args(args):
         raise ValueError(f"-l/--learning_rate must be positive, got {args.learning_rate}")
     if not 0 <= args.final_lr_frac <= 1:
         raise ValueError(f"-q/--final_lr_frac must be in [0, 1], got {args.final_lr_frac}")
+    if args.hellaswag and args.batch_size % evals.COMPLETIONS:
+        raise ValueError(f"-h 1 needs -b/--batch_size a multiple of {evals.COMPLETIONS} (an example's "
+                         f"{evals.COMPLETIONS} completions take {evals.COMPLETIONS} rows of a batch), got "
+                         f"{args.batch_size}")
 
 
 def pick_device(name):
@@ -209,6 +237,20 @@ def open_loader(flag, pattern, B, T, vocab_size, dist, shuffle=False):
         return DataLoader(pattern, B, T, dist.rank, dist.world_size, shuffle=shuffle, vocab_size=vocab_size)
     except (formats.FormatError, ValueError) as e:
         raise ValueError(f"{flag}: {e}") from None
+
+
+def open_hellaswag(path, B, T, vocab_size, dist):
+    """-h 1: this rank's share of the eval file's examples, in llm.c's batches; every problem (a missing file, an
+    example longer than T) is found now, with one line naming the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--hellaswag_file {path}: file not found: write it with python dev/data/hellaswag.py "
+                         "(or run without -h 1)")
+    try:
+        return evals.EvalLoader(evals.read_examples(path, vocab_size), B, T, dist.rank, dist.world_size)
+    except formats.FormatError as e:
+        raise ValueError(f"--hellaswag_file {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--hellaswag_file {path}: {e}") from None
 
 
 def open_tokenizer(path, vocab_size):
@@ -269,6 +311,17 @@ def validation_loss(model, loader, num_batches, loss_sum):
         sum_into(loss_sum, model.acts.losses, scale=1.0 / (model.B * model.T * num_batches * model.dist.world_size))
     model.dist.all_reduce_sum_(loss_sum, "the validation loss")
     return loss_sum.item()
+
+
+def hellaswag_correct(model, loader):
+    """The examples of the eval file that the model gets right: each rank scores its share (llmpy.evals) with the
+    forward's per-token losses, then one all-reduce sums the counts."""
+    def token_losses(inputs, targets):
+        model.forward(*as_tensors(inputs, targets), train=False)
+        return model.acts.losses.cpu().numpy()
+
+    correct = evals.evaluate(loader, token_losses).correct
+    return model.dist.sum_ints([correct], "the HellaSwag counts")[0]
 
 
 def sample_softmax(logits, coin):
@@ -424,6 +477,7 @@ def train_on(args, dist):
         if max_steps == 0:
             raise ValueError(f"-i/--input_bin {args.input_bin}: one epoch has {train_loader.num_batches_per_epoch} "
                              f"micro-batches a process, fewer than the {grad_accum_steps} of one step (-d)")
+    hellaswag = open_hellaswag(args.hellaswag_file, B, T, config.vocab_size, dist) if args.hellaswag else None
     sampling = dist.is_main and args.sample_every > 0
     tokenizer = open_tokenizer(args.tokenizer, config.vocab_size) if sampling else None
 
@@ -467,6 +521,9 @@ def train_on(args, dist):
     val_batches = min(-(-args.val_max_steps // world), val_loader.num_batches_per_epoch) if val_loader else 0
     if val_loader:
         say(f"validation: {val_batches * world} batches every {args.val_loss_every} steps")
+    if hellaswag:
+        say(f"HellaSwag: {hellaswag.num_examples:,} examples of {args.hellaswag_file}, {B // evals.COMPLETIONS} a "
+            f"forward{f', split over {world} processes' if world > 1 else ''}")
     say(f"{flops / 1e9:.3f} GFLOPs a token; peak {'unknown' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
 
     writer = None
@@ -496,6 +553,11 @@ def train_on(args, dist):
                 val_loss = validation_loss(model, val_loader, val_batches, loss_sum)
                 say(f"val loss {val_loss:.6f}")
                 logger.log_val(step, val_loss)
+            # as llm.c: not at step 0 (a fresh model scores chance, 25%), but at the end, so -x 0 scores a model
+            if hellaswag and ((step > 0 and args.val_loss_every and step % args.val_loss_every == 0) or last_step):
+                correct = hellaswag_correct(model, hellaswag)
+                say(f"HellaSwag: {correct}/{hellaswag.num_examples} = {correct / hellaswag.num_examples:f}")
+                logger.log_eval(step, correct / hellaswag.num_examples)
             if tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
                 say(f"generating:\n---\n{generate(model, tokenizer, args.gen_tokens, sample_rng)}\n---")
             if last_step:

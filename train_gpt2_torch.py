@@ -23,7 +23,6 @@ import glob
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -37,7 +36,7 @@ from llmpy import formats, hf
 from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_params
 from llmpy.data import DataLoader
 from llmpy.schedule import lr_at
-from llmpy.signals import exit_quietly
+from llmpy.signals import run_quietly
 from llmpy.tokenizer import TokenizerError, gpt2_encoding, gpt2_token_bytes
 
 DATA_HINT = "run `python dev/data/tinyshakespeare.py` to make the tiny Shakespeare shards"
@@ -606,13 +605,8 @@ def train_on(args, device, rank, world_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    prog = os.path.basename(sys.argv[0])
-    with exit_quietly(prog):  # under torchrun every rank gets the signal and prints its own line
-        try:
-            train(args)
-        except (formats.FormatError, ValueError, OSError) as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            sys.exit(1)
+    # under torchrun every rank gets a signal and prints its own line
+    run_quietly(lambda: train(args), (formats.FormatError, ValueError, OSError))
 
 
 if __name__ == "__main__":

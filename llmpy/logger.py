@@ -2,14 +2,16 @@
 
     s:0 tel:10.987612                                                 validation loss before step 0's update
     s:0 trl:10.991234 lr:0.000300 norm:5.2100 ms:151.2 tok/s:433427   training step 0: loss, lr, grad norm, timing
+    s:20 eval:0.2891                                                  HellaSwag accuracy before step 20's update (-h 1)
 
-Steps count from 0, as in llm.c: `s:N tel` is measured before step N trains, `s:N trl` is step N's own loss (with
-the outlier guard on, also its z-scores zl and zg, and skip:1 when its update was skipped). Losses carry 6 decimals
-(llm.c writes 4), enough to see two runs agree to fp32. Every line is flushed at once, so a run that dies still
-leaves its log. A Logger without a folder logs nothing.
+Steps count from 0, as in llm.c: `s:N tel` and `s:N eval` are measured before step N trains, `s:N trl` is step N's
+own loss (with the outlier guard on, also its z-scores zl and zg, and skip:1 when its update was skipped). Losses
+carry 6 decimals (llm.c writes 4), enough to see two runs agree to fp32; the accuracy has llm.c's 4. Every line is
+flushed at once, so a run that dies still leaves its log. A Logger without a folder logs nothing.
 
-A resumed run (-y 1) from the checkpoint of step S keeps the lines of steps before S and appends from there: the
-lines a killed run wrote after its checkpoint are dropped, so the log reads as one run that was never stopped.
+A resumed run (-y 1) from the checkpoint of step S keeps the lines of steps before S, of every kind, and appends
+from there: the lines a killed run wrote after its checkpoint are dropped (step S's validation and HellaSwag lines
+too, which the resumed run measures again), so the log reads as one run that was never stopped.
 """
 
 import os
@@ -48,6 +50,9 @@ class Logger:
 
     def log_val(self, step, loss):
         self._write(f"s:{step} tel:{loss:.6f}")
+
+    def log_eval(self, step, accuracy):
+        self._write(f"s:{step} eval:{accuracy:.4f}")
 
     def close(self):
         if self.file:

@@ -2,9 +2,10 @@
 (130, 143), never a traceback. Pure Python.
 
 Two uses:
-- Programs with nothing to save (the NumPy trainer, the PyTorch reference, the data scripts) run their main under
-  `exit_quietly(prog)`: the first signal raises Interrupted where the program is, so `finally` blocks and
-  `except BaseException` clean-ups still run (a half-written file is removed), then one line and the exit.
+- Programs with nothing to save (the NumPy trainer, the PyTorch reference, the data scripts, the eval tool) run
+  their main under `exit_quietly(prog)`, most through run_quietly, which also ends the errors a user can fix with one
+  line: the first signal raises Interrupted where the program is, so `finally` blocks and `except BaseException`
+  clean-ups still run (a half-written file is removed), then one line and the exit.
 - The mainline's training loop uses StopRequest: the first signal only sets a flag, which the loop reads at the end
   of a step to write a checkpoint and stop cleanly; a second signal gives up at once, with one line.
 
@@ -59,6 +60,18 @@ def exit_quietly(prog):
         raise
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+def run_quietly(main, errors):
+    """Runs main() as the program: an exception of the classes errors ends it with `prog: error: <the exception>` on
+    stderr and status 1, a signal as exit_quietly says; prog is the script's file name."""
+    prog = os.path.basename(sys.argv[0])
+    with exit_quietly(prog):
+        try:
+            main()
+        except errors as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 def _ignore_signals():

@@ -19,7 +19,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
 from llmpy.config import GPT2_EOT  # noqa: E402
 from llmpy.formats import FormatError, write_shard  # noqa: E402
-from llmpy.signals import exit_quietly, ignore_interrupts  # noqa: E402
+from llmpy.signals import ignore_interrupts, run_quietly  # noqa: E402
 from llmpy.tokenizer import TokenizerError, gpt2_encoding  # noqa: E402
 
 
@@ -33,12 +33,7 @@ class DataPrepError(Exception):
 def run_script(main):
     """Runs main(); a problem with the inputs ends the script with one line on stderr and exit status 1, Ctrl-C or
     SIGTERM with one line and 130 or 143 (a shard being written is removed: write_shard writes atomically)."""
-    prog = Path(sys.argv[0]).name
-    with exit_quietly(prog):
-        try:
-            main()
-        except (DataPrepError, TokenizerError, FormatError, OSError) as e:
-            sys.exit(f"{prog}: error: {e}")
+    run_quietly(main, (DataPrepError, TokenizerError, FormatError, OSError))
 
 
 def progress(iterable=None, **kwargs):
@@ -94,10 +89,17 @@ def _with_some_text(path, field, texts):
 
 
 def _jsonl_documents(path, field):
+    for line_number, record in read_jsonl_records(path):
+        yield _document_text(path, f"line {line_number}", record, field)
+
+
+def read_jsonl_records(path):
+    """(line number, parsed JSON value) of each non-blank line of a local .jsonl file, as an iterator; a line
+    that is not JSON, or a file that is not UTF-8, is a DataPrepError naming the file (and the line)."""
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(_utf8_lines(path, f), 1):
             if line.strip():
-                yield _document_text(path, f"line {line_number}", _parse_json(path, line, line_number), field)
+                yield line_number, _parse_json(path, line, line_number)
 
 
 def _json_documents(path, field):
