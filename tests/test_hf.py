@@ -122,6 +122,22 @@ def test_export_script_checks_its_folder_with_transformers(tmp_path, tiktoken_fi
                                                     "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
 
 
+@pytest.mark.parametrize("case", ["missing input", "output under a file"])
+def test_export_script_bad_input_is_one_line(tmp_path, tiktoken_file, case):
+    (tmp_path / "a_file").write_text("")
+    model = tmp_path / "model.bin"
+    formats.write_model(model, config_from_descriptor("tiny"), gpt2_init(config_from_descriptor("tiny"), seed=1))
+    args, message = {
+        "missing input": (["-i", tmp_path / "nope.bin", "-o", tmp_path / "out"], f"{tmp_path / 'nope.bin'}: file not "
+                                                                                  "found"),
+        "output under a file": (["-i", model, "-o", tmp_path / "a_file" / "out"],
+                                f"-o/--output {tmp_path / 'a_file' / 'out'}: cannot write there ({tmp_path / 'a_file'} "
+                                "is a file, not a folder)")}[case]
+    result = subprocess.run([sys.executable, REPO / "dev/eval/export_hf.py", *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and result.stderr == f"export_hf.py: error: {message}\n", result.stderr
+
+
 # ----------------------------------------------------------------------------- import
 
 

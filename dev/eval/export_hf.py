@@ -21,15 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from llmpy import formats, hf  # noqa: E402
-from llmpy.signals import exit_quietly  # noqa: E402
+from llmpy.signals import run_quietly  # noqa: E402
 from llmpy.tokenizer import TokenizerError, gpt2_encoding  # noqa: E402
 
-PROG = "export_hf.py"
 CHECK_TEXT = "During photosynthesis in green plants, light energy is captured and used to"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--input", required=True, help="an llm.c model file (fp32 or bf16): -e's files, checkpoints' "
                                                         "model_NNNNNNNN.bin, --write_model's")
@@ -76,25 +75,20 @@ def check_export(folder, config, flat, encoding, dtype):
         raise ValueError(f"{folder}: transformers' logits differ from ours by {diff:.1e} (more than {tolerance:g})")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        start = time.time()
-        encoding = gpt2_encoding(args.tokenizer)
-        config, flat = formats.read_model(args.input)
-        if config.vocab_size != encoding.n_vocab:
-            raise ValueError(f"{args.input}: vocab of {config.vocab_size} tokens, GPT-2's tokenizer has "
-                             f"{encoding.n_vocab}")
-        formats.check_output_folder("-o/--output", args.output)
-        hf.write_hf_folder(args.output, config, flat, args.dtype, encoding)
-        print(f"wrote {args.output}: model.safetensors ({args.dtype}), config.json, tokenizer files "
-              f"({time.time() - start:.1f} s)")
-        if args.check:
-            check_export(args.output, config, flat, encoding, args.dtype)
-    except (formats.FormatError, TokenizerError, ValueError, OSError) as e:
-        sys.exit(f"{PROG}: error: {e}")
+def export(args):
+    start = time.time()
+    config, flat = formats.read_model(args.input)
+    encoding = gpt2_encoding(args.tokenizer)
+    if config.vocab_size != encoding.n_vocab:
+        raise ValueError(f"{args.input}: vocab of {config.vocab_size} tokens, GPT-2's tokenizer has {encoding.n_vocab}")
+    formats.check_output_folder("-o/--output", args.output)
+    hf.write_hf_folder(args.output, config, flat, args.dtype, encoding)
+    print(f"wrote {args.output}: model.safetensors ({args.dtype}), config.json, tokenizer files "
+          f"({time.time() - start:.1f} s)")
+    if args.check:
+        check_export(args.output, config, flat, encoding, args.dtype)
 
 
 if __name__ == "__main__":
-    with exit_quietly(PROG):
-        main()
+    arguments = parse_args()
+    run_quietly(lambda: export(arguments), (formats.FormatError, TokenizerError, ValueError, OSError))
