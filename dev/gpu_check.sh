@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
-#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [matmul_algos]
-#                         [bench_large]          (none: all but the last two)
+#   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
+#                         [matmul_algos] [bench_large]          (none: all but the last two)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
 # LLMPY_TIKTOKEN_FILE. Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs sample)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -105,6 +105,14 @@ PY
             run python3 train_gpt2.py -e "$1" -b "$2" -t 1024 -x "$3" -v 0 -s 0 -o "$ck/$1_checkpoints" -n 20 -nk 1
             rm -rf "$ck/$1_plain" "$ck/$1_checkpoints"
         done ;;
+    sample)
+        # generation (sample.py): its tests on the GPU (decode attention; the KV cache, replayed from a CUDA graph,
+        # against the full forward and the NumPy forward on a tiny model), then at d12 the KV cache against the NumPy
+        # forward and the full forward, and tokens/s in bf16 at B = 1 and 8, with and without the cache
+        # (dev/sample_check.py)
+        [ -f gpt2_124M.bin ] || run python3 train_gpt2_torch.py --model d12 --write_tensors 1 --device cuda
+        run python3 -m pytest -q tests/test_sample.py
+        run python3 dev/sample_check.py -e gpt2_124M.bin --json "${OUT:-.}/sample_check.json" ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
         for model_sizes in "d24 56 48 40" "d36 32 28 24"; do
@@ -119,8 +127,8 @@ PY
             done
         done ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, matmul_algos," \
-            "bench_large)"; status=1 ;;
+        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample," \
+            "matmul_algos, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

@@ -15,6 +15,7 @@ Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, V
 """
 
 import contextlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,43 @@ from .distributed import Dist
 from .kernels import adamw, attention, bias, classifier, encoder, gelu, layernorm, norm, reduce
 
 _MATMUL_WEIGHTS = ("wte", "qkvw", "attprojw", "fcw", "fcprojw")  # their gradients come from a matmul each
+
+
+class LayerActivations(NamedTuple):
+    """What one layer's forward writes, for N rows of the residual stream: (N, C) unless said. Training passes the
+    layer's slices of Activations (kept for the backward); inference passes scratch that every layer reuses."""
+    ln1: torch.Tensor
+    ln1_mean: torch.Tensor  # fp32 (N,)
+    ln1_rstd: torch.Tensor  # fp32 (N,)
+    qkv: torch.Tensor  # (N, 3C)
+    atty: torch.Tensor  # attention output, heads side by side
+    residual2: torch.Tensor  # residual + attention projection
+    ln2: torch.Tensor
+    ln2_mean: torch.Tensor  # fp32 (N,)
+    ln2_rstd: torch.Tensor  # fp32 (N,)
+    fch: torch.Tensor  # (N, 4C) MLP hidden, before GELU
+    fch_gelu: torch.Tensor  # (N, 4C)
+    residual3: torch.Tensor  # residual2 + MLP projection: the layer's output
+
+
+def layer_forward(p, l, residual, acts, attend, gelu_fusion):
+    """Layer l of GPT-2 on N rows of the residual stream, residual (N, C): writes every tensor of acts
+    (LayerActivations), the layer's output last, into acts.residual3 (which may be residual itself: residual is last
+    read before it is written). p: the parameter views (llmpy.config.split_params). attend(l, acts): the causal
+    self-attention, from acts.qkv to acts.atty. gelu_fusion: GELU in the fc matmul's cuBLASLt epilogue (GPU only)."""
+    # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual
+    layernorm.layernorm_forward(acts.ln1, acts.ln1_mean, acts.ln1_rstd, residual, p["ln1w"][l], p["ln1b"][l])
+    vendor.matmul_forward(acts.qkv, acts.ln1, p["qkvw"][l], p["qkvb"][l])
+    attend(l, acts)
+    vendor.matmul_forward(acts.residual2, acts.atty, p["attprojw"][l], p["attprojb"][l], residual=residual)
+    # MLP: layernorm, fc, GELU, projection joining the residual
+    layernorm.layernorm_forward(acts.ln2, acts.ln2_mean, acts.ln2_rstd, acts.residual2, p["ln2w"][l], p["ln2b"][l])
+    if gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
+        vendor.matmul_gelu_forward(acts.fch_gelu, acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
+    else:
+        vendor.matmul_forward(acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
+        gelu.gelu_forward(acts.fch_gelu, acts.fch)
+    vendor.matmul_forward(acts.residual3, acts.fch_gelu, p["fcprojw"][l], p["fcprojb"][l], residual=acts.residual2)
 
 
 class Activations:
@@ -203,22 +241,7 @@ class GPT2:
         encoder.encoder_forward(a.encoded.view(B, T, C), self.inputs, p["wte"], p["wpe"])
         for l in range(L):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
-            # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual
-            layernorm.layernorm_forward(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l],
-                                        p["ln1b"][l])
-            vendor.matmul_forward(a.qkv[l], self._ln1(l), p["qkvw"][l], p["qkvb"][l])
-            self._attention_forward(l)
-            vendor.matmul_forward(a.residual2[l], a.atty[l], p["attprojw"][l], p["attprojb"][l], residual=residual)
-            # MLP: layernorm, fc, GELU, projection joining the residual
-            layernorm.layernorm_forward(self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l],
-                                        p["ln2b"][l])
-            if self.gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
-                vendor.matmul_gelu_forward(self._fch_gelu(l), a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
-            else:
-                vendor.matmul_forward(a.fch[l], self._ln2(l), p["fcw"][l], p["fcb"][l])
-                gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
-            vendor.matmul_forward(a.residual3[l], self._fch_gelu(l), p["fcprojw"][l], p["fcprojb"][l],
-                                  residual=a.residual2[l])
+            layer_forward(p, l, residual, self._layer_acts(l), self._attention_forward, self.gelu_fusion)
         layernorm.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.residual3[L - 1], p["lnfw"], p["lnfb"])
         vendor.matmul_forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
         if has_targets:
@@ -264,10 +287,16 @@ class GPT2:
     def _fch_gelu(self, l):
         return self.acts.fch_gelu[0 if self.recompute >= 1 else l]
 
-    def _attention_forward(self, l):
-        a, B, T = self.acts, self.B, self.T
+    def _layer_acts(self, l):
+        """Layer l's slices of the activations (one shared slot for the ones recomputed in the backward)."""
+        a = self.acts
+        return LayerActivations(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], a.qkv[l], a.atty[l], a.residual2[l],
+                                self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l], a.fch[l], self._fch_gelu(l), a.residual3[l])
+
+    def _attention_forward(self, l, acts):
+        B, T = self.B, self.T
         forward = vendor.cudnn_attention_forward if self.attention_impl == "cudnn" else attention.attention_forward
-        forward(a.atty[l].view(B, T, -1), a.att_lse[l], a.qkv[l].view(B, T, -1), self.config.num_heads)
+        forward(acts.atty.view(B, T, -1), self.acts.att_lse[l], acts.qkv.view(B, T, -1), self.config.num_heads)
 
     # ------------------------------------------------------------------------- backward
 

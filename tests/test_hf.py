@@ -273,3 +273,18 @@ def test_pretrained_gpt2_without_the_hub_is_one_line(tmp_path, hub, message, pro
                             text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 1
     assert result.stderr == f"{program}: error: {message}\n", result.stderr
+
+
+def test_sample_py_continues_a_folder_as_its_model_file(tmp_path, tiktoken_file):
+    config = config_from_descriptor("tiny")
+    flat = gpt2_init(config, seed=10)
+    formats.write_model(tmp_path / "model.bin", config, flat)
+    hf.write_hf_folder(tmp_path / "folder", config, flat, "float32", gpt2_encoding())
+    samples = []
+    for model in (tmp_path / "model.bin", tmp_path / "folder"):
+        result = subprocess.run([sys.executable, REPO / "sample.py", "-e", model, "--device", "cpu", "--prompt", "Hi",
+                                 "--max_new_tokens", "6", "--num_samples", "2", "--seed", "3"], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        samples.append(re.findall(r"^--- sample \d/2 ---\n(.*)$", result.stdout, re.M))
+    assert len(samples[0]) == 2 and samples[0] == samples[1]

@@ -1,6 +1,8 @@
 """The encoder: token embedding plus position embedding, forward and backward.
 
-Forward: out[b, t] = wte[tokens[b, t]] + wpe[t], rows of C channels.
+Forward: out[b, t] = wte[tokens[b, t]] + wpe[t], rows of C channels; or wte[tokens[b, t]] + wpe[first + t] with the
+first position read from device memory (inference's decode step: one token a row at the position the KV cache has
+reached, which a replayed CUDA graph must read from memory rather than take as an argument).
 Backward: dwpe[t] += sum_b dout[b, t], and dwte[v] += the sum of dout[b, t] over every (b, t) with tokens[b, t] = v.
 
 Forward kernel: each program gathers ROWS rows (ROWS x BLOCK_C tile, BLOCK_C = next power of two >= C, masked): it
@@ -74,9 +76,11 @@ def _encoder_forward_kernel(
     tokens_ptr,  # int32 (N,)
     wte_ptr,  # (Vp, C)
     wpe_ptr,  # (maxT, C)
+    first_position_ptr,  # int32 (1,): position of each row's first token (if OFFSET; else unused)
     N,
     T,
     C,
+    OFFSET: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -86,6 +90,8 @@ def _encoder_forward_kernel(
     mask = row_mask[:, None] & (columns < C)[None, :]
     tokens = tl.load(tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     positions = (rows % T).to(tl.int64)
+    if OFFSET:
+        positions += tl.load(first_position_ptr).to(tl.int64)
     token_embedding = tl.load(wte_ptr + tokens[:, None] * C + columns[None, :], mask=mask).to(tl.float32)
     position_embedding = tl.load(wpe_ptr + positions[:, None] * C + columns[None, :], mask=mask).to(tl.float32)
     out = token_embedding + position_embedding
@@ -181,8 +187,10 @@ def _split_run_sums_kernel(
         tl.store(dwte_ptr + dwte_offsets, previous + tl.sum(accumulator, axis=0), mask=column_mask)
 
 
-def encoder_forward(out, tokens, wte, wpe):
+def encoder_forward(out, tokens, wte, wpe, first_position=None):
     """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T), values < Vp; wte (Vp, C), wpe (maxT, C), T <= maxT.
+    With first_position, an int32 (1,) tensor on the device holding p: out = wte[tokens] + wpe[p : p + T] (the caller
+    keeps p + T <= maxT: the kernel cannot check a value it reads from memory).
 
     out in the activation dtype; the sum is done in fp32 and rounded once.
     """
@@ -190,11 +198,14 @@ def encoder_forward(out, tokens, wte, wpe):
     C = wte.shape[1]
     assert tokens.dtype == torch.int32 and tokens.is_contiguous() and out.is_contiguous() and out.shape == (B, T, C)
     assert wte.is_contiguous() and wpe.is_contiguous() and T <= wpe.shape[0]
+    offset = first_position is not None
+    assert not offset or (first_position.dtype == torch.int32 and first_position.numel() == 1)
     N = B * T
     block_c = triton.next_power_of_2(C)
     rows = max(1, _FORWARD_TILE_ELEMENTS // block_c)
     grid = (triton.cdiv(N, rows),)
-    _encoder_forward_kernel[grid](out, tokens, wte, wpe, N, T, C, ROWS=rows, BLOCK_C=block_c, num_warps=8)
+    _encoder_forward_kernel[grid](out, tokens, wte, wpe, first_position if offset else tokens, N, T, C, OFFSET=offset,
+                                  ROWS=rows, BLOCK_C=block_c, num_warps=8)
 
 
 def encoder_backward(dwte, dwpe, dout, tokens):

@@ -1,7 +1,8 @@
 """Encoder kernels (token + position embedding) against plain torch indexing.
 
 Forward: out = wte[tokens] + wpe[:T] must equal torch's result bit for bit, in fp32 and bf16: both add the two values
-in fp32 and round once to the activation dtype (to nearest), so there is nothing to tolerate.
+in fp32 and round once to the activation dtype (to nearest), so there is nothing to tolerate. The same from a first
+position held in device memory (inference's decode step), out = wte[tokens] + wpe[p : p + T].
 Backward: dwte and dwpe start from random values and must end at start + gradient, the gradient computed in float64
 by index_add_ (dwte) and a sum over the batch (dwpe). dwte is accumulated with float atomics in an arbitrary order,
 so the comparison has a tolerance that allows any order: each dwte row sums at most B*T = 40 rows of O(1) values
@@ -41,6 +42,20 @@ def test_forward_equals_torch_embedding_sum(device, B, T, C, dtype):
     encoder_forward(out, tokens, wte, wpe)
 
     assert torch.equal(out, wte[tokens.long()] + wpe[:T])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_from_a_position_in_device_memory(device, dtype):
+    """With first_position p (an int32 on the device, as inference's decode step keeps it), row t of each sequence
+    takes position p + t: out = wte[tokens] + wpe[p : p + T], bit for bit. T = 1 is the decode step, T = 3 any T."""
+    generator = torch.Generator().manual_seed(5)
+    wte = torch.randn(VP, 64, generator=generator).to(device=device, dtype=dtype)
+    wpe = torch.randn(MAX_T, 64, generator=generator).to(device=device, dtype=dtype)
+    for B, T, p in [(3, 1, 0), (3, 1, MAX_T - 1), (2, 3, 4)]:
+        tokens = random_tokens(B, T, device, generator)
+        out = torch.full((B, T, 64), float("nan"), device=device, dtype=dtype)
+        encoder_forward(out, tokens, wte, wpe, first_position=torch.tensor([p], dtype=torch.int32, device=device))
+        assert torch.equal(out, wte[tokens.long()] + wpe[p:p + T]), (B, T, p)
 
 
 @pytest.mark.parametrize("B, T, C", SHAPES)
