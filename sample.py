@@ -21,8 +21,8 @@ import os
 import sys
 
 from llmpy.config import GPT2_EOT, GPT2_VOCAB_SIZE
-from llmpy.formats import FormatError, read_model
-from llmpy.hf import is_hf_source, load_hf
+from llmpy.formats import FormatError
+from llmpy.hf import load_weights
 from llmpy.sampling import FullForwardDecoder, Sampler, generate
 from llmpy.signals import exit_quietly
 from llmpy.tokenizer import TokenizerError, gpt2_encoding
@@ -54,12 +54,6 @@ def parse_args(argv=None):
         help="cuda: the mainline's kernels with a KV cache; cpu: the NumPy forward")
     add("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="--device cuda: the model's dtype")
     return p.parse_args(argv)
-
-
-def load_model(path):
-    """-e: (GPT2Config, the weights as flat fp32 in llm.c's order), from an llm.c model file (fp32 or bf16) or a
-    Hugging Face GPT-2 (a pretrained name or a folder, llmpy/hf.py)."""
-    return load_hf(path) if is_hf_source(path) else read_model(path)
 
 
 def encode_prompt(encoding, text):
@@ -105,7 +99,7 @@ def run(args):
     for flag in ("max_new_tokens", "num_samples"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    config, weights = load_model(args.model)
+    config, weights = load_weights(args.model)
     if config.vocab_size != GPT2_VOCAB_SIZE:
         raise ValueError(f"-e {args.model}: a vocabulary of {config.vocab_size} tokens, not GPT-2's "
                          f"{GPT2_VOCAB_SIZE}: sample.py reads and writes text with GPT-2's tokenizer")

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
-#                         [matmul_algos] [bench_large]          (none: all but the last two)
+#                         [hellaswag] [matmul_algos] [bench_large]          (none: all but the last two)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
-# LLMPY_TIKTOKEN_FILE. Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
+# LLMPY_TIKTOKEN_FILE; hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs sample)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs sample hellaswag)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -113,6 +113,44 @@ PY
         [ -f gpt2_124M.bin ] || run python3 train_gpt2_torch.py --model d12 --write_tensors 1 --device cuda
         run python3 -m pytest -q tests/test_sample.py
         run python3 dev/sample_check.py -e gpt2_124M.bin --json "${OUT:-.}/sample_check.json" ;;
+    hellaswag)
+        # -h 1 and dev/eval/hellaswag.py on the GPU: 48 examples made from tiny Shakespeare (a line's context, its next
+        # line against 3 lines from elsewhere), scored at d12 by the NumPy forward (fp32), the mainline in fp32 (each
+        # example's mean losses within 1e-4 of NumPy's, the same answers) and in bf16, and by train_gpt2.py -h 1 -x 0
+        [ -f gpt2_124M.bin ] || run python3 train_gpt2_torch.py --model d12 --write_tensors 1 --device cuda
+        hs=$(mktemp -d)
+        python3 - "$hs/examples.jsonl" <<'PY'
+import json, os, random, sys
+lines = [l for l in open(os.environ["LLMPY_TINYSHAKESPEARE_FILE"]).read().splitlines() if len(l.split()) >= 4]
+rng = random.Random(0)
+with open(sys.argv[1], "w") as f:
+    for i in rng.sample(range(len(lines) - 1), 48):
+        endings = [lines[i + 1]] + [lines[j] for j in rng.sample(range(len(lines)), 3)]
+        label = rng.randrange(4)
+        endings[0], endings[label] = endings[label], endings[0]
+        f.write(json.dumps({"ctx": lines[i], "endings": endings, "label": label}) + "\n")
+PY
+        run python3 dev/data/hellaswag.py --input "$hs/examples.jsonl" -o "$hs/eval.bin"
+        for mode in "cpu float32" "cuda float32" "cuda bfloat16"; do
+            set -- $mode
+            python3 dev/eval/hellaswag.py -e gpt2_124M.bin -i "$hs/eval.bin" --device "$1" --dtype "$2" --verbose \
+                > "$hs/$1_$2.txt" 2>&1 || { echo "FAILED: hellaswag.py --device $1 --dtype $2"; status=1; }
+            tail -1 "$hs/$1_$2.txt" | tee -a "$LOG"
+        done
+        run python3 train_gpt2.py -e gpt2_124M.bin -b 16 -t 1024 -x 0 -v 0 -s 0 -h 1 --hellaswag_file "$hs/eval.bin"
+        run python3 - "$hs" <<'PY'
+import re, sys
+def scores(name):
+    text = open(f"{sys.argv[1]}/{name}.txt").read()
+    rows = re.findall(r"^example (\d+) label \d+ predicted (\d+) losses (.*)$", text, re.M)
+    return {int(i): (int(p), [float(x) for x in losses.split()]) for i, p, losses in rows}
+cpu, gpu = scores("cpu_float32"), scores("cuda_float32")
+diff = max(abs(a - b) for i in cpu for a, b in zip(cpu[i][1], gpu[i][1]))
+same = all(cpu[i][0] == gpu[i][0] for i in cpu)
+print(f"hellaswag: {len(cpu)} examples, mainline fp32 vs NumPy: max |mean loss diff| {diff:.1e}, same answers {same}")
+sys.exit(0 if len(cpu) == 48 and diff <= 1e-4 and same else 1)
+PY
+        ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
         for model_sizes in "d24 56 48 40" "d36 32 28 24"; do
@@ -127,7 +165,7 @@ PY
             done
         done ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample," \
+        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample, hellaswag," \
             "matmul_algos, bench_large)"; status=1 ;;
     esac
 done

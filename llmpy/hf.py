@@ -18,7 +18,8 @@ import os
 import numpy as np
 
 from .config import GPT2_EOT, GPT2Config, num_parameters, pad_vocab, split_params
-from .formats import FormatError, bfloat16_bits_to_float32, write_file_atomic
+from .progress import progress
+from .formats import FormatError, bfloat16_bits_to_float32, read_model, write_file_atomic
 from .tokenizer import gpt2_token_bytes
 
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub, by the names people use for them
@@ -183,6 +184,12 @@ def load_hf(spec):
     return config, read_hf_weights(folder, config)
 
 
+def load_weights(spec):
+    """A model to start from, as the programs' -e takes it: a Hugging Face GPT-2 (load_hf) or an llm.c model file
+    -> (GPT2Config, flat float32 parameters)."""
+    return load_hf(spec) if is_hf_source(spec) else read_model(spec)
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -276,11 +283,9 @@ def write_hf_folder(folder, config, flat, dtype, encoding):
         import torch
     except ImportError:
         raise ValueError(f"writing safetensors needs torch and safetensors: {INSTALL_HINT}") from None
-    from tqdm import tqdm
-
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tensors = {name: torch.from_numpy(t).to(torch_dtype)
-               for name, t in tqdm(hf_tensors(config, flat).items(), desc="tensors", unit="", disable=None)}
+               for name, t in progress(hf_tensors(config, flat).items(), desc="tensors", unit="")}
     os.makedirs(folder, exist_ok=True)
     write_file_atomic(os.path.join(folder, "model.safetensors"),
                       [safetensors.torch.save(tensors, metadata={"format": "pt"})])

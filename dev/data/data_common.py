@@ -14,11 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
 from llmpy.config import GPT2_EOT  # noqa: E402
 from llmpy.formats import FormatError, write_shard  # noqa: E402
+from llmpy.progress import progress  # noqa: E402
 from llmpy.signals import ignore_interrupts, run_quietly  # noqa: E402
 from llmpy.tokenizer import TokenizerError, gpt2_encoding  # noqa: E402
 
@@ -34,13 +34,6 @@ def run_script(main):
     """Runs main(); a problem with the inputs ends the script with one line on stderr and exit status 1, Ctrl-C or
     SIGTERM with one line and 130 or 143 (a shard being written is removed: write_shard writes atomically)."""
     run_quietly(main, (DataPrepError, TokenizerError, FormatError, OSError))
-
-
-def progress(iterable=None, **kwargs):
-    """A progress bar (tqdm) for a job a person waits for: on stderr, and only when that is a terminal (not in a log
-    file or a test's pipe). It is wiped when done, or when an error or Ctrl-C ends the `with` block that holds it,
-    so the lines printed and a one-line error or interruption never land on the bar's line."""
-    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def download(url, path, hint):

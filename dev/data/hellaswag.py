@@ -14,9 +14,9 @@ reads them numbered 0, 1, 2, ...; the records' own "ind" is not used):
 import argparse
 import os
 
-from tqdm import tqdm
 
-from data_common import TOKENIZER_HELP, DataPrepError, download, gpt2_encoding, read_jsonl_records, run_script
+from data_common import (TOKENIZER_HELP, DataPrepError, download, gpt2_encoding, progress, read_jsonl_records,
+                         run_script)
 from llmpy.evals import COMPLETIONS
 from llmpy.formats import EvalExample, write_eval_file
 
@@ -54,7 +54,7 @@ def tokenize(examples, encoding):
     token (<|endoftext|>) is tokenized as text (llm.c's tiktoken encode would refuse it)."""
     return [EvalExample(index=position, label=label, context=encoding.encode_ordinary(ctx),
                         completions=[encoding.encode_ordinary(" " + ending) for ending in endings])
-            for position, (ctx, endings, label) in enumerate(tqdm(examples, desc="tokenizing", unit=" examples"))]
+            for position, (ctx, endings, label) in enumerate(progress(examples, desc="tokenizing", unit=" examples"))]
 
 
 def main():

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy and train_gpt2_cpu
-from tqdm import tqdm  # noqa: E402
 
-from llmpy import evals, formats  # noqa: E402
+from llmpy import evals, formats, hf  # noqa: E402
+from llmpy.progress import progress  # noqa: E402
 from llmpy.signals import run_quietly  # noqa: E402
 
 def numpy_token_losses(config, params):
@@ -63,7 +63,8 @@ def mainline_token_losses(config, params, B, T, device, dtype):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-e", "--model", required=True, help="an llm.c model file (fp32 or bf16)")
+    p.add_argument("-e", "--model", required=True, help="an llm.c model file (fp32 or bf16), or a Hugging Face GPT-2 "
+                   "(gpt2 ... gpt2-xl, or a folder)")
     p.add_argument("-i", "--input", default="dev/data/hellaswag/hellaswag_val.bin",
                    help="the llm.c eval file (python dev/data/hellaswag.py writes it)")
     p.add_argument("-b", "--batch_size", type=int, default=16, help="rows a forward, a multiple of 4 (4 an example)")
@@ -78,7 +79,7 @@ def parse_args(argv):
 
 
 def evaluate(args):
-    config, params = formats.read_model(args.model)
+    config, params = hf.load_weights(args.model)
     examples = evals.read_examples(args.input, config.vocab_size)
     B = args.batch_size
     if B <= 0 or B % evals.COMPLETIONS:
@@ -95,7 +96,7 @@ def evaluate(args):
         token_losses = numpy_token_losses(config, params)
     else:
         token_losses = mainline_token_losses(config, params, B, T, args.device, args.dtype)
-    with tqdm(total=len(examples), desc="HellaSwag", unit=" examples") as bar:
+    with progress(total=len(examples), desc="HellaSwag", unit=" examples") as bar:
         scores = evals.evaluate(loader, token_losses, on_batch=bar.update)
     if args.verbose:
         for index, label, prediction, losses in zip(scores.indices, scores.labels, scores.predictions,
