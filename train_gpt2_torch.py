@@ -38,7 +38,7 @@ from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_para
 from llmpy.data import DataLoader
 from llmpy.schedule import lr_at
 from llmpy.signals import exit_quietly
-from llmpy.tokenizer import TokenizerError, gpt2_encoding, gpt2_token_bytes
+from llmpy.tokenizer import TokenizerError, gpt2_encoding, token_bytes
 
 DATA_HINT = "run `python dev/data/tinyshakespeare.py` to make the tiny Shakespeare shards"
 
@@ -292,7 +292,7 @@ def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding):
     flat = model_to_flat(model)
     formats.write_model(path(f"{prefix}.bin"), config, flat, dtype="float32")
     formats.write_model(path(f"{prefix}_bf16.bin"), config, flat, dtype="bfloat16")
-    formats.write_tokenizer(path("gpt2_tokenizer.bin"), gpt2_token_bytes(encoding), GPT2_EOT)
+    formats.write_tokenizer(path("gpt2_tokenizer.bin"), token_bytes(encoding), GPT2_EOT)
 
     hyper = {"model": descriptor, "B": x.shape[0], "T": x.shape[1], "learning_rate": 1e-4, "beta1": 0.9,
              "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 0.0}
