@@ -286,8 +286,8 @@ def _debug_body(path, V, n, x, y, logits, loss, grads_flat):
 # [2] max_seq_len, [3] vocab_size, [4] n_layer, [5] n_head, [6] n_kv_head, [7] n_embd, [8] ffn_dim_multiplier,
 # [9] multiple_of, [10] norm_eps, [11] rope_theta, [12] use_scaled_rope, [13] max_gen_batch_size (4), [14] major
 # and [15] minor version. Being int32 slots, [8] and [10] hold the values truncated (1.3 -> 1, 1e-5 -> 0), and its
-# files always hold a separate lmhead. We write every one of those slots as llm.c does, so llm.c's readers see
-# their own layout, and after them, in slots llm.c leaves zero, what its header loses:
+# files always hold a separate lmhead. We write every one of those slots as llm.c does, so our files are its files
+# in every byte it writes, and after them, in slots llm.c leaves zero, what its header loses:
 #   [16] 1, the version of this extension    [17] tied_embeddings (0 or 1)
 #   [18:20] ffn_dim_multiplier, [20:22] norm_eps, [22:24] rope_theta: float64 bit patterns, two slots each (exact)
 # A file without the extension ([16] = 0, as llm.c writes them) is read as untied, with rope_theta from [11], and
@@ -298,6 +298,10 @@ def _debug_body(path, V, n, x, y, logits, loss, grads_flat):
 # llm.c's debug state for Llama 3 has the model file's magic and no version: [1] B, [2] T; then x, y (int32,
 # (B, T)), logits (fp32, (B, T, V)), the loss (fp32), every gradient (fp32, the model file's order: a tied model's
 # wte gradient, both uses summed, stands in lmhead's place too).
+#
+# This is the layout of llm.c's master train_llama3.py, which writes it and has no reader. llm.c's C trainer
+# (train_llama3.cu, on its unmerged llama3 branch) reads another one, not handled here: a header of 256 int32 and
+# 256 float32, and GPT-2's 16 tensors with zero biases, fcw and fc2w stacked, and lmhead in wpe's place.
 
 LLAMA3_EXTENSION = 1
 _LLAMA3_VERSIONS = {"float32": MODEL_VERSION_FP32, "bfloat16": MODEL_VERSION_BF16}

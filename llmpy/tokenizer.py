@@ -115,7 +115,7 @@ def llama3_encoding(ranks_file=None):
     """
     import tiktoken
 
-    ranks_file = ranks_file or os.environ.get(LLAMA3_TOKENIZER_FILE_ENV) or _packaged_llama3_ranks()
+    ranks_file = ranks_file or os.environ.get(LLAMA3_TOKENIZER_FILE_ENV) or packaged_llama3_ranks()
     if not ranks_file:
         raise TokenizerError(f"no Llama 3 tokenizer: pip install llama-models (it ships llama_models/llama3/"
                              f"tokenizer.model), or set {LLAMA3_TOKENIZER_FILE_ENV} or pass --tokenizer "
@@ -129,7 +129,7 @@ def llama3_encoding(ranks_file=None):
     )
 
 
-def _packaged_llama3_ranks():
+def packaged_llama3_ranks():
     """The path of llama_models/llama3/tokenizer.model if the llama-models package is installed, else None."""
     try:
         path = importlib.resources.files("llama_models") / "llama3" / "tokenizer.model"
