@@ -332,8 +332,9 @@ def read_llama3_model_header(path):
         tied = int(header[17])
         ffn, eps, theta = (float(v) for v in header[18:24].view("<f8"))
         if (int(ffn), int(eps), int(theta)) != (ffn_int, eps_int, theta_int) or tied not in (0, 1):
-            raise FormatError(path, f"header disagrees with itself: ffn_dim_multiplier {ffn} in [18:20] but {ffn_int} "
-                                    f"in [8], norm_eps {eps} vs {eps_int}, rope_theta {theta} vs {theta_int}, tied {tied}")
+            raise FormatError(path, f"header disagrees with itself: ffn_dim_multiplier {ffn} in [18:20] but "
+                                    f"{ffn_int} in [8], norm_eps {eps} vs {eps_int}, rope_theta {theta} vs "
+                                    f"{theta_int}, tied {tied}")
     elif extension == 0:
         tied, theta = 0, float(theta_int)
         ffn, eps = _llama3_exact_fields(path, (V, L, NH, KV, C, multiple_of), ffn_int, eps_int)
@@ -369,15 +370,15 @@ def _untie(path, config, flat, what):
 
 def read_llama3_model(path):
     """A Llama 3 model file (llm.c's or ours, fp32 or bf16) -> (Llama3Config, flat float32 parameters in
-    llmpy.models.llama3's layout)."""
+    llmpy.models.llama3's layout). The weights are read straight into their array (an 8B model is 32 GB in fp32)."""
     config, version = read_llama3_model_header(path)
-    data = _read_bytes(path)
     n, bf16 = _file_count(config), version == MODEL_VERSION_BF16
-    _check_length(path, data, HEADER_BYTES + n * (2 if bf16 else 4), "Llama 3 model")
-    if bf16:
-        flat = bfloat16_bits_to_float32(np.frombuffer(data, dtype="<u2", count=n, offset=HEADER_BYTES))
-    else:
-        flat = np.frombuffer(data, dtype="<f4", count=n, offset=HEADER_BYTES).copy()
+    _check_length(path, b"", HEADER_BYTES + n * (2 if bf16 else 4), "Llama 3 model", size=os.path.getsize(path))
+    try:
+        payload = np.fromfile(path, dtype="<u2" if bf16 else "<f4", count=n, offset=HEADER_BYTES)
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror}") from None
+    flat = bfloat16_bits_to_float32(payload) if bf16 else payload
     return config, _untie(path, config, flat, "weights")
 
 
@@ -403,11 +404,11 @@ def write_llama3_model(path, config, flat_params, dtype="float32"):
     (v5), in llm.c's layout with our header extension."""
     if dtype not in _LLAMA3_VERSIONS:
         raise ValueError(f"model dtype must be float32 or bfloat16, not {dtype!r}")
-    flat = np.asarray(flat_params, dtype=np.float32)
+    flat = np.asarray(flat_params, dtype="<f4")  # little-endian, as llm.c's files: no copy on a little-endian machine
     if flat.shape != (llama3.num_parameters(config),):
         raise ValueError(f"{path}: parameters have shape {flat.shape}, the config needs "
                          f"({llama3.num_parameters(config)},)")
-    payload = flat.astype("<f4") if dtype == "float32" else float32_to_bfloat16_bits(flat).astype("<u2")
+    payload = flat if dtype == "float32" else float32_to_bfloat16_bits(flat).astype("<u2", copy=False)
     write_file_atomic(path, [_llama3_header(config, _LLAMA3_VERSIONS[dtype])] + _with_lmhead(config, payload))
 
 

@@ -71,7 +71,8 @@ def load_ranks(path, what, whose, count):
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, binascii.Error):
                 if line.strip():
-                    raise TokenizerError(f"{path}: not a tiktoken BPE ranks file (lines of 'base64-token rank')") from None
+                    raise TokenizerError(f"{path}: not a tiktoken BPE ranks file (lines of 'base64-token rank')") \
+                        from None
     if len(ranks) != count or sorted(ranks.values()) != list(range(count)):
         raise TokenizerError(f"{path}: has {len(ranks)} ranks, {whose} has ranks 0..{count - 1}")
     return ranks
@@ -85,6 +86,9 @@ def load_ranks(path, what, whose, count):
 LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_BPE_TOKENS = 128000  # the special tokens follow, from id 128000 on
+# llm.c's tokenizer file has one slot for a special token, [3], GPT-2's <|endoftext|>: the token its data puts before
+# every document and its samplers start from. In Llama 3's data that token is <|begin_of_text|>.
+LLAMA3_TOKENIZER_FILE_EOT = BEGIN_OF_TEXT
 # Meta's special tokens by their names, in id order (llama_models/llama3/tokenizer.py); the rest of the 256 are
 # reserved, named <|reserved_special_token_N|> with N counting on from 2
 _LLAMA3_NAMED_SPECIALS = ("begin_of_text", "end_of_text", "reserved_special_token_0", "reserved_special_token_1",
@@ -159,13 +163,9 @@ def token_bytes(encoding):
     return [encoding.decode_single_token_bytes(i) for i in range(encoding.n_vocab)]
 
 
-# llm.c's tokenizer file has one slot for a special token, [3], GPT-2's <|endoftext|>: the token its data puts before
-# every document and its samplers start from. In Llama 3's data that token is <|begin_of_text|>.
-LLAMA3_TOKENIZER_FILE_EOT = BEGIN_OF_TEXT
-
-
 class Tokenizer:
-    """Decodes token ids with llm.c's tokenizer file (gpt2_tokenizer.bin). NumPy/pure Python: no tiktoken."""
+    """Decodes token ids with llm.c's tokenizer file (gpt2_tokenizer.bin, llama3_tokenizer.bin). NumPy/pure Python:
+    no tiktoken."""
 
     def __init__(self, path):
         self.token_bytes, self.eot = read_tokenizer(path)

@@ -75,15 +75,16 @@ def llmc_file_tensors(L):
 def test_parameter_table_is_llmcs_order_with_decay_and_init(tied):
     config = variant(SMALL, tied_embeddings=tied)
     L, C, V, hs = 2, 32, 300, 8
-    expected = [("wte", (V, C), True, 0.02), ("ln1w", (L, C), False, 0.0), ("qkvw", (L, (4 + 2 * 2) * hs, C), True, 0.02),
-                ("attprojw", (L, C, C), True, 0.01), ("ln2w", (L, C), False, 0.0), ("fcw", (L, 112, C), True, 0.02),
-                ("fc2w", (L, 112, C), True, 0.02), ("fcprojw", (L, C, 112), True, 0.01),
-                ("lnfw", (C,), False, 0.0), ("lmhead", (V, C), True, 0.02)]
+    expected = [("wte", (V, C), True, 0.02), ("ln1w", (L, C), False, 0.0),
+                ("qkvw", (L, (4 + 2 * 2) * hs, C), True, 0.02), ("attprojw", (L, C, C), True, 0.01),
+                ("ln2w", (L, C), False, 0.0), ("fcw", (L, 112, C), True, 0.02), ("fc2w", (L, 112, C), True, 0.02),
+                ("fcprojw", (L, C, 112), True, 0.01), ("lnfw", (C,), False, 0.0), ("lmhead", (V, C), True, 0.02)]
     expected = expected[:-1] if tied else expected
     table = llama3.param_table(config)
     assert [(s.name, s.shape, s.decay) for s in table] == [(name, shape, decay) for name, shape, decay, _ in expected]
     assert [s.init_std for s in table] == pytest.approx([std for *_, std in expected])  # 0.01 = 0.02 / sqrt(2L)
-    assert list(llama3.file_shapes(config)) == [s.name for s in llama3.param_table(variant(config, tied_embeddings=False))]
+    untied = variant(config, tied_embeddings=False)
+    assert list(llama3.file_shapes(config)) == [s.name for s in llama3.param_table(untied)]  # files: lmhead always
     # the module's tensors, named as llm.c names them, in llm.c's order
     model = ref.Llama(config)
     params = dict(model.named_parameters())
@@ -160,7 +161,7 @@ def hf_llama_config(config):
 
 
 def to_hf_rows(w, heads):
-    """Meta's q or k rows, whose RoPE pairs channels (2i, 2i+1) of a head, as Hugging Face's, which pairs (i, i + hs/2)."""
+    """Meta's q or k rows, whose RoPE pairs a head's channels (2i, 2i+1), as Hugging Face's, pairing (i, i + hs/2)."""
     return w.view(heads, -1, 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
 
 
@@ -177,12 +178,12 @@ def hf_llama(config, flat):
         model.model.embed_tokens.weight.copy_(t["wte"])
         for l, layer in enumerate(model.model.layers):
             q, k, v = t["qkvw"][l].split((NH * hs, KV * hs, KV * hs))
-            for linear, weight in ((layer.self_attn.q_proj, to_hf_rows(q, NH)), (layer.self_attn.k_proj, to_hf_rows(k, KV)),
-                                   (layer.self_attn.v_proj, v), (layer.self_attn.o_proj, t["attprojw"][l]),
-                                   (layer.mlp.gate_proj, t["fc2w"][l]), (layer.mlp.up_proj, t["fcw"][l]),
-                                   (layer.mlp.down_proj, t["fcprojw"][l]), (layer.input_layernorm, t["ln1w"][l]),
+            a, m = layer.self_attn, layer.mlp
+            for module, weight in ((a.q_proj, to_hf_rows(q, NH)), (a.k_proj, to_hf_rows(k, KV)), (a.v_proj, v),
+                                   (a.o_proj, t["attprojw"][l]), (m.gate_proj, t["fc2w"][l]), (m.up_proj, t["fcw"][l]),
+                                   (m.down_proj, t["fcprojw"][l]), (layer.input_layernorm, t["ln1w"][l]),
                                    (layer.post_attention_layernorm, t["ln2w"][l])):
-                linear.weight.copy_(weight)
+                module.weight.copy_(weight)
         model.model.norm.weight.copy_(t["lnfw"])
         if not config.tied_embeddings:
             model.lm_head.weight.copy_(t["lmhead"])
@@ -199,8 +200,9 @@ def hf_grads(config, model):
         a, m = layer.self_attn, layer.mlp
         per_layer["qkvw"].append(torch.cat([from_hf_rows(a.q_proj.weight.grad, NH),
                                             from_hf_rows(a.k_proj.weight.grad, KV), a.v_proj.weight.grad]))
-        for name, p in (("ln1w", layer.input_layernorm), ("attprojw", a.o_proj), ("ln2w", layer.post_attention_layernorm),
-                        ("fcw", m.up_proj), ("fc2w", m.gate_proj), ("fcprojw", m.down_proj)):
+        for name, p in (("ln1w", layer.input_layernorm), ("attprojw", a.o_proj),
+                        ("ln2w", layer.post_attention_layernorm), ("fcw", m.up_proj), ("fc2w", m.gate_proj),
+                        ("fcprojw", m.down_proj)):
             per_layer[name].append(p.weight.grad)
     grads.update({name: torch.stack(tensors) for name, tensors in per_layer.items()})
     return np.concatenate([grads[name].numpy().ravel() for name in llama3.param_shapes(config)])
@@ -405,7 +407,8 @@ def encoding(llama3_tokenizer_file):
 
 
 PARAGRAPH = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-             "I'LL say they're here, she's gone; we've won 12345 times (3.14159) -- naïve café, Straße, 日本語, 🙂👍🏽\r\n"
+             "I'LL say they're here, she's gone; we've won 12345 times (3.14159) -- naïve café, Straße, 日本語, 🙂👍🏽"
+             "\r\n"
              "   runs of   spaces\t\ttabs <|begin_of_text|> as text <|eot_id|>\n\n\n")
 
 
@@ -425,7 +428,8 @@ def test_special_tokens_are_metas(encoding):
         "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009,
         "<|python_tag|>": 128010, "<|reserved_special_token_245|>": 128255}
     assert encoding.n_vocab == 128256
-    assert encoding.encode("<|begin_of_text|>hello world<|eot_id|>", allowed_special="all") == [128000, 15339, 1917, 128009]
+    ids = encoding.encode("<|begin_of_text|>hello world<|eot_id|>", allowed_special="all")
+    assert ids == [128000, 15339, 1917, 128009]
     assert llama3_encode(encoding, "<|eot_id|>") != [128009]  # documents: special tokens' text is text
 
 
@@ -456,7 +460,8 @@ def test_tokenizer_comes_from_the_environment_or_says_what_to_install(llama3_tok
     monkeypatch.setenv(LLAMA3_TOKENIZER_FILE_ENV, str(llama3_tokenizer_file))
     assert llama3_encoding().encode_ordinary("hello world") == [15339, 1917]
     monkeypatch.setenv(LLAMA3_TOKENIZER_FILE_ENV, str(tmp_path / "nowhere.model"))
-    with pytest.raises(TokenizerError, match=re.escape(f"{tmp_path / 'nowhere.model'}: Llama 3 tokenizer file not found")):
+    missing = tmp_path / "nowhere.model"
+    with pytest.raises(TokenizerError, match=re.escape(f"{missing}: Llama 3 tokenizer file not found")):
         llama3_encoding()
     monkeypatch.delenv(LLAMA3_TOKENIZER_FILE_ENV)
     monkeypatch.setattr("llmpy.tokenizer.packaged_llama3_ranks", lambda: None)  # as if llama-models were missing
@@ -537,9 +542,10 @@ def test_training_from_the_reference_model_overfits_a_batch_and_logs(reference_f
     """3 steps on one batch (the debug state's: its first loss is the debug state's), validation, a decoded
     sample, main.log's lines."""
     result = run_trainer("--init_from", reference_files / "llama3_tiny.bin", "--device", "cpu", "--input_bin", shard,
-                         "--input_val_bin", shard, "-b", 2, "-t", 16, "--num_iterations", 3, "--overfit_single_batch", 1,
-                         "--learning_rate", 1e-3, "--val_loss_every", 3, "--val_max_steps", 1, "--sample_every", 3,
-                         "--sample_length", 4, "--output_dir", tmp_path, "--tokenizer", llama3_tokenizer_file)
+                         "--input_val_bin", shard, "-b", 2, "-t", 16, "--num_iterations", 3,
+                         "--overfit_single_batch", 1, "--learning_rate", 1e-3, "--val_loss_every", 3,
+                         "--val_max_steps", 1, "--sample_every", 3, "--sample_length", 4, "--output_dir", tmp_path,
+                         "--tokenizer", llama3_tokenizer_file)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("model tiny: 16,527,680 parameters, device cpu")
     losses = [float(v) for v in re.findall(r"\| loss (\S+)", result.stdout)]
@@ -547,7 +553,8 @@ def test_training_from_the_reference_model_overfits_a_batch_and_logs(reference_f
     assert len(losses) == 3 and losses[0] == pytest.approx(first, abs=1e-5) and losses[0] > losses[1] > losses[2]
     assert result.stdout.count("sample:") == 1 and "sample: [" not in result.stdout  # decoded text, not ids
     log = (tmp_path / "main.log").read_text().split("\n")
-    assert [re.sub(r":[\d.]+$", "", line) for line in log] == ["s:0 tel", "s:0 trl", "s:1 trl", "s:2 trl", "s:3 tel", ""]
+    assert [re.sub(r":[\d.]+$", "", line) for line in log] == [
+        "s:0 tel", "s:0 trl", "s:1 trl", "s:2 trl", "s:3 tel", ""]
 
 
 @pytest.fixture
@@ -570,9 +577,10 @@ def test_bad_input_ends_the_process_with_one_line(bad_files, shard):
 BAD_INPUT = [
     (["--init_from", "{cut}"], "{cut}: truncated: 3000 bytes, the header describes a Llama 3 model of"),
     (["--model", "llama2-7b"], "--model: unknown model descriptor 'llama2-7b': use tiny, llama3.2-1b, llama3.1-8b"),
-    (["--init_from", "{small}", "--model", "tiny"], "--init_from {small} holds a L=2 C=32 NH=4 KV=2 H=112 V=300 model, but --model says tiny"),
+    (["--init_from", "{small}", "--model", "tiny"],
+     "--init_from {small} holds a L2-C32-NH4-KV2-H112-V300 model, but --model says tiny"),
     (["--init_from", "{small}", "--tied_embeddings", "1"],
-     "--init_from {small} holds a L=2 C=32 NH=4 KV=2 H=112 V=300 model with untied embeddings, but --tied_embeddings is 1"),
+     "--init_from {small} holds a L2-C32-NH4-KV2-H112-V300 model with untied embeddings, but --tied_embeddings is 1"),
     (["--model", "tiny", "--write_tensors", "1", "--tokenizer", "{missing}"],
      "--tokenizer: {missing}: Llama 3 tokenizer file not found"),
     (["--model", "tiny", "-t", "2000"], "--sequence_length 2000 exceeds the model's max_seq_len 1024"),

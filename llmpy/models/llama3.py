@@ -106,13 +106,14 @@ def config_from_descriptor(descriptor):
 
 
 def descriptor_of(config):
-    """The config's descriptor if it is one of DESCRIPTORS, else its shape in words."""
+    """The config's descriptor if it is one of DESCRIPTORS, else its shape, fit for a file name:
+    L2-C32-NH4-KV2-H112-V300, with -tied for a tied head."""
     for descriptor, known in DESCRIPTORS.items():
         if known == config:
             return descriptor
     c = config
-    return (f"L={c.num_layers} C={c.channels} NH={c.num_heads} KV={c.num_kv_heads} H={c.ffn_hidden} "
-            f"V={c.vocab_size}{' tied' if c.tied_embeddings else ''}")
+    return (f"L{c.num_layers}-C{c.channels}-NH{c.num_heads}-KV{c.num_kv_heads}-H{c.ffn_hidden}-V{c.vocab_size}"
+            f"{'-tied' if c.tied_embeddings else ''}")
 
 
 def file_prefix(descriptor):
@@ -192,16 +193,16 @@ def rope_frequencies(config):
     """Each pair of a head's channels turns by freq[i] radians a position: float32 (hs/2,), theta^(-2i/hs), then
     with use_scaled_rope Llama 3.1's scaling. Float32 throughout, as Meta's precompute_freqs_cis."""
     hs = config.head_size
-    freqs = (1.0 / np.float32(config.rope_theta) ** (np.arange(0, hs, 2, dtype=np.float32) / np.float32(hs)))
+    freqs = 1.0 / np.float32(config.rope_theta) ** (np.arange(0, hs, 2, dtype=np.float32) / np.float32(hs))
     if not config.use_scaled_rope:
-        return freqs.astype(np.float32)
+        return freqs
     wavelength = np.float32(2 * math.pi) / freqs
     short, long = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
     # 0 at the long end of the band, 1 at the short end: how much of the unscaled frequency to keep
-    smooth = (ROPE_ORIGINAL_CONTEXT / wavelength - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    band = ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR
+    smooth = (ROPE_ORIGINAL_CONTEXT / wavelength - ROPE_LOW_FREQ_FACTOR) / band
     blended = (1 - smooth) * freqs / ROPE_SCALE_FACTOR + smooth * freqs
-    scaled = np.where(wavelength < short, freqs, np.where(wavelength > long, freqs / ROPE_SCALE_FACTOR, blended))
-    return scaled.astype(np.float32)
+    return np.where(wavelength < short, freqs, np.where(wavelength > long, freqs / ROPE_SCALE_FACTOR, blended))
 
 
 def rope_tables(config, T):
