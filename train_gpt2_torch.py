@@ -25,6 +25,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,11 +34,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from llmpy import formats, hf
-from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_params
+from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_flat
 from llmpy.data import DataLoader
 from llmpy.schedule import lr_at
 from llmpy.signals import run_quietly
-from llmpy.tokenizer import TokenizerError, gpt2_encoding, gpt2_token_bytes
+from llmpy.tokenizer import TokenizerError, gpt2_encoding, token_bytes
 
 DATA_HINT = "run `python dev/data/tinyshakespeare.py` to make the tiny Shakespeare shards"
 
@@ -56,15 +57,21 @@ class CausalSelfAttention(nn.Module):
         NH, HS = self.num_heads, C // self.num_heads
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q, k, v = (t.view(B, T, NH, HS).transpose(1, 2) for t in (q, k, v))  # each (B, NH, T, HS)
-        if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(HS)  # (B, NH, T, T)
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
-            scores = scores.masked_fill(future, float("-inf"))  # position t attends to positions <= t only
-            y = F.softmax(scores, dim=-1) @ v  # (B, NH, T, HS)
+        y = causal_attention(q, k, v, self.flash)  # (B, NH, T, HS)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.c_proj(y)
+
+
+def causal_attention(q, k, v, flash):
+    """Each position's softmax(q k^T / sqrt(HS)) over itself and the positions before it, applied to v: q, k, v
+    (B, NH, T, HS) -> (B, NH, T, HS). flash: F.scaled_dot_product_attention, else the explicit masked softmax."""
+    if flash:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    T = q.shape[2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, NH, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    scores = scores.masked_fill(future, float("-inf"))  # position t attends to positions <= t only
+    return F.softmax(scores, dim=-1) @ v
 
 
 class MLP(nn.Module):
@@ -97,6 +104,19 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2 for a llmpy.config.GPT2Config. flash: F.scaled_dot_product_attention, else the explicit masked softmax."""
 
+    # llm.c's name of each per-layer tensor -> its path inside a Block; the rest are whole-model tensors
+    LAYER_TENSORS = {
+        "ln1w": "ln_1.weight", "ln1b": "ln_1.bias",
+        "qkvw": "attn.c_attn.weight", "qkvb": "attn.c_attn.bias",
+        "attprojw": "attn.c_proj.weight", "attprojb": "attn.c_proj.bias",
+        "ln2w": "ln_2.weight", "ln2b": "ln_2.bias",
+        "fcw": "mlp.c_fc.weight", "fcb": "mlp.c_fc.bias",
+        "fcprojw": "mlp.c_proj.weight", "fcprojb": "mlp.c_proj.bias",
+    }
+    MODEL_TENSORS = {"wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight",
+                     "lnfw": "transformer.ln_f.weight", "lnfb": "transformer.ln_f.bias"}
+    llmc_shapes = staticmethod(param_shapes)  # config -> llm.c's tensors in file order, name -> shape
+
     def __init__(self, config, flash=True):
         super().__init__()
         self.config = config
@@ -119,13 +139,18 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, -1:, :]), None
-        logits = self.lm_head(x)
-        # the loss in float32 even under bf16 autocast: a logsumexp over 50257 values needs the precision
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).long())
-        return logits, loss
+        return logits_and_loss(self.lm_head, self.transformer.ln_f(x), targets)
+
+
+def logits_and_loss(lm_head, x, targets):
+    """The LM head on the last hidden states x (B, T, C): logits (B, T, V) and the mean cross-entropy loss; without
+    targets (sampling) only the last position's logits (B, 1, V), and the loss is None."""
+    if targets is None:
+        return lm_head(x[:, -1:, :]), None
+    logits = lm_head(x)
+    # the loss in float32 even under bf16 autocast: a logsumexp over the vocab (50,257 or 128,256) needs it
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).long())
+    return logits, loss
 
 
 @torch.no_grad()
@@ -148,34 +173,26 @@ def init_weights(model, seed):
             p.zero_()
 
 
-# llm.c's name of each per-layer tensor -> its path inside a Block; the rest are whole-model tensors
-LAYER_TENSORS = {
-    "ln1w": "ln_1.weight", "ln1b": "ln_1.bias",
-    "qkvw": "attn.c_attn.weight", "qkvb": "attn.c_attn.bias",
-    "attprojw": "attn.c_proj.weight", "attprojb": "attn.c_proj.bias",
-    "ln2w": "ln_2.weight", "ln2b": "ln_2.bias",
-    "fcw": "mlp.c_fc.weight", "fcb": "mlp.c_fc.bias",
-    "fcprojw": "mlp.c_proj.weight", "fcprojb": "mlp.c_proj.bias",
-}
-MODEL_TENSORS = {"wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight",
-                 "lnfw": "transformer.ln_f.weight", "lnfb": "transformer.ln_f.bias"}
-
-
 def llmc_parameters(model):
-    """llm.c's tensor name (param_shapes order) -> the model's parameters it is made of: one per layer, or one."""
+    """llm.c's tensor name (file order) -> the model's parameters it is made of: one per layer, or one.
+
+    The model's class says where they are: LAYER_TENSORS (paths inside each block of transformer.h), MODEL_TENSORS
+    (paths inside the model) and llmc_shapes (config -> the tensors in llm.c's order), so GPT and the Llama 3
+    reference share this and the flat conversions below.
+    """
     params = dict(model.named_parameters())
     layers = range(model.config.num_layers)
-    return {name: [params[f"transformer.h.{l}.{LAYER_TENSORS[name]}"] for l in layers] if name in LAYER_TENSORS
-            else [params[MODEL_TENSORS[name]]]
-            for name in param_shapes(model.config)}
+    return {name: [params[f"transformer.h.{l}.{model.LAYER_TENSORS[name]}"] for l in layers]
+            if name in model.LAYER_TENSORS else [params[model.MODEL_TENSORS[name]]]
+            for name in model.llmc_shapes(model.config)}
 
 
 def _to_flat(model, tensor_of):
-    config = model.config
-    flat = np.zeros(num_parameters(config), dtype=np.float32)
-    views = split_params(config, flat)
+    shapes = model.llmc_shapes(model.config)
+    flat = np.zeros(sum(math.prod(shape) for shape in shapes.values()), dtype=np.float32)
+    views = split_flat(shapes, flat)
     for name, params in llmc_parameters(model).items():
-        tensor = torch.stack([tensor_of(p) for p in params]) if name in LAYER_TENSORS else tensor_of(params[0])
+        tensor = torch.stack([tensor_of(p) for p in params]) if name in model.LAYER_TENSORS else tensor_of(params[0])
         # wte fills the first V of its Vp rows; the padding rows stay zero
         views[name][: tensor.shape[0]] = tensor.detach().float().cpu().numpy()
     return flat
@@ -194,9 +211,9 @@ def grads_to_flat(model):
 @torch.no_grad()
 def load_flat(model, flat):
     """Copies flat float32 parameters in llm.c's layout into the model (wte's padding rows are dropped)."""
-    views = split_params(model.config, torch.from_numpy(np.asarray(flat, dtype=np.float32)))
+    views = split_flat(model.llmc_shapes(model.config), torch.from_numpy(np.asarray(flat, dtype=np.float32)))
     for name, params in llmc_parameters(model).items():
-        sources = views[name] if name in LAYER_TENSORS else [views[name]]
+        sources = views[name] if name in model.LAYER_TENSORS else [views[name]]
         for p, source in zip(params, sources):
             p.copy_(source[: p.shape[0]])
 
@@ -276,8 +293,23 @@ def validation_loss(model, loader, steps, device, amp_dtype):
     return total / steps
 
 
-def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding):
-    """llm.c's reference files for one batch x, y (B, T), then the losses of 10 AdamW steps overfitting it.
+@dataclass(frozen=True)
+class ReferenceFiles:
+    """How a model family writes llm.c's reference files."""
+
+    write_model: object  # (path, config, flat float32 parameters, "float32" | "bfloat16")
+    write_debug_state: object  # (path, config, x, y, logits, loss, flat float32 gradients)
+    tokenizer_file: str  # its name
+    tokenizer_eot: int  # the token in the tokenizer file's [3]
+
+
+GPT2_FILES = ReferenceFiles(formats.write_model, formats.write_debug_state, "gpt2_tokenizer.bin", GPT2_EOT)
+
+
+def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding, files=GPT2_FILES):
+    """llm.c's reference files for one batch x, y (B, T), then the losses of 10 AdamW steps overfitting it:
+    {prefix}.bin and {prefix}_bf16.bin (the model), the tokenizer file, {prefix}_debug_state.bin (the batch, its
+    logits, loss and every gradient) and {prefix}_debug_losses.json (the hyperparameters and the 10 losses).
 
     Everything in float32 with TF32 off, so other implementations can be compared to it tightly.
     """
@@ -289,9 +321,9 @@ def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding):
         return os.path.join(write_dir, name)
 
     flat = model_to_flat(model)
-    formats.write_model(path(f"{prefix}.bin"), config, flat, dtype="float32")
-    formats.write_model(path(f"{prefix}_bf16.bin"), config, flat, dtype="bfloat16")
-    formats.write_tokenizer(path("gpt2_tokenizer.bin"), gpt2_token_bytes(encoding), GPT2_EOT)
+    files.write_model(path(f"{prefix}.bin"), config, flat, dtype="float32")
+    files.write_model(path(f"{prefix}_bf16.bin"), config, flat, dtype="bfloat16")
+    formats.write_tokenizer(path(files.tokenizer_file), token_bytes(encoding), files.tokenizer_eot)
 
     hyper = {"model": descriptor, "B": x.shape[0], "T": x.shape[1], "learning_rate": 1e-4, "beta1": 0.9,
              "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 0.0}
@@ -303,9 +335,9 @@ def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding):
         logits, loss = model(x, y)  # the loss before this step's update
         loss.backward()
         if step == 0:
-            formats.write_debug_state(path(f"{prefix}_debug_state.bin"), config, x.int().cpu().numpy(),
-                                      y.int().cpu().numpy(), logits.detach().cpu().numpy(), loss.item(),
-                                      grads_to_flat(model))
+            files.write_debug_state(path(f"{prefix}_debug_state.bin"), config, x.int().cpu().numpy(),
+                                    y.int().cpu().numpy(), logits.detach().cpu().numpy(), loss.item(),
+                                    grads_to_flat(model))
         optimizer.step()
         losses.append(loss.item())
         print(f"reference step {step}: loss {losses[-1]:.6f}")
@@ -313,7 +345,7 @@ def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding):
     formats.write_file_atomic(path(f"{prefix}_debug_losses.json"),
                               [json.dumps({**hyper, "losses": losses}, indent=1).encode()])
     print(f"wrote {prefix}.bin, {prefix}_bf16.bin, {prefix}_debug_state.bin, {prefix}_debug_losses.json and "
-          f"gpt2_tokenizer.bin to {write_dir}")
+          f"{files.tokenizer_file} to {write_dir}")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -321,8 +353,29 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+GPT2_FLAGS = {  # the help and defaults of the flags whose meaning depends on the model family
+    "input_bin": dict(default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
+                      help="training token shards (a glob pattern)"),
+    "input_val_bin": dict(default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
+                          help='validation token shards (a glob pattern); "" disables validation'),
+    "model": dict(help="d12|d24|d36|d48 (GPT-2 124M..1.5B), tiny, or dLcChH like d2c64h4: seeded random init; "
+                       "gpt2|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights from the Hugging Face hub (downloaded "
+                       "once); or a Hugging Face GPT-2 folder (config.json, model.safetensors). "
+                       "Default: d12, or what --init_from holds"),
+    "init_from": dict(help="start from the weights in an llm.c model file (.bin, fp32 or bf16)"),
+    "output_prefix": dict(help="name stem of --write_tensors' files; default from the model (d12: gpt2_124M)"),
+    "tokenizer": dict(help="GPT-2 BPE ranks file (tiktoken format) for the samples and gpt2_tokenizer.bin; "
+                           "default $LLMPY_TIKTOKEN_FILE, else tiktoken's download"),
+}
+
+
 def parse_args(argv=None):
-    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return build_parser(__doc__, GPT2_FLAGS).parse_args(argv)
+
+
+def build_parser(description, family_flags):
+    """The reference trainers' flags; family_flags: the help and defaults of those that depend on the family."""
+    p = OneLineArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(*names, help, **kwargs):
         if kwargs.get("default") not in (None, ""):
@@ -330,15 +383,8 @@ def parse_args(argv=None):
         p.add_argument(*names, help=help, **kwargs)
 
     flag = dict(type=int, choices=(0, 1))
-    add("--input_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
-        help="training token shards (a glob pattern)")
-    add("--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
-        help='validation token shards (a glob pattern); "" disables validation')
-    add("--model", help="d12|d24|d36|d48 (GPT-2 124M..1.5B), tiny, or dLcChH like d2c64h4: seeded random init; "
-                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights from the Hugging Face hub (downloaded "
-                        "once); or a Hugging Face GPT-2 folder (config.json, model.safetensors). "
-                        "Default: d12, or what --init_from holds")
-    add("--init_from", help="start from the weights in an llm.c model file (.bin, fp32 or bf16)")
+    for name in ("input_bin", "input_val_bin", "model", "init_from"):
+        add(f"--{name}", **family_flags[name])
     add("--batch_size", "-b", type=int, default=4, help="micro-batch size B")
     add("--sequence_length", "-t", type=int, default=64, help="sequence length T")
     add("--total_batch_size", type=int, default=0,
@@ -369,11 +415,10 @@ def parse_args(argv=None):
     add("--write_tensors", **flag, default=0,
         help="write llm.c's reference files for the first batch (in float32) and exit")
     add("--write_dir", default=".", help="folder for --write_tensors' files")
-    add("--output_prefix", help="name stem of --write_tensors' files; default from the model (d12: gpt2_124M)")
+    add("--output_prefix", **family_flags["output_prefix"])
     add("--output_dir", default="", help="folder for main.log, one line a step (s:STEP trl:LOSS, s:STEP tel:LOSS)")
-    add("--tokenizer", help="GPT-2 BPE ranks file (tiktoken format) for the samples and gpt2_tokenizer.bin; "
-                            "default $LLMPY_TIKTOKEN_FILE, else tiktoken's download")
-    return p.parse_args(argv)
+    add("--tokenizer", **family_flags["tokenizer"])
+    return p
 
 
 def check_args(args):
@@ -460,20 +505,20 @@ def build_model(args):
     return model, descriptor
 
 
-def open_loader(flag, pattern, B, T, vocab_size, rank=0, world_size=1, shuffle=False):
+def open_loader(flag, pattern, B, T, vocab_size, rank=0, world_size=1, shuffle=False, hint=DATA_HINT):
     if not glob.glob(pattern):
-        raise ValueError(f"--{flag} {pattern}: no such file; {DATA_HINT}")
+        raise ValueError(f"--{flag} {pattern}: no such file; {hint}")
     return DataLoader(pattern, B, T, rank=rank, world_size=world_size, shuffle=shuffle, vocab_size=vocab_size)
 
 
-def load_encoding(ranks_file, required):
-    """tiktoken's GPT-2 encoding; None with a note if it cannot be had and is not required."""
+def load_encoding(family, ranks_file, required):
+    """The family's tiktoken encoding; None with a note if it cannot be had and is not required."""
     try:
-        return gpt2_encoding(ranks_file)
+        return family.encoding(ranks_file)
     except TokenizerError as e:
         if required:
             raise ValueError(f"--tokenizer: {e}") from None
-        print(f"note: samples are printed as token ids: no GPT-2 tokenizer ({e})")
+        print(f"note: samples are printed as token ids: no {family.name} tokenizer ({e})")
         return None
 
 
@@ -499,11 +544,29 @@ def mean_over_ranks(value, world_size, device):
     return total.item() / world_size
 
 
-def train(args):
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the training loop below needs to know of a model family; GPT2 here, LLAMA3 in train_llama3_torch.py."""
+
+    name: str  # in messages: "GPT-2"
+    build_model: object  # args -> (the nn.Module, its descriptor)
+    describe: object  # config -> its size in words, for the first line of a run
+    encoding: object  # ranks file or None -> its tiktoken encoding (TokenizerError)
+    start_token: int  # the token samples start from: the one the data puts before every document
+    file_prefix: object  # descriptor -> the name stem of --write_tensors' files
+    files: ReferenceFiles
+    data_hint: str  # how to make the default data
+
+
+GPT2 = ModelFamily("GPT-2", build_model, lambda config: f"{num_parameters(config):,} parameters (padded vocab)",
+                   gpt2_encoding, GPT2_EOT, file_prefix, GPT2_FILES, DATA_HINT)
+
+
+def train(args, family=GPT2):
     check_args(args)
     rank, world_size, device = init_ddp(pick_device(args.device))
     try:
-        train_on(args, device, rank, world_size)
+        train_on(args, device, rank, world_size, family)
     finally:
         if world_size > 1:
             # DDP's reducer lives in reference cycles: collected after the group is gone, at exit, gloo aborts the
@@ -512,41 +575,43 @@ def train(args):
             torch.distributed.destroy_process_group()
 
 
-def train_on(args, device, rank, world_size):
+def train_on(args, device, rank, world_size, family):
     """This rank's run; only rank 0 prints, logs and samples."""
     say = print if rank == 0 else lambda *_, **__: None
     B, T = args.batch_size, args.sequence_length
-    model, descriptor = build_model(args)
+    model, descriptor = family.build_model(args)
     config = model.config
     if T > config.max_seq_len:
         raise ValueError(f"--sequence_length {T} exceeds the model's max_seq_len {config.max_seq_len}")
     # llm.c's shuffled order for training, as train_gpt2.py (the reference files take the first batch of the file)
     shuffle = bool(args.shuffle) and not args.overfit_single_batch and not args.write_tensors
-    train_loader = open_loader("input_bin", args.input_bin, B, T, config.vocab_size, rank, world_size, shuffle)
+    train_loader = open_loader("input_bin", args.input_bin, B, T, config.vocab_size, rank, world_size, shuffle,
+                               family.data_hint)
     model.to(device)
 
     if args.write_tensors:
         if world_size > 1:
             raise ValueError("--write_tensors runs in one process, not under torchrun")
-        encoding = load_encoding(args.tokenizer, required=True)
+        encoding = load_encoding(family, args.tokenizer, required=True)
         x, y = (torch.from_numpy(a).long().to(device) for a in train_loader.next_batch())
-        prefix = args.output_prefix or file_prefix(descriptor)
-        write_reference_files(model, x, y, args.write_dir, prefix, descriptor, encoding)
+        prefix = args.output_prefix or family.file_prefix(descriptor)
+        write_reference_files(model, x, y, args.write_dir, prefix, descriptor, encoding, family.files)
         return
 
     torch.set_float32_matmul_precision("high" if args.tensorcores else "highest")
     amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     val_loader = None
     if args.input_val_bin and args.val_loss_every > 0:
-        val_loader = open_loader("input_val_bin", args.input_val_bin, B, T, config.vocab_size, rank, world_size)
-    encoding = load_encoding(args.tokenizer, required=False) if args.sample_every > 0 and rank == 0 else None
+        val_loader = open_loader("input_val_bin", args.input_val_bin, B, T, config.vocab_size, rank, world_size,
+                                 hint=family.data_hint)
+    encoding = load_encoding(family, args.tokenizer, required=False) if args.sample_every > 0 and rank == 0 else None
     tokens_per_micro = B * T * world_size  # one micro-batch on every rank
     if args.total_batch_size % tokens_per_micro:
         raise ValueError(f"--total_batch_size {args.total_batch_size} is not a multiple of B*T*processes = "
                          f"{B}*{T}*{world_size} = {tokens_per_micro}")
     grad_accum_steps = max(1, args.total_batch_size // tokens_per_micro)
     tokens_per_step = grad_accum_steps * tokens_per_micro
-    say(f"model {descriptor}: {num_parameters(config):,} parameters (padded vocab), device {device}, "
+    say(f"model {descriptor}: {family.describe(config)}, device {device}, "
         f"dtype {args.dtype}, B={B} T={T}, {grad_accum_steps} micro-batch(es)"
         f"{f' x {world_size} processes (DDP)' if world_size > 1 else ''} = {tokens_per_step:,} tokens a step")
     # the ranks read disjoint validation batches: --val_max_steps of them together (rounded up to a multiple)
@@ -577,7 +642,7 @@ def train_on(args, device, rank, world_size):
             log_line(f"s:{step} tel:{val_loss:.6f}")
         # and at the last step, as llm.c: so --num_iterations 0 evaluates a model with a validation loss and a sample
         if args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step) and rank == 0:
-            start = torch.full((1, 1), GPT2_EOT, dtype=torch.long, device=device)
+            start = torch.full((1, 1), family.start_token, dtype=torch.long, device=device)
             ids = generate(model, start, args.sample_length, sample_generator)[0, 1:].tolist()
             print("sample:", encoding.decode(ids) if encoding else ids)
         if last_step:
@@ -603,10 +668,10 @@ def train_on(args, device, rank, world_size):
         log.close()
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, parse=parse_args, family=GPT2):
+    args = parse(argv)
     # under torchrun every rank gets a signal and prints its own line
-    run_quietly(lambda: train(args), (formats.FormatError, ValueError, OSError))
+    run_quietly(lambda: train(args, family), (formats.FormatError, ValueError, OSError))
 
 
 if __name__ == "__main__":

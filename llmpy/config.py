@@ -100,10 +100,17 @@ def num_parameters(config):
 
 def split_params(config, flat):
     """Views of a flat parameter (or gradient) buffer, name -> tensor of param_shapes' shape."""
-    if flat.shape != (num_parameters(config),):
-        raise ValueError(f"flat buffer has shape {tuple(flat.shape)}, expected ({num_parameters(config)},)")
+    return split_flat(param_shapes(config), flat)
+
+
+def split_flat(shapes, flat):
+    """Views of a flat buffer holding tensors of these shapes (name -> shape, in order) one after another, for any
+    model family's parameter table. NumPy arrays and torch tensors alike."""
+    total = sum(math.prod(shape) for shape in shapes.values())
+    if tuple(flat.shape) != (total,):
+        raise ValueError(f"flat buffer has shape {tuple(flat.shape)}, expected ({total},)")
     views, offset = {}, 0
-    for name, shape in param_shapes(config).items():
+    for name, shape in shapes.items():
         n = math.prod(shape)
         views[name] = flat[offset:offset + n].reshape(shape)
         offset += n

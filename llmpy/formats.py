@@ -1,4 +1,4 @@
-"""llm.c's binary files, byte for byte: model, debug state, tokenizer, token shards, eval files.
+"""llm.c's binary files, byte for byte: model, debug state, tokenizer, token shards, eval files; GPT-2's and Llama 3's.
 
 Every file starts with a header of 256 little-endian int32 (1024 bytes): a magic number, a version, then sizes;
 unused slots are zero. Readers check the magic, the version and that the file is
@@ -7,12 +7,14 @@ write to a temporary file and rename it into place, so a failed write never leav
 NumPy only.
 """
 
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GPT2Config, num_parameters
+from .config import GPT2Config, num_parameters, split_flat
+from .models import llama3
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -25,6 +27,7 @@ TOKENIZER_MAGIC, TOKENIZER_VERSION = 20240328, 2
 SHARD_MAGIC_GPT2, SHARD_VERSION_GPT2 = 20240520, 1  # tokens as uint16
 SHARD_MAGIC_LLAMA3, SHARD_VERSION_LLAMA3 = 20240801, 7  # tokens as uint32
 EVAL_MAGIC, EVAL_VERSION = 20240522, 1
+LLAMA3_MAGIC = 20240803  # llm.c's train_llama3.py: its model files and its debug states alike
 
 
 class FormatError(Exception):
@@ -48,13 +51,14 @@ def _read_bytes(path, count=-1):
 
 
 def _read_header(path, data, magic, versions, kind):
-    """Checks magic and version; returns the header as an int32 array."""
+    """Checks magic and version (versions None: a kind without one, whose [1] is something else); returns the
+    header as an int32 array."""
     if len(data) < HEADER_BYTES:
         raise FormatError(path, f"truncated: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte header of a {kind} file")
     header = np.frombuffer(data, dtype="<i4", count=HEADER_INTS)
     if header[0] != magic:
         raise FormatError(path, f"bad magic {header[0]}, expected {magic}: not an llm.c {kind} file")
-    if header[1] not in versions:
+    if versions is not None and header[1] not in versions:
         raise FormatError(path, f"unsupported {kind} file version {header[1]}, expected {' or '.join(map(str, versions))}")
     return header
 
@@ -232,10 +236,14 @@ def read_debug_state(path, config):
     """An llm.c debug state file for a model of this config -> DebugState."""
     data = _read_bytes(path)
     header = _read_header(path, data, STATE_MAGIC, (STATE_VERSION,), "debug state")
-    B, T = int(header[2]), int(header[3])
+    return _read_debug_body(path, data, int(header[2]), int(header[3]), config, num_parameters(config))
+
+
+def _read_debug_body(path, data, B, T, config, n):
+    """What follows a debug state's header for a batch of (B, T): x, y, logits, loss and n gradient values."""
     if B <= 0 or T <= 0 or T > config.max_seq_len:
         raise FormatError(path, f"nonsense batch in header: B={B} T={T} (model max_seq_len {config.max_seq_len})")
-    V, n = config.vocab_size, num_parameters(config)
+    V = config.vocab_size
     _check_length(path, data, HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + n), f"debug state (B={B}, T={T}, V={V}, {n} params)")
     offset = HEADER_BYTES
 
@@ -258,12 +266,167 @@ def read_debug_state(path, config):
 
 def write_debug_state(path, config, x, y, logits, loss, grads_flat):
     B, T = x.shape
-    V, n = config.vocab_size, num_parameters(config)
+    header = _new_header(STATE_MAGIC, STATE_VERSION, B, T)
+    write_file_atomic(path, [header] + _debug_body(path, config.vocab_size, num_parameters(config), x, y, logits,
+                                                   loss, grads_flat))
+
+
+def _debug_body(path, V, n, x, y, logits, loss, grads_flat):
+    """The arrays after a debug state's header, checked against each other, the vocab V and n parameters."""
+    B, T = x.shape
     if y.shape != (B, T) or logits.shape != (B, T, V) or grads_flat.shape != (n,):
         raise ValueError(f"{path}: debug state shapes disagree: x {x.shape}, y {y.shape}, logits {logits.shape}, grads {grads_flat.shape}")
-    header = _new_header(STATE_MAGIC, STATE_VERSION, B, T)
-    write_file_atomic(path, [header, x.astype("<i4"), y.astype("<i4"), logits.astype("<f4"),
-                         np.array([loss], dtype="<f4"), grads_flat.astype("<f4")])
+    return [x.astype("<i4"), y.astype("<i4"), logits.astype("<f4"), np.array([loss], dtype="<f4"),
+            grads_flat.astype("<f4")]
+
+
+# ----------------------------------------------------------------------------- Llama 3 model and debug state
+#
+# llm.c's train_llama3.py writes a model file's header as int32: [0] 20240803, [1] 3 (fp32) or 5 (bf16),
+# [2] max_seq_len, [3] vocab_size, [4] n_layer, [5] n_head, [6] n_kv_head, [7] n_embd, [8] ffn_dim_multiplier,
+# [9] multiple_of, [10] norm_eps, [11] rope_theta, [12] use_scaled_rope, [13] max_gen_batch_size (4), [14] major
+# and [15] minor version. Being int32 slots, [8] and [10] hold the values truncated (1.3 -> 1, 1e-5 -> 0), and its
+# files always hold a separate lmhead. We write every one of those slots as llm.c does, so our files are its files
+# in every byte it writes, and after them, in slots llm.c leaves zero, what its header loses:
+#   [16] 1, the version of this extension    [17] tied_embeddings (0 or 1)
+#   [18:20] ffn_dim_multiplier, [20:22] norm_eps, [22:24] rope_theta: float64 bit patterns, two slots each (exact)
+# A file without the extension ([16] = 0, as llm.c writes them) is read as untied, with rope_theta from [11], and
+# ffn_dim_multiplier and norm_eps those of the known Llama 3 size (llmpy.models.llama3.DESCRIPTORS) whose integer
+# fields and truncated values it has; of any other size it is refused, with one line.
+# The tensors follow in llm.c's order (llmpy.models.llama3), lmhead last: a tied model writes wte there again.
+#
+# llm.c's debug state for Llama 3 has the model file's magic and no version: [1] B, [2] T; then x, y (int32,
+# (B, T)), logits (fp32, (B, T, V)), the loss (fp32), every gradient (fp32, the model file's order: a tied model's
+# wte gradient, both uses summed, stands in lmhead's place too).
+#
+# This is the layout of llm.c's master train_llama3.py, which writes it and has no reader. llm.c's C trainer
+# (train_llama3.cu, on its unmerged llama3 branch) reads another one, not handled here: a header of 256 int32 and
+# 256 float32, and GPT-2's 16 tensors with zero biases, fcw and fc2w stacked, and lmhead in wpe's place.
+
+LLAMA3_EXTENSION = 1
+_LLAMA3_VERSIONS = {"float32": MODEL_VERSION_FP32, "bfloat16": MODEL_VERSION_BF16}
+_LLAMA3_MAX_GEN_BATCH_SIZE = 4  # llm.c's [13]: the batch of its KV cache at sampling; we write what it writes
+
+
+def _llama3_exact_fields(path, config_fields, ffn_int, eps_int):
+    """ffn_dim_multiplier and norm_eps of the known size with these integer fields, for a file without our
+    extension."""
+    for known in llama3.DESCRIPTORS.values():
+        known_fields = (known.vocab_size, known.num_layers, known.num_heads, known.num_kv_heads, known.channels,
+                        known.multiple_of)
+        if known_fields == config_fields and (int(known.ffn_dim_multiplier), int(known.norm_eps)) == (ffn_int, eps_int):
+            return known.ffn_dim_multiplier, known.norm_eps
+    V, L, NH, KV, C, multiple_of = config_fields
+    raise FormatError(path, f"llm.c's int32 header truncates ffn_dim_multiplier (to {ffn_int}) and norm_eps (to "
+                            f"{eps_int}), and L={L} C={C} NH={NH} KV={KV} V={V} multiple_of={multiple_of} is not a "
+                            f"known Llama 3 size ({', '.join(llama3.DESCRIPTORS)}): the model cannot be rebuilt")
+
+
+def read_llama3_model_header(path):
+    """A Llama 3 model file's header -> (Llama3Config, its version: 3 fp32 or 5 bf16), without the weights."""
+    header = _read_header(path, _read_bytes(path, HEADER_BYTES), LLAMA3_MAGIC, tuple(_LLAMA3_VERSIONS.values()),
+                          "Llama 3 model")
+    maxT, V, L, NH, KV, C, ffn_int, multiple_of, eps_int, theta_int, scaled = (int(v) for v in header[2:13])
+    major, minor, extension = (int(v) for v in header[14:17])
+    if extension == LLAMA3_EXTENSION:
+        tied = int(header[17])
+        ffn, eps, theta = (float(v) for v in header[18:24].view("<f8"))
+        if (int(ffn), int(eps), int(theta)) != (ffn_int, eps_int, theta_int) or tied not in (0, 1):
+            raise FormatError(path, f"header disagrees with itself: ffn_dim_multiplier {ffn} in [18:20] but "
+                                    f"{ffn_int} in [8], norm_eps {eps} vs {eps_int}, rope_theta {theta} vs "
+                                    f"{theta_int}, tied {tied}")
+    elif extension == 0:
+        tied, theta = 0, float(theta_int)
+        ffn, eps = _llama3_exact_fields(path, (V, L, NH, KV, C, multiple_of), ffn_int, eps_int)
+    else:
+        raise FormatError(path, f"unknown header extension {extension} in slot [16], expected 0 (llm.c's) or "
+                                f"{LLAMA3_EXTENSION} (llm.py's)")
+    if scaled not in (0, 1):
+        raise FormatError(path, f"nonsense Llama 3 model header: use_scaled_rope={scaled}")
+    try:
+        config = llama3.Llama3Config(
+            num_layers=L, num_heads=NH, num_kv_heads=KV, channels=C, max_seq_len=maxT, vocab_size=V,
+            ffn_dim_multiplier=ffn, multiple_of=multiple_of, norm_eps=eps, rope_theta=theta,
+            use_scaled_rope=bool(scaled), tied_embeddings=bool(tied), llama_version=(major, minor))
+    except ValueError as e:
+        raise FormatError(path, f"nonsense Llama 3 model header: {e}") from None
+    return config, int(header[1])
+
+
+def _file_count(config):
+    return sum(math.prod(shape) for shape in llama3.file_shapes(config).values())
+
+
+def _untie(path, config, flat, what):
+    """The model's parameters from a file's flat buffer: a tied model's copy of wte in lmhead's place is checked
+    and dropped."""
+    if not config.tied_embeddings:
+        return flat
+    views = split_flat(llama3.file_shapes(config), flat)
+    if not np.array_equal(views["lmhead"], views["wte"]):
+        raise FormatError(path, f"the header says tied embeddings, but lmhead's {what} differ from wte's")
+    return flat[: llama3.num_parameters(config)]
+
+
+def read_llama3_model(path):
+    """A Llama 3 model file (llm.c's or ours, fp32 or bf16) -> (Llama3Config, flat float32 parameters in
+    llmpy.models.llama3's layout). The weights are read straight into their array (an 8B model is 32 GB in fp32)."""
+    config, version = read_llama3_model_header(path)
+    n, bf16 = _file_count(config), version == MODEL_VERSION_BF16
+    _check_length(path, b"", HEADER_BYTES + n * (2 if bf16 else 4), "Llama 3 model", size=os.path.getsize(path))
+    try:
+        payload = np.fromfile(path, dtype="<u2" if bf16 else "<f4", count=n, offset=HEADER_BYTES)
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror}") from None
+    flat = bfloat16_bits_to_float32(payload) if bf16 else payload
+    return config, _untie(path, config, flat, "weights")
+
+
+def _llama3_header(config, version):
+    c = config
+    header = _new_header(LLAMA3_MAGIC, version, c.max_seq_len, c.vocab_size, c.num_layers, c.num_heads,
+                         c.num_kv_heads, c.channels, int(c.ffn_dim_multiplier), c.multiple_of, int(c.norm_eps),
+                         int(c.rope_theta), int(c.use_scaled_rope), _LLAMA3_MAX_GEN_BATCH_SIZE, *c.llama_version,
+                         LLAMA3_EXTENSION, int(c.tied_embeddings))
+    header[18:24] = np.array([c.ffn_dim_multiplier, c.norm_eps, c.rope_theta], dtype="<f8").view("<i4")
+    return header
+
+
+def _with_lmhead(config, flat):
+    """The file's chunks of a flat buffer in the model's layout: a tied model's wte once more, in lmhead's place."""
+    if not config.tied_embeddings:
+        return [flat]
+    return [flat, llama3.split_params(config, flat)["wte"]]
+
+
+def write_llama3_model(path, config, flat_params, dtype="float32"):
+    """Writes flat float32 parameters (llmpy.models.llama3's layout) as a Llama 3 model file, fp32 (v3) or bf16
+    (v5), in llm.c's layout with our header extension."""
+    if dtype not in _LLAMA3_VERSIONS:
+        raise ValueError(f"model dtype must be float32 or bfloat16, not {dtype!r}")
+    flat = np.asarray(flat_params, dtype="<f4")  # little-endian, as llm.c's files: no copy on a little-endian machine
+    if flat.shape != (llama3.num_parameters(config),):
+        raise ValueError(f"{path}: parameters have shape {flat.shape}, the config needs "
+                         f"({llama3.num_parameters(config)},)")
+    payload = flat if dtype == "float32" else float32_to_bfloat16_bits(flat).astype("<u2", copy=False)
+    write_file_atomic(path, [_llama3_header(config, _LLAMA3_VERSIONS[dtype])] + _with_lmhead(config, payload))
+
+
+def read_llama3_debug_state(path, config):
+    """llm.c's Llama 3 debug state file for a model of this config -> DebugState (grads in the model's layout)."""
+    data = _read_bytes(path)
+    header = _read_header(path, data, LLAMA3_MAGIC, None, "Llama 3 debug state")
+    state = _read_debug_body(path, data, int(header[1]), int(header[2]), config, _file_count(config))
+    state.grads = _untie(path, config, state.grads, "gradients")
+    return state
+
+
+def write_llama3_debug_state(path, config, x, y, logits, loss, grads_flat):
+    """llm.c's Llama 3 debug state: one batch x, y (B, T), its logits (B, T, V) and loss, and every gradient
+    (flat, the model's layout)."""
+    B, T = x.shape
+    body = _debug_body(path, config.vocab_size, llama3.num_parameters(config), x, y, logits, loss, grads_flat)
+    write_file_atomic(path, [_new_header(LLAMA3_MAGIC, B, T)] + body[:-1] + _with_lmhead(config, body[-1]))
 
 
 # ----------------------------------------------------------------------------- tokenizer

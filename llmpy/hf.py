@@ -18,9 +18,9 @@ import os
 import numpy as np
 
 from .config import GPT2_EOT, GPT2Config, num_parameters, pad_vocab, split_params
-from .progress import progress
 from .formats import FormatError, bfloat16_bits_to_float32, read_model, write_file_atomic
-from .tokenizer import gpt2_token_bytes
+from .progress import progress
+from .tokenizer import token_bytes
 
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub, by the names people use for them
 PRETRAINED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -257,7 +257,7 @@ def hf_tokenizer_files(encoding, max_seq_len):
     vocab.json (each token's bytes shown as in _byte_to_unicode -> its id), merges.txt (the BPE merges in rank
     order, one 'left right' pair a line: the id of a merged token is its rank), and the tokenizer's config."""
     show = _byte_to_unicode()
-    by_rank = gpt2_token_bytes(encoding)[:encoding.eot_token]  # the BPE tokens' bytes; a token's id is its rank
+    by_rank = token_bytes(encoding)[:encoding.eot_token]  # the BPE tokens' bytes; a token's id is its rank
     ranks = {token: rank for rank, token in enumerate(by_rank)}
     text = {token: "".join(show[b] for b in token) for token in by_rank}
     vocab = {text[token]: ranks[token] for token in by_rank}

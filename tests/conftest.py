@@ -5,7 +5,9 @@ before triton is first imported anywhere, so it is set here, in the first confte
 
 The offline inputs (DESIGN.md §3) live in ../shared next to the repository: GPT-2's BPE ranks, which the
 tokenizer finds through $LLMPY_TIKTOKEN_FILE (set here when unset and the file is there), and the tiny
-Shakespeare text ($LLMPY_TINYSHAKESPEARE_FILE overrides). Tests that need one of them skip without it.
+Shakespeare text ($LLMPY_TINYSHAKESPEARE_FILE overrides). Llama 3's tokenizer.model comes from
+$LLMPY_LLAMA3_TOKENIZER_FILE or the llama-models package (the test extra installs it). Tests that need one of
+them skip without it.
 """
 
 import os
@@ -41,3 +43,14 @@ def tinyshakespeare_file():
     if not path.is_file():
         pytest.skip(f"no tiny Shakespeare text: set LLMPY_TINYSHAKESPEARE_FILE or put it at {_SHARED_SHAKESPEARE_FILE}")
     return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_file():
+    """Llama 3's BPE ranks (Meta's tokenizer.model, tiktoken format), where llmpy.tokenizer.llama3_encoding finds it."""
+    from llmpy.tokenizer import LLAMA3_TOKENIZER_FILE_ENV, packaged_llama3_ranks
+
+    path = os.environ.get(LLAMA3_TOKENIZER_FILE_ENV) or packaged_llama3_ranks()
+    if not path or not os.path.isfile(path):
+        pytest.skip(f"no Llama 3 tokenizer: pip install llama-models or set {LLAMA3_TOKENIZER_FILE_ENV}")
+    return Path(path)

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from llmpy.formats import write_tokenizer
-from llmpy.tokenizer import Tokenizer, TokenizerError, gpt2_encoding, gpt2_token_bytes
+from llmpy.tokenizer import Tokenizer, TokenizerError, gpt2_encoding, token_bytes
 
 # tiktoken's download URL for r50k_base; offline, tiktoken reads it from TIKTOKEN_CACHE_DIR/sha1(url)
 R50K_BASE_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -128,15 +128,15 @@ def test_importing_the_tokenizer_loads_neither_tiktoken_nor_torch():
 @pytest.fixture(scope="module")
 def tokenizer_file(encoding, tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer") / "gpt2_tokenizer.bin"
-    write_tokenizer(path, gpt2_token_bytes(encoding), encoding.eot_token)
+    write_tokenizer(path, token_bytes(encoding), encoding.eot_token)
     return path
 
 
 def test_token_bytes_are_every_tokens_bytes_in_id_order(encoding):
-    token_bytes = gpt2_token_bytes(encoding)
-    assert len(token_bytes) == 50257
-    assert token_bytes[15496] == b"Hello" and token_bytes[995] == b" world" and token_bytes[628] == b"\n\n"
-    assert token_bytes[50256] == b"<|endoftext|>"
+    every = token_bytes(encoding)
+    assert len(every) == 50257
+    assert every[15496] == b"Hello" and every[995] == b" world" and every[628] == b"\n\n"
+    assert every[50256] == b"<|endoftext|>"
 
 
 def test_tokenizer_file_decodes_like_tiktoken(encoding, tokenizer_file):

@@ -1,6 +1,7 @@
 """What the dataset scripts share: downloading, reading local documents, tokenizing, writing token shards.
 
-Every document becomes <|endoftext|> followed by its GPT-2 tokens, so the model sees where documents start.
+Every document becomes a delimiter token followed by its tokens, so the model sees where documents start, as in
+llm.c's data: GPT-2's <|endoftext|> and uint16 shards, or Llama 3's <|begin_of_text|> and uint32 shards.
 
 The long jobs (downloading, unpacking, tokenizing) show a progress bar on stderr when it is a terminal.
 """
@@ -11,6 +12,7 @@ import multiprocessing
 import os
 import sys
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
 from llmpy.config import GPT2_EOT  # noqa: E402
 from llmpy.formats import FormatError, write_shard  # noqa: E402
+from llmpy.models.llama3 import BEGIN_OF_TEXT  # noqa: E402
 from llmpy.progress import progress  # noqa: E402
 from llmpy.signals import ignore_interrupts, run_quietly  # noqa: E402
-from llmpy.tokenizer import TokenizerError, gpt2_encoding  # noqa: E402
+from llmpy.tokenizer import TokenizerError, gpt2_encoding, llama3_encode, llama3_encoding  # noqa: E402
 
 
 TOKENIZER_HELP = "GPT-2's BPE ranks file (tiktoken format); default: $LLMPY_TIKTOKEN_FILE, else tiktoken's download"
+
+
+@dataclass(frozen=True)
+class ModelTokens:
+    """How a model family's shards are made (llm.c's --model_desc): its tokenizer, the token before every document,
+    and the shards' token type."""
+
+    encoding: object  # ranks_file or None -> tiktoken.Encoding
+    encode: object  # (encoding, text) -> token ids, special tokens' text as ordinary text
+    delimiter: int
+    dtype: type
+
+
+MODEL_TOKENS = {
+    "gpt-2": ModelTokens(gpt2_encoding, lambda encoding, text: encoding.encode_ordinary(text), GPT2_EOT, np.uint16),
+    "llama-3": ModelTokens(llama3_encoding, llama3_encode, BEGIN_OF_TEXT, np.uint32),
+}
 
 
 class DataPrepError(Exception):
@@ -129,35 +149,39 @@ def _document_text(path, where, record, field):
     return record[field]
 
 
-def document_tokens(encoding, text):
-    """One document -> uint16 tokens: <|endoftext|>, then the text's BPE tokens (special tokens not parsed)."""
-    ids = encoding.encode_ordinary(text)
-    tokens = np.empty(len(ids) + 1, dtype=np.uint16)  # GPT-2's 50,257 ids fit in uint16
-    tokens[0] = GPT2_EOT
+def document_tokens(encoding, text, model_desc="gpt-2"):
+    """One document -> its shard tokens: the delimiter, then the text's BPE tokens (special tokens not parsed), as
+    uint16 (GPT-2's 50,257 ids) or uint32 (Llama 3's 128,256)."""
+    kind = MODEL_TOKENS[model_desc]
+    ids = kind.encode(encoding, text)
+    tokens = np.empty(len(ids) + 1, dtype=kind.dtype)
+    tokens[0] = kind.delimiter
     tokens[1:] = ids
     return tokens
 
 
-_worker_encoding = None  # each tokenizing process's own GPT-2 encoding
+_worker_encoding = None  # each tokenizing process's own encoding and model_desc
+_worker_model_desc = None
 
 
-def _init_worker(ranks_file):
-    global _worker_encoding
+def _init_worker(ranks_file, model_desc):
+    global _worker_encoding, _worker_model_desc
     ignore_interrupts()  # only the parent reports Ctrl-C or SIGTERM, and stops the pool
-    _worker_encoding = gpt2_encoding(ranks_file)
+    _worker_encoding, _worker_model_desc = MODEL_TOKENS[model_desc].encoding(ranks_file), model_desc
 
 
 def _worker_document_tokens(text):
-    return document_tokens(_worker_encoding, text)
+    return document_tokens(_worker_encoding, text, _worker_model_desc)
 
 
-def tokenize_documents(texts, ranks_file=None, processes=1):
-    """Yields each text's tokens (EOT first), in order; with processes > 1 tokenizes in a multiprocessing.Pool."""
-    encoding = gpt2_encoding(ranks_file)  # a missing tokenizer fails here, before any document is read
+def tokenize_documents(texts, ranks_file=None, processes=1, model_desc="gpt-2"):
+    """Yields each text's tokens (delimiter first), in order; with processes > 1 tokenizes in a multiprocessing.Pool."""
+    # a missing tokenizer fails here, before any document is read
+    encoding = MODEL_TOKENS[model_desc].encoding(ranks_file)
     if processes <= 1:
-        yield from (document_tokens(encoding, text) for text in texts)
+        yield from (document_tokens(encoding, text, model_desc) for text in texts)
         return
-    with multiprocessing.Pool(processes, initializer=_init_worker, initargs=(ranks_file,)) as pool:
+    with multiprocessing.Pool(processes, initializer=_init_worker, initargs=(ranks_file, model_desc)) as pool:
         yield from pool.imap(_worker_document_tokens, texts, chunksize=16)
 
 
