@@ -37,11 +37,12 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402 (after the environment variable above)
 
-from llmpy.config import (GPT2_EOT, config_from_descriptor, decayed_param_names, gpt2_init, is_descriptor,
-                          num_parameters, param_shapes, split_params)
+from llmpy.config import (GPT2_EOT, config_from_descriptor, gpt2_init, is_descriptor, num_parameters, param_table,
+                          split_params)
 from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_model
 from llmpy.hf import is_hf_source, load_hf
+from llmpy.params import decay_runs
 from llmpy.signals import exit_quietly
 from llmpy.tokenizer import Tokenizer
 
@@ -402,16 +403,8 @@ ADAMW_CHUNK = 1 << 17
 def adamw_chunks(config, chunk=ADAMW_CHUNK):
     """(start, end, decay) ranges over the flat buffer: runs of tensors that all get weight decay (2-D) or
     all do not, cut into chunks of at most `chunk` elements."""
-    decayed = set(decayed_param_names())
-    runs, offset = [], 0
-    for name, shape in param_shapes(config).items():
-        n, decay = math.prod(shape), name in decayed
-        if runs and runs[-1][2] == decay:
-            runs[-1][1] += n
-        else:
-            runs.append([offset, offset + n, decay])
-        offset += n
-    return [(lo, min(lo + chunk, end), decay) for start, end, decay in runs for lo in range(start, end, chunk)]
+    return [(lo, min(lo + chunk, end), decay) for start, end, decay in decay_runs(param_table(config))
+            for lo in range(start, end, chunk)]
 
 
 def adamw_update(params, grads, m, v, chunks, learning_rate, beta1, beta2, eps, weight_decay, step):

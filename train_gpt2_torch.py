@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from llmpy import formats, hf
-from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes, split_flat
+from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes
+from llmpy.params import split_flat
 from llmpy.data import DataLoader
 from llmpy.schedule import lr_at
 from llmpy.signals import run_quietly

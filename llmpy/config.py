@@ -10,7 +10,8 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
+from . import params
+from .params import ParamSpec
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 GPT2_EOT = 50256
@@ -70,27 +71,35 @@ def config_from_descriptor(descriptor):
     return GPT2Config(num_layers=layers, num_heads=heads, channels=channels)
 
 
-def param_shapes(config):
-    """The parameter tensors in llm.c's file order, name -> shape. Weight matrices are (out, in)."""
+def param_table(config):
+    """GPT-2's parameters in llm.c's file order (llmpy.params.ParamSpec): the matrices and embeddings N(0, 0.02) and
+    decayed, the residual projections (attprojw, fcprojw) N(0, 0.02/sqrt(2L)) so that the residual stream's variance
+    does not grow with depth, biases 0, layernorm gains 1. Weight matrices are (out, in)."""
     Vp, C, L, maxT = config.padded_vocab_size, config.channels, config.num_layers, config.max_seq_len
-    return {
-        "wte": (Vp, C),  # token embedding, also the LM head (tied); rows >= V are zero
-        "wpe": (maxT, C),  # position embedding
-        "ln1w": (L, C),
-        "ln1b": (L, C),
-        "qkvw": (L, 3 * C, C),
-        "qkvb": (L, 3 * C),
-        "attprojw": (L, C, C),
-        "attprojb": (L, C),
-        "ln2w": (L, C),
-        "ln2b": (L, C),
-        "fcw": (L, 4 * C, C),
-        "fcb": (L, 4 * C),
-        "fcprojw": (L, C, 4 * C),
-        "fcprojb": (L, C),
-        "lnfw": (C,),
-        "lnfb": (C,),
-    }
+    std, residual_std = 0.02, 0.02 / math.sqrt(2 * L)
+
+    def matrix(name, shape, init_std=std):  # a matmul's weight: decayed, its gradient written by the matmul
+        return ParamSpec(name, shape, decay=True, init_std=init_std, matmul_grad=True)
+
+    def vector(name, shape, init_value=0.0):  # a bias or a layernorm's gain
+        return ParamSpec(name, shape, decay=False, init_std=0.0, init_value=init_value)
+
+    return [
+        matrix("wte", (Vp, C)),  # token embedding, also the LM head (tied); rows >= V are zero
+        ParamSpec("wpe", (maxT, C), decay=True, init_std=std),  # position embedding: its gradient is the encoder's
+        vector("ln1w", (L, C), 1.0), vector("ln1b", (L, C)),
+        matrix("qkvw", (L, 3 * C, C)), vector("qkvb", (L, 3 * C)),
+        matrix("attprojw", (L, C, C), residual_std), vector("attprojb", (L, C)),
+        vector("ln2w", (L, C), 1.0), vector("ln2b", (L, C)),
+        matrix("fcw", (L, 4 * C, C)), vector("fcb", (L, 4 * C)),
+        matrix("fcprojw", (L, C, 4 * C), residual_std), vector("fcprojb", (L, C)),
+        vector("lnfw", (C,), 1.0), vector("lnfb", (C,)),
+    ]
+
+
+def param_shapes(config):
+    """The parameter tensors in llm.c's file order, name -> shape."""
+    return params.param_shapes(param_table(config))
 
 
 def num_parameters(config):
@@ -100,26 +109,12 @@ def num_parameters(config):
 
 def split_params(config, flat):
     """Views of a flat parameter (or gradient) buffer, name -> tensor of param_shapes' shape."""
-    return split_flat(param_shapes(config), flat)
-
-
-def split_flat(shapes, flat):
-    """Views of a flat buffer holding tensors of these shapes (name -> shape, in order) one after another, for any
-    model family's parameter table. NumPy arrays and torch tensors alike."""
-    total = sum(math.prod(shape) for shape in shapes.values())
-    if tuple(flat.shape) != (total,):
-        raise ValueError(f"flat buffer has shape {tuple(flat.shape)}, expected ({total},)")
-    views, offset = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        views[name] = flat[offset:offset + n].reshape(shape)
-        offset += n
-    return views
+    return params.split_flat(param_shapes(config), flat)
 
 
 def decayed_param_names():
-    """The tensors that are 2-D per layer (embeddings and matmul weights): only these get weight decay."""
-    return ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")
+    """The tensors that get weight decay (the same names at every size)."""
+    return tuple(spec.name for spec in param_table(GPT2Config()) if spec.decay)
 
 
 # llm.c names its files by parameter count: gpt2_124M.bin, gpt2_124M_debug_state.bin, ...
@@ -132,17 +127,7 @@ def file_prefix(descriptor):
 
 
 def gpt2_init(config, seed):
-    """GPT-2's initialisation as a flat float32 buffer, seeded: weights and embeddings N(0, 0.02), the residual
-    projections (attprojw, fcprojw) N(0, 0.02/sqrt(2L)) so the residual stream's variance does not grow with depth,
-    biases 0, layernorm weights 1 and biases 0, wte's padding rows 0."""
-    rng = np.random.default_rng(seed)
-    flat = np.zeros(num_parameters(config), dtype=np.float32)
-    views = split_params(config, flat)
-    residual_std = 0.02 / math.sqrt(2 * config.num_layers)
-    for name in decayed_param_names():
-        std = residual_std if name in ("attprojw", "fcprojw") else 0.02
-        views[name][...] = rng.standard_normal(views[name].shape, dtype=np.float32) * np.float32(std)
-    views["wte"][config.vocab_size:] = 0
-    for name in ("ln1w", "ln2w", "lnfw"):
-        views[name][...] = 1
+    """GPT-2's seeded initialisation as a flat float32 buffer (param_table's inits), wte's padding rows 0."""
+    flat = params.init_flat(param_table(config), seed)
+    split_params(config, flat)["wte"][config.vocab_size:] = 0
     return flat

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GPT2Config, num_parameters, split_flat
+from .config import GPT2Config, num_parameters
+from .params import split_flat
 from .models import llama3
 
 HEADER_INTS = 256

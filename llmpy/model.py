@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 from . import vendor
-from .config import gpt2_init, num_parameters, split_params
+from .config import gpt2_init, num_parameters, param_table, split_params
 from .distributed import Dist
 from .kernels import adamw, attention, bias, classifier, encoder, gelu, layernorm, norm, reduce
-
-_MATMUL_WEIGHTS = ("wte", "qkvw", "attprojw", "fcw", "fcprojw")  # their gradients come from a matmul each
 
 
 class LayerActivations(NamedTuple):
@@ -179,7 +177,7 @@ class GPT2:
         self.gelu_fusion = gelu_fusion if self.device.type == "cuda" else 0
         # zero_grad zeroes these; the matmul weights' gradients (over 99% of the buffer) are written, not
         # accumulated, by the backward that follows it
-        self._zeroed_grads = [grad for name, grad in self.g.items() if name not in _MATMUL_WEIGHTS]
+        self._zeroed_grads = [self.g[spec.name] for spec in param_table(config) if not spec.matmul_grad]
         self._write_weight_grads = False  # True from zero_grad to the next backward
         self.weight_grad_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._graphs = {}  # train_micro_batch's CUDA graphs by what they were captured for (None: not yet captured)

@@ -27,7 +27,8 @@ import torch
 import train_llama3_torch as ref
 from llmpy import formats
 from llmpy.config import config_from_descriptor as gpt2_config_from_descriptor
-from llmpy.config import gpt2_init, split_flat
+from llmpy.config import gpt2_init
+from llmpy.params import split_flat
 from llmpy.models import llama3
 from llmpy.models.llama3 import Llama3Config
 from llmpy.tokenizer import (LLAMA3_TOKENIZER_FILE_ENV, Tokenizer, TokenizerError, llama3_encode, llama3_encoding,

@@ -14,7 +14,7 @@ Values that change from step to step come from device memory, so a CUDA graph ca
 - `grad_scale`, fp32 (1,), from norm.clip_scale.
 beta1, beta2, eps and weight_decay are fixed for a run and passed as plain arguments.
 
-Which elements decay: the flat buffer is in param_shapes order, and every tensor of decayed_param_names() is one
+Which elements decay: the flat buffer is in the parameter table's order, and every tensor the table decays is one
 contiguous range of it (a tensor stacks all layers), so the decayed elements are 5 ranges for GPT-2 (wte and wpe
 are adjacent and merge). `decay_segments` builds that table once, an int64 (S, 2) device tensor of [start, end).
 Each program loads the S pairs (the same 80 bytes for every program, served from cache) and tests its offsets against
@@ -25,13 +25,12 @@ Kernel design: elementwise over the flat buffers, BLOCK = 1024 elements per prog
 param out (12 + 2 bytes in bf16): 30 bytes, each touched once, the bandwidth floor for this update.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..config import decayed_param_names, param_shapes
+from ..config import param_table
+from ..params import decay_runs
 from . import INTERPRET
 from .rounding import round_to
 
@@ -94,24 +93,15 @@ def _adamw_kernel(
 
 
 def decay_segments(config, device, start=0, stop=None):
-    """int64 (S, 2) [start, end) ranges of the flat parameter buffer that get weight decay (decayed_param_names()),
-    adjacent ranges merged. Build once per run.
+    """int64 (S, 2) [start, end) ranges of the flat parameter buffer that get weight decay (the table's decayed
+    tensors, adjacent ones merged: llmpy.params.decay_runs). Build once per run.
 
     With start/stop, the ranges are those of the slice [start, stop) of the buffer (a ZeRO-1 shard), counted from
     start and clipped to it; a range outside the slice becomes empty, so S is the same for every shard.
     """
-    decayed = set(decayed_param_names())
-    segments, offset = [], 0
-    for name, shape in param_shapes(config).items():
-        numel = math.prod(shape)
-        if name in decayed:
-            if segments and segments[-1][1] == offset:
-                segments[-1][1] = offset + numel
-            else:
-                segments.append([offset, offset + numel])
-        offset += numel
-    stop = offset if stop is None else stop
-    segments = [[min(max(a, start), stop) - start, min(max(b, start), stop) - start] for a, b in segments]
+    runs = decay_runs(param_table(config))
+    stop = runs[-1][1] if stop is None else stop
+    segments = [[min(max(a, start), stop) - start, min(max(b, start), stop) - start] for a, b, decay in runs if decay]
     return torch.tensor(segments, dtype=torch.int64, device=device)
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import split_flat
+from .. import params
+from ..params import ParamSpec, init_flat, split_flat
 
 LLAMA3_VOCAB_SIZE = 128256  # 128,000 BPE tokens + 256 special tokens; a multiple of 128, so wte has no padding rows
 BEGIN_OF_TEXT = 128000  # <|begin_of_text|>: llm.c's Llama 3 data puts it before every document; samples start with it
@@ -121,16 +122,6 @@ def file_prefix(descriptor):
     return _FILE_PREFIXES.get(descriptor, f"llama3_{descriptor}")
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter tensor: its llm.c name and shape, whether AdamW decays it, and its init."""
-
-    name: str
-    shape: tuple
-    decay: bool  # weight decay on the matrices and the embeddings (2-D per layer), not on the RMSNorm gains
-    init_std: float  # N(0, init_std) at init; 0.0 for the RMSNorm gains, which start at 1
-
-
 def _llmc_table(config):
     """Every tensor of llm.c's files, lmhead included, in their order."""
     L, C, V, H = config.num_layers, config.channels, config.vocab_size, config.ffn_hidden
@@ -139,14 +130,14 @@ def _llmc_table(config):
     std, residual_std = 0.02, 0.02 / math.sqrt(2 * L)
     return [
         ParamSpec("wte", (V, C), True, std),
-        ParamSpec("ln1w", (L, C), False, 0.0),
+        ParamSpec("ln1w", (L, C), False, 0.0, init_value=1.0),
         ParamSpec("qkvw", (L, config.qkv_channels, C), True, std),
         ParamSpec("attprojw", (L, C, C), True, residual_std),
-        ParamSpec("ln2w", (L, C), False, 0.0),
+        ParamSpec("ln2w", (L, C), False, 0.0, init_value=1.0),
         ParamSpec("fcw", (L, H, C), True, std),
         ParamSpec("fc2w", (L, H, C), True, std),
         ParamSpec("fcprojw", (L, C, H), True, residual_std),
-        ParamSpec("lnfw", (C,), False, 0.0),
+        ParamSpec("lnfw", (C,), False, 0.0, init_value=1.0),
         ParamSpec("lmhead", (V, C), True, std),
     ]
 
@@ -158,12 +149,12 @@ def param_table(config):
 
 
 def param_shapes(config):
-    return {spec.name: spec.shape for spec in param_table(config)}
+    return params.param_shapes(param_table(config))
 
 
 def file_shapes(config):
     """The tensors of an llm.c model file or debug state: lmhead always (for a tied model, a copy of wte)."""
-    return {spec.name: spec.shape for spec in _llmc_table(config)}
+    return params.param_shapes(_llmc_table(config))
 
 
 def num_parameters(config):
@@ -176,17 +167,9 @@ def split_params(config, flat):
 
 
 def init_params(config, seed):
-    """The seeded initialisation as a flat float32 buffer: each tensor N(0, its init_std) (0.02; the residual
-    projections 0.02 / sqrt(2L)), drawn in table order from one generator; the RMSNorm gains 1."""
-    rng = np.random.default_rng(seed)
-    flat = np.empty(num_parameters(config), dtype=np.float32)
-    views = split_params(config, flat)
-    for spec in param_table(config):
-        if spec.init_std:
-            views[spec.name][...] = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(spec.init_std)
-        else:
-            views[spec.name][...] = 1.0
-    return flat
+    """The seeded initialisation as a flat float32 buffer (llmpy.params.init_flat): each matrix N(0, its init_std)
+    (0.02; the residual projections 0.02 / sqrt(2L)), drawn in table order from one generator; the RMSNorm gains 1."""
+    return init_flat(param_table(config), seed)
 
 
 def rope_frequencies(config):

@@ -1,0 +1,67 @@
+"""The parameter tables (llmpy/params.py) and what derives from them, against the layouts written out by hand.
+
+GPT-2's table must give llm.c's file order and shapes, weight decay on exactly the 2-D tensors, the matmul-written
+gradients the backward relies on, and the init the trainers have always used; the derived runs of decayed ranges must
+tile the buffer.
+"""
+
+import math
+
+import numpy as np
+
+from llmpy import params
+from llmpy.config import GPT2Config, gpt2_init, num_parameters, param_table
+from llmpy.models import llama3
+from llmpy.params import ParamSpec
+
+
+def test_gpt2_table_is_llmc_layout_with_decay_on_the_2d_tensors():
+    config = GPT2Config(num_layers=3, num_heads=2, channels=8, max_seq_len=16, vocab_size=50, padded_vocab_size=64)
+    table = param_table(config)
+    L, C = 3, 8
+    assert [(s.name, s.shape) for s in table] == [
+        ("wte", (64, C)), ("wpe", (16, C)), ("ln1w", (L, C)), ("ln1b", (L, C)), ("qkvw", (L, 3 * C, C)),
+        ("qkvb", (L, 3 * C)), ("attprojw", (L, C, C)), ("attprojb", (L, C)), ("ln2w", (L, C)), ("ln2b", (L, C)),
+        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)), ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
+        ("lnfw", (C,)), ("lnfb", (C,))]
+    assert [s.name for s in table if s.decay] == ["wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"]
+    # wpe's gradient comes from the encoder's backward (added), the others' from a matmul (written)
+    assert [s.name for s in table if s.matmul_grad] == ["wte", "qkvw", "attprojw", "fcw", "fcprojw"]
+    assert num_parameters(GPT2Config()) == 124_475_904
+
+
+def test_decay_runs_tile_the_buffer_and_merge_neighbours():
+    table = [ParamSpec("a", (2, 3), True, 0.1), ParamSpec("b", (4,), True, 0.1), ParamSpec("c", (5,), False, 0.0),
+             ParamSpec("d", (1, 2), True, 0.1)]
+    assert params.decay_runs(table) == [(0, 10, True), (10, 15, False), (15, 17, True)]
+    config = GPT2Config()
+    runs = params.decay_runs(param_table(config))
+    assert runs[0][0] == 0 and runs[-1][1] == num_parameters(config)
+    assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(runs, runs[1:]))
+    assert sum(end - start for start, end, decay in runs if decay) == sum(
+        math.prod(s.shape) for s in param_table(config) if s.decay)
+
+
+def test_gpt2_init_draws_the_decayed_tensors_in_order_and_sets_the_rest():
+    """The init written out: N(0, 0.02) for wte, wpe, qkvw, fcw and N(0, 0.02/sqrt(2L)) for the residual projections,
+    drawn from one generator in file order; layernorm gains 1, biases 0, wte's padding rows 0."""
+    config = GPT2Config(num_layers=2, num_heads=2, channels=8, max_seq_len=16, vocab_size=50, padded_vocab_size=64)
+    rng = np.random.default_rng(11)
+    expected = {}
+    for spec in param_table(config):
+        if spec.name in ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"):
+            std = 0.02 / math.sqrt(4) if spec.name in ("attprojw", "fcprojw") else 0.02
+            expected[spec.name] = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
+        else:
+            expected[spec.name] = np.full(spec.shape, 1.0 if spec.name in ("ln1w", "ln2w", "lnfw") else 0.0,
+                                          np.float32)
+    expected["wte"][50:] = 0
+    np.testing.assert_array_equal(gpt2_init(config, seed=11), np.concatenate([t.ravel() for t in expected.values()]))
+
+
+def test_llama3_norm_gains_start_at_one():
+    flat = llama3.init_params(llama3.DESCRIPTORS["tiny"], seed=1)
+    views = llama3.split_params(llama3.DESCRIPTORS["tiny"], flat)
+    for name in ("ln1w", "ln2w", "lnfw"):
+        assert np.all(views[name] == 1.0), name
+    assert np.std(views["qkvw"]) > 0.01
