@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="d12", help="descriptor whose reference files to load (d12 -> gpt2_124M.*)")
     p.add_argument("--dir", default=".", help="folder holding the reference files")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=10, help="AdamW steps whose losses are compared (at most the "
+                   "reference's 10); fewer for a quick check of the first step's tensors")
     p.add_argument("--recompute", "-r", type=int, default=0, choices=[0, 1, 2])
     p.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"])
     p.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (tests)")
@@ -64,7 +66,10 @@ def parse_args(argv=None):
                    help="replay the training steps from a CUDA graph, as train_gpt2.py does")
     p.add_argument("--gelu_fusion", "-ge", type=int, default=-1, choices=[-1, 0, 1],
                    help="GELU in the fc matmul's cuBLASLt epilogue, as train_gpt2.py's -ge")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 0:
+        p.error(f"--steps must be >= 0, got {args.steps}")
+    return args
 
 
 def main(argv=None):
@@ -121,7 +126,7 @@ def main(argv=None):
     # second step on replayed from a CUDA graph unless --cuda_graphs 0)
     losses = []
     loss_sum = torch.zeros(1, dtype=torch.float32, device=args.device)
-    for step in range(1, len(reference["losses"]) + 1):
+    for step in range(1, min(args.steps, len(reference["losses"])) + 1):
         model.zero_grad()
         loss_sum.zero_()
         model.train_micro_batch(x, y, 1.0 / (B * T), loss_sum)
