@@ -219,10 +219,10 @@ def pick_device(name):
 
 
 def init_config(init):
-    """-e: the model's config, from a Hugging Face folder's config.json (a pretrained GPT-2 is downloaded first), an
-    llm.c model file's header, or a random-init descriptor."""
+    """-e: the model's config, from a Hugging Face folder's config.json (init_source resolved a pretrained name to its
+    folder), an llm.c model file's header, or a random-init descriptor."""
     if hf.is_hf_source(init):
-        return hf.read_hf_config(hf.hf_folder(init))
+        return hf.read_hf_config(init)
     if os.path.exists(init) or init.endswith(".bin"):
         return formats.read_model_header(init)[0]
     try:
@@ -451,7 +451,9 @@ def train_on(args, dist):
     device, world = dist.device, dist.world_size
     dtype = DTYPES[args.dtype]
     B, T = args.batch_size, args.sequence_length
-    config = init_config(args.init)
+    # -e resolved once: a pretrained GPT-2's name becomes its folder (downloaded, or from the cache)
+    init = hf.hf_folder(args.init) if hf.is_hf_source(args.init) else args.init
+    config = init_config(init)
     if T > config.max_seq_len:
         raise ValueError(f"-t/--sequence_length {T} is longer than the model's max_seq_len {config.max_seq_len}")
     tokens_per_micro_batch = B * T * world  # one micro-batch on every rank
@@ -495,8 +497,8 @@ def train_on(args, dist):
         sample_rng = restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags, say)
     else:
         sample_rng = Xorshift(args.seed)
-        if hf.is_hf_source(args.init):
-            model.load_weights(hf.read_hf_weights(hf.hf_folder(args.init), config))
+        if hf.is_hf_source(init):
+            model.load_weights(hf.read_hf_weights(init, config))
         elif os.path.exists(args.init) or args.init.endswith(".bin"):
             model.load_weights(formats.read_model(args.init)[1])
         else:
