@@ -43,7 +43,7 @@ from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_model
 from llmpy.hf import is_hf_source, load_hf
 from llmpy.params import decay_runs
-from llmpy.signals import exit_quietly
+from llmpy.signals import DeferredInterrupts, exit_quietly
 from llmpy.tokenizer import Tokenizer
 
 PROG = os.path.basename(sys.argv[0])
@@ -235,16 +235,25 @@ def softmax_crossentropy_backward(dlogits, targets):
 WORKER = ThreadPoolExecutor(max_workers=1)
 
 
+def in_parallel(there, here):
+    """Runs there() in the worker thread and here() in this one, at once, and returns when both are done. NumPy
+    releases the GIL in its loops, so both cores work. A Ctrl-C or SIGTERM meanwhile is raised after both, not
+    inside the wait for the worker, where it could leave the future's lock held and the worker unable to finish."""
+    with DeferredInterrupts():
+        future = WORKER.submit(there)
+        here()
+        future.result()
+
+
 def on_both_cores(layer, *arrays, **constants):
     """layer(*arrays, **constants), run as two calls at once: one on the first half of every array's rows (axis
-    0) in a worker thread, one on the second half here. NumPy releases the GIL in its loops, so the halves run
-    on both cores. Only for layers that treat rows independently and that BLAS does not already parallelise."""
+    0) in the worker thread, one on the second half here. Only for layers that treat rows independently and that
+    BLAS does not already parallelise."""
     half = len(arrays[0]) // 2
     if half == 0:
         return layer(*arrays, **constants)
-    first = WORKER.submit(layer, *(a[:half] for a in arrays), **constants)
-    layer(*(a[half:] for a in arrays), **constants)
-    first.result()
+    in_parallel(lambda: layer(*(a[:half] for a in arrays), **constants),
+                lambda: layer(*(a[half:] for a in arrays), **constants))
 
 
 class Activations:
@@ -390,9 +399,8 @@ class GPT2:
         # every other chunk in the worker thread, the rest here: NumPy releases the GIL, so both cores work
         buffers = (self.params, self.grads, self.adam_m, self.adam_v)
         hyper = (learning_rate, beta1, beta2, eps, weight_decay, step)
-        first = WORKER.submit(adamw_update, *buffers, self.adam_chunks[0::2], *hyper)
-        adamw_update(*buffers, self.adam_chunks[1::2], *hyper)
-        first.result()
+        in_parallel(lambda: adamw_update(*buffers, self.adam_chunks[0::2], *hyper),
+                    lambda: adamw_update(*buffers, self.adam_chunks[1::2], *hyper))
 
 
 # 128K floats: a chunk of params, grads, both moments and a scratch (2.5 MB) stays in or near the L2 cache, and

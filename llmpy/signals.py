@@ -1,16 +1,20 @@
 """Ctrl-C (SIGINT) and SIGTERM as normal events: one line on stderr and exit status 128 + the signal's number
 (130, 143), never a traceback. Pure Python.
 
-Two uses:
+Three uses:
 - Programs with nothing to save (the NumPy trainer, the PyTorch reference, the data scripts, the eval tool) run
   their main under `exit_quietly(prog)`, most through run_quietly, which also ends the errors a user can fix with one
   line: the first signal raises Interrupted where the program is, so `finally` blocks and `except BaseException`
   clean-ups still run (a half-written file is removed), then one line and the exit.
 - The mainline's training loop uses StopRequest: the first signal only sets a flag, which the loop reads at the end
   of a step to write a checkpoint and stop cleanly; a second signal gives up at once, with one line.
+- Under exit_quietly, a main thread that waits inside threading code (a Future's result) does so under
+  DeferredInterrupts: an exception raised by a signal handler in there can leave one of its locks held (raised
+  between a lock's acquire and the `with` block that releases it), and the executor's shutdown then waits for that
+  lock forever. Deferred, the Interrupted is raised at a point of our code.
 
-Only the main thread receives signals (Python runs handlers there), and worker processes of a multiprocessing.Pool
-should run ignore_interrupts as their initializer, so that only the parent reports a signal.
+Only the main thread receives signals (Python runs handlers there), and worker processes should run
+ignore_interrupts first, so that only the parent reports a signal.
 """
 
 import contextlib
@@ -80,12 +84,40 @@ def _ignore_signals():
 
 
 def ignore_interrupts():
-    """For a multiprocessing worker's initializer. Ctrl-C reaches the whole process group, and only the parent should
-    react to it (it stops the pool). The pool stops its workers with SIGTERM, and a forked worker inherits the
-    parent's handler (exit_quietly's, which would print the worker's own line or traceback): the default ends it
-    silently."""
+    """For a worker process, first thing. Ctrl-C reaches the whole process group, and only the parent should react
+    to it (it ends its workers). A forked worker inherits the parent's handlers (exit_quietly's, which would print
+    the worker's own line or traceback): SIGTERM's default ends it silently."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class DeferredInterrupts:
+    """Within the block the first SIGINT or SIGTERM is only noted; check() raises it as Interrupted (once), and so
+    does leaving the block normally. Use as a context manager; outside it the previous handlers are back."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {signum: signal.signal(signum, self._note) for signum in SIGNALS}
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if exc_type is None:
+            self.check()
+        return False
+
+    def _note(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def check(self):
+        signum, self.signum = self.signum, None
+        if signum is not None:
+            raise Interrupted(signum)
 
 
 class StopRequest:

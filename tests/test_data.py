@@ -389,7 +389,7 @@ def check_shards(names, shards, name, shard_size, expected):
 
 @pytest.mark.parametrize("dataset_type, name", [("classic", "fineweb"), ("edu", "edu_fineweb")])
 def test_fineweb_local_sample_is_eot_prefixed_documents_in_shards(tmp_path, encoding, dataset_type, name):
-    documents = random_documents(seed=1, count=60)
+    documents = random_documents(seed=1, count=200)  # batches of 32 go round both workers three times or more
     sample = tmp_path / "sample.jsonl"
     sample.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
     out = tmp_path / "shards"

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from llmpy import formats
+from llmpy.signals import DeferredInterrupts, Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_SCRIPTS = REPO / "dev" / "data"
@@ -209,3 +210,23 @@ def test_tinyshakespeare_while_tokenizing(tmp_path):
     assert_one_line(*interrupt(command, "tokenizing", signal.SIGTERM, "program"), "tinyshakespeare.py",
                     signal.SIGTERM)
     assert not output.exists()
+
+
+def test_deferred_interrupts_raise_only_at_a_check_or_the_blocks_end():
+    """Under DeferredInterrupts a signal is only noted (code waiting inside a lock is not interrupted there); check()
+    and the end of the block raise it as Interrupted with its number. Outside, the previous handler is back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with DeferredInterrupts() as interrupts:
+        interrupts.check()  # nothing yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one changes nothing: the first is raised
+        with pytest.raises(Interrupted) as raised:
+            interrupts.check()
+        assert raised.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+    with pytest.raises(Interrupted) as raised:
+        with DeferredInterrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached = True
+    assert reached and raised.value.signum == signal.SIGINT

@@ -7,6 +7,8 @@ The long jobs (downloading, unpacking, tokenizing) show a progress bar on stderr
 """
 
 import argparse
+import collections
+import itertools
 import json
 import multiprocessing
 import os
@@ -160,29 +162,76 @@ def document_tokens(encoding, text, model_desc="gpt-2"):
     return tokens
 
 
-_worker_encoding = None  # each tokenizing process's own encoding and model_desc
-_worker_model_desc = None
-
-
-def _init_worker(ranks_file, model_desc):
-    global _worker_encoding, _worker_model_desc
-    ignore_interrupts()  # only the parent reports Ctrl-C or SIGTERM, and stops the pool
-    _worker_encoding, _worker_model_desc = MODEL_TOKENS[model_desc].encoding(ranks_file), model_desc
-
-
-def _worker_document_tokens(text):
-    return document_tokens(_worker_encoding, text, _worker_model_desc)
-
-
 def tokenize_documents(texts, ranks_file=None, processes=1, model_desc="gpt-2"):
-    """Yields each text's tokens (delimiter first), in order; with processes > 1 tokenizes in a multiprocessing.Pool."""
+    """Yields each text's tokens (delimiter first), in order; with processes > 1 tokenizes in worker processes."""
     # a missing tokenizer fails here, before any document is read
     encoding = MODEL_TOKENS[model_desc].encoding(ranks_file)
     if processes <= 1:
         yield from (document_tokens(encoding, text, model_desc) for text in texts)
-        return
-    with multiprocessing.Pool(processes, initializer=_init_worker, initargs=(ranks_file, model_desc)) as pool:
-        yield from pool.imap(_worker_document_tokens, texts, chunksize=16)
+    else:
+        yield from _tokenize_in_processes(texts, ranks_file, processes, model_desc)
+
+
+BATCH = 32  # documents a worker process tokenizes per message
+
+
+def _tokenizing_process(connection, ranks_file, model_desc):
+    """A worker: receives batches of texts, sends back their tokens (or the exception), until it receives None."""
+    ignore_interrupts()  # only the parent reports Ctrl-C or SIGTERM, and ends the workers
+    encoding = MODEL_TOKENS[model_desc].encoding(ranks_file)
+    for texts in iter(connection.recv, None):
+        try:
+            connection.send([document_tokens(encoding, text, model_desc) for text in texts])
+        except Exception as e:
+            connection.send(e)
+
+
+def _tokenize_in_processes(texts, ranks_file, processes, model_desc):
+    """tokenize_documents over `processes` workers. Each worker has a pipe of its own and one batch at a time; the
+    batches go round the workers and their results are read back in the same order, so the tokens come out in the
+    documents' order. A worker gets its next batch as soon as its result is read, so it is always idle (reading)
+    when sent to: no send waits on a send the other way. None tells a worker to end.
+
+    Not a multiprocessing.Pool: its workers share locks with each other and the pool's threads, and a pool ended
+    while its workers are busy (Ctrl-C) can wait forever for a lock a worker holds. Here no lock is shared and the
+    workers are simply killed, on an error or a signal."""
+    batches = iter(lambda: list(itertools.islice(texts, BATCH)), [])
+    workers, pending = [], collections.deque()  # pending: (worker, its pipe) in the order their results are due
+    try:
+        for _ in range(processes):
+            ours, theirs = multiprocessing.Pipe()
+            worker = multiprocessing.Process(target=_tokenizing_process, args=(theirs, ranks_file, model_desc),
+                                             daemon=True)
+            worker.start()
+            theirs.close()
+            workers.append((worker, ours))
+        for worker, pipe in workers:
+            batch = next(batches, None)
+            if batch is not None:
+                pipe.send(batch)
+                pending.append((worker, pipe))
+        while pending:
+            worker, pipe = pending.popleft()
+            try:
+                tokens = pipe.recv()
+            except EOFError:
+                raise DataPrepError(f"a tokenizing process ended unexpectedly (exit code {worker.exitcode})") from None
+            if isinstance(tokens, Exception):
+                raise tokens
+            batch = next(batches, None)
+            if batch is not None:
+                pipe.send(batch)
+                pending.append((worker, pipe))
+            yield from tokens
+    finally:
+        for worker, pipe in workers:
+            if pending:  # ended early (an error, a signal): a worker may be busy
+                worker.kill()
+            else:  # all idle
+                pipe.send(None)
+        for worker, pipe in workers:
+            worker.join()
+            pipe.close()
 
 
 def check_no_old_shards(output_dir, name):
