@@ -84,7 +84,7 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: our kernels run on CPU tensors
     import torch
 
-    from llmpy.model import GPT2
+    from llmpy.models import gpt2
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("test_gpt2.py: no CUDA device; run with --device cpu for the Triton interpreter")
@@ -95,14 +95,14 @@ def main(argv=None):
     V = config.vocab_size
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     try:
-        model = GPT2(config, B, T, dtype=dtype, device=args.device, recompute=args.recompute,
-                     attention_impl=args.attention, cuda_graphs=bool(args.cuda_graphs),
-                     gelu_fusion=args.gelu_fusion)
+        model = gpt2.build(config, B, T, dtype=dtype, device=args.device, cuda_graphs=bool(args.cuda_graphs),
+                           recompute=args.recompute, attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
     except ValueError as e:  # e.g. --attention cudnn without the cuDNN frontend installed
         sys.exit(f"test_gpt2.py: {e}")
-    model.load_weights(weights)
+    runtime = model.runtime
+    runtime.load_weights(weights)
     print(f"[test_gpt2] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
-          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(model.cuda_graphs)} "
+          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(runtime.cuda_graphs)} "
           f"gelu_fusion={model.gelu_fusion}")
     tol_logits, tol_grads, tol_loss = TOLERANCES[args.dtype]
     x, y = torch.from_numpy(state.x), torch.from_numpy(state.y)
@@ -112,12 +112,11 @@ def main(argv=None):
     model.forward(x)
     logits = model.acts.logits.view(B, T, -1)[:, :, :V].float().cpu().numpy()
     ok &= check("logits", logits, state.logits, tol_logits)
-    model.grads.fill_(float("nan"))  # zero_grad and backward must leave nothing of what the gradients held
-    model.zero_grad()
+    runtime.grads.fill_(float("nan"))  # a step's first backward must leave nothing of what the gradients held
     model.forward(x, y)
     loss = model.acts.losses.double().mean().item()
     ok &= check("loss", np.array([loss]), np.array([state.loss]), tol_logits)
-    model.backward()
+    model.backward(first=True)
     ref_grads = split_params(config, state.grads)
     for name, grad in model.g.items():
         ok &= check(name, grad.cpu().numpy(), ref_grads[name], tol_grads)
@@ -127,12 +126,11 @@ def main(argv=None):
     losses = []
     loss_sum = torch.zeros(1, dtype=torch.float32, device=args.device)
     for step in range(1, min(args.steps, len(reference["losses"])) + 1):
-        model.zero_grad()
         loss_sum.zero_()
-        model.train_micro_batch(x, y, 1.0 / (B * T), loss_sum)
+        model.train_micro_batch(x, y, 1.0 / (B * T), loss_sum, first=True)
         losses.append(loss_sum.item())
-        model.clip_and_update(reference["learning_rate"], step, reference["beta1"], reference["beta2"],
-                              reference["eps"], reference["weight_decay"], reference["grad_clip"])
+        runtime.clip_and_update(reference["learning_rate"], step, reference["beta1"], reference["beta2"],
+                                reference["eps"], reference["weight_decay"], reference["grad_clip"])
     for step, (ours, ref) in enumerate(zip(losses, reference["losses"])):
         step_ok = abs(ours - ref) <= tol_loss
         ok &= step_ok

@@ -2,7 +2,8 @@
 
 The mainline's training program, in the shape of llm.c's train_gpt2.cu: the same flags (long names, and llm.c's
 short ones), the same loop (validation, sampling, one optimizer step of one or more micro-batches), the same log.
-The model itself is llmpy.model.GPT2; torch is only the runtime (memory, cuBLAS, cuDNN).
+The model itself is llmpy.models.gpt2.GPT2, over llmpy.runtime.Runtime (its buffers, AdamW, the ranks, CUDA
+graphs); torch is only what runs it (memory, cuBLAS, cuDNN).
 
     python dev/data/tinyshakespeare.py          # the token shards, once
     python train_gpt2.py                         # GPT-2 124M (d12) from random init on tiny Shakespeare
@@ -36,16 +37,17 @@ import numpy as np
 import torch
 
 from llmpy import checkpoint, evals, formats, hf
-from llmpy.config import config_from_descriptor, num_parameters
+from llmpy.config import config_from_descriptor, num_parameters, param_table
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
 from llmpy.kernels import INTERPRET
 from llmpy.kernels.reduce import sum_into
 from llmpy.logger import Logger
 from llmpy.mfu import flops_per_token, mfu, peak_flops
-from llmpy.model import GPT2
+from llmpy.models.gpt2 import GPT2
 from llmpy.outlier import OutlierGuard
 from llmpy.rand import Xorshift
+from llmpy.runtime import Runtime
 from llmpy.schedule import SCHEDULES, lr_at
 from llmpy.signals import StopRequest, exit_quietly, exit_status, signal_name
 from llmpy.tokenizer import Tokenizer
@@ -279,21 +281,21 @@ def train_step(model, micro_batches, lr, step, args, loss_sum, guard):
     launched before the step's one host sync, except with the outlier guard on: then it waits for the loss and norm
     to come back, as in llm.c.
     """
-    tokens = model.B * model.T * len(micro_batches) * model.dist.world_size
-    model.zero_grad()
+    runtime = model.runtime
+    tokens = model.B * model.T * len(micro_batches) * runtime.dist.world_size
     loss_sum.zero_()
-    for x, y in micro_batches:
-        model.train_micro_batch(*as_tensors(x, y), 1.0 / tokens, loss_sum)
-    model.reduce_gradients()
-    model.dist.all_reduce_sum_(loss_sum, "the loss")
+    for i, (x, y) in enumerate(micro_batches):
+        model.train_micro_batch(*as_tensors(x, y), 1.0 / tokens, loss_sum, first=i == 0)
+    runtime.reduce_gradients()
+    runtime.dist.all_reduce_sum_(loss_sum, "the loss")
 
     def update():
-        model.update(lr, step + 1, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+        runtime.update(lr, step + 1, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
 
     if not guard.active:
         update()
     # the step's one synchronisation: the loss and the squared grad norm come back to the host in one copy
-    loss, grad_norm_sq = torch.cat([loss_sum, model.grad_norm_sq]).tolist()
+    loss, grad_norm_sq = torch.cat([loss_sum, runtime.grad_norm_sq]).tolist()
     verdict = guard.check(loss, math.sqrt(grad_norm_sq))
     if guard.active and verdict[2] is None:
         update()
@@ -308,8 +310,9 @@ def validation_loss(model, loader, num_batches, loss_sum):
     for _ in range(num_batches):
         x, y = loader.next_batch()
         model.forward(*as_tensors(x, y), train=False)
-        sum_into(loss_sum, model.acts.losses, scale=1.0 / (model.B * model.T * num_batches * model.dist.world_size))
-    model.dist.all_reduce_sum_(loss_sum, "the validation loss")
+        sum_into(loss_sum, model.acts.losses,
+                 scale=1.0 / (model.B * model.T * num_batches * model.runtime.dist.world_size))
+    model.runtime.dist.all_reduce_sum_(loss_sum, "the validation loss")
     return loss_sum.item()
 
 
@@ -321,7 +324,7 @@ def hellaswag_correct(model, loader):
         return model.acts.losses.cpu().numpy()
 
     correct = evals.evaluate(loader, token_losses).correct
-    return model.dist.sum_ints([correct], "the HellaSwag counts")[0]
+    return model.runtime.dist.sum_ints([correct], "the HellaSwag counts")[0]
 
 
 def sample_softmax(logits, coin):
@@ -403,11 +406,11 @@ def restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags,
     """Sets the model, the loader, the sampling RNG and the outlier guard from the checkpoint (weights from its model
     file, the optimizer state of this rank's shard assembled from the old ranks' files, whatever their number).
     Returns the sampling RNG."""
-    dist = model.dist
+    runtime, dist = model.runtime, model.runtime.dist
     _, weights = formats.read_model(resume.model_path)
-    model.load_weights(weights)
-    model.load_optimizer_state(*checkpoint.assemble_shard(resume.states, model.config, model.shard.start,
-                                                          model.shard.stop))
+    runtime.load_weights(weights)
+    runtime.load_optimizer_state(*checkpoint.assemble_shard(resume.states, model.config, runtime.shard.start,
+                                                            runtime.shard.stop))
     old_world = len(resume.states)
     mine = resume.states[dist.rank] if dist.rank < old_world else None
     saved = (mine or resume.states[0]).extension
@@ -435,13 +438,14 @@ def restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags,
 def checkpoint_tensors(model):
     """What a checkpoint copies from the device: the flat parameters (the model file) and this rank's optimizer
     state."""
-    return model.params[:num_parameters(model.config)], model.optimizer_state()
+    return model.runtime.params[:model.runtime.num_parameters], model.runtime.optimizer_state()
 
 
 def save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags):
-    extension = {"zero_stage": model.zero_stage, "shard": [model.shard.start, model.shard.stop], "run": run_flags,
+    runtime = model.runtime
+    extension = {"zero_stage": runtime.zero_stage, "shard": [runtime.shard.start, runtime.shard.stop], "run": run_flags,
                  "loader_epoch": train_loader.epoch, "outlier": guard.state()}
-    fields = (model.dist.world_size, model.dist.rank, sample_rng.state, train_loader.state(), extension)
+    fields = (runtime.dist.world_size, runtime.dist.rank, sample_rng.state, train_loader.state(), extension)
     writer.save(step, model.config, *checkpoint_tensors(model), fields)
 
 
@@ -486,8 +490,10 @@ def train_on(args, dist):
     if device.index is not None:
         torch.cuda.set_device(device)
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
-    model = GPT2(config, B, T, dtype=dtype, device=device, recompute=args.recompute, attention_impl=args.attention,
-                 dist=dist, zero_stage=args.zero_stage, cuda_graphs=bool(args.cuda_graphs),
+    # the runtime (buffers, optimizer, ranks, graphs) from GPT-2's parameter table, and the model over it
+    runtime = Runtime(param_table(config), dtype=dtype, device=device, dist=dist, zero_stage=args.zero_stage,
+                      cuda_graphs=bool(args.cuda_graphs), deterministic=bool(args.deterministic))
+    model = GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
                  gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic))
     run_flags = {**{k: getattr(args, k) for k in RUN_FLAGS}, "total_batch_size": total_batch_size,
                  "max_steps": max_steps, "shuffle": int(shuffle)}
@@ -498,9 +504,9 @@ def train_on(args, dist):
     else:
         sample_rng = Xorshift(args.seed)
         if hf.is_hf_source(init):
-            model.load_weights(hf.read_hf_weights(init, config))
+            runtime.load_weights(hf.read_hf_weights(init, config))
         elif os.path.exists(args.init) or args.init.endswith(".bin"):
-            model.load_weights(formats.read_model(args.init)[1])
+            runtime.load_weights(formats.read_model(args.init)[1])
         else:
             model.init_weights(args.seed)
 
@@ -612,7 +618,7 @@ def train_on(args, dist):
     if writer:
         writer.close()
     if args.write_model:
-        weights = model.weights_fp32()  # under -z 1 a collective: every rank takes part
+        weights = runtime.weights_fp32()  # under -z 1 a collective: every rank takes part
         if dist.is_main:
             formats.write_model(args.write_model, config, weights, dtype="float32")
             say(f"wrote {args.write_model}")

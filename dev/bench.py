@@ -68,15 +68,15 @@ def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=Fa
     dist, zero_stage, deterministic: as train_gpt2.py's (ddp, zero1 and deterministic)."""
     import torch
 
-    from llmpy.model import GPT2
+    from llmpy.models import gpt2
     from llmpy.outlier import OutlierGuard
     from train_gpt2 import train_step
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    model = GPT2(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda",
-                 recompute=args.recompute, attention_impl=args.attention, dist=dist, zero_stage=zero_stage,
-                 cuda_graphs=bool(args.cuda_graphs), gelu_fusion=args.gelu_fusion, deterministic=deterministic)
-    model.load_weights(flat)
+    model = gpt2.build(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda", dist=dist,
+                       zero_stage=zero_stage, cuda_graphs=bool(args.cuda_graphs), deterministic=deterministic,
+                       recompute=args.recompute, attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
+    model.runtime.load_weights(flat)
     loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
     hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
     data = batches(config, args.batch_size, args.sequence_length, args.seed)

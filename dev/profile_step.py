@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
-from llmpy.model import GPT2  # noqa: E402
+from llmpy.models import gpt2  # noqa: E402
 from llmpy.outlier import OutlierGuard  # noqa: E402
 from train_gpt2 import train_step  # noqa: E402
 
@@ -42,9 +42,9 @@ def kind_of(name):
 
 def mainline_step(config, B, T, args):
     """A function running one mainline training step on fixed random batches."""
-    model = GPT2(config, B, T, recompute=args.recompute, attention_impl=args.attention,
-                 cuda_graphs=bool(args.cuda_graphs), gelu_fusion=args.gelu_fusion)
-    model.load_weights(gpt2_init(config, 0))
+    model = gpt2.build(config, B, T, cuda_graphs=bool(args.cuda_graphs), recompute=args.recompute,
+                       attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
+    model.runtime.load_weights(gpt2_init(config, 0))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
     y = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()

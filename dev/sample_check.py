@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llmpy.formats import read_model  # noqa: E402 (after the path above)
 from llmpy.inference import KVCacheGPT2, full_forward_logits  # noqa: E402
-from llmpy.model import GPT2  # noqa: E402
+from llmpy.models import gpt2  # noqa: E402
 from llmpy.sampling import FullForwardDecoder, Sampler, generate  # noqa: E402
 from sample import numpy_decoder  # noqa: E402
 
@@ -112,8 +112,8 @@ def speed(config, weights, results):
               "tokens/s", flush=True)
     new_tokens = 32
     full_length = len(PROMPT) + new_tokens
-    model = GPT2(config, 1, full_length, attention_impl="triton", gelu_fusion=0)
-    model.load_weights(weights)
+    model = gpt2.build(config, 1, full_length, attention_impl="triton", gelu_fusion=0)
+    model.runtime.load_weights(weights)
 
     def logits_at(tokens, t):
         model.forward(torch.from_numpy(tokens), train=False)

@@ -6,7 +6,7 @@ step. They never change once computed (causal attention: a token's k and v depen
 only), so here they are computed once and kept, per layer, in a cache of shape (L, B, NH, maxT, HS) in the model's
 dtype, and N new tokens cost one prefill plus N - 1 one-token steps:
 - prefill(prompt): one forward over the T0 prompt tokens of a single row, the mainline's layers as training runs them
-  (llmpy.model.layer_forward: encoder, layernorm, cuBLASLt matmuls, GELU, our causal flash attention). Each layer's
+  (llmpy.models.gpt2.layer_forward: encoder, layernorm, cuBLASLt matmuls, GELU, our causal flash attention). Each layer's
   keys and values, straight from its qkv output, are copied into positions [0, T0) of every row's cache: the B rows
   (samples) continue the same prompt. The LM head runs on the last position only.
 - decode(tokens): one new token per row, at position t (the cache's length). The same layers over B rows, with the
@@ -30,7 +30,8 @@ from . import vendor
 from .config import num_parameters, split_params
 from .kernels import attention, encoder, layernorm
 from .kernels.decode_attention import decode_attention
-from .model import GPT2, LayerActivations, layer_forward
+from .models import gpt2
+from .models.gpt2 import LayerActivations, layer_forward
 
 
 def layer_scratch(N, C, dtype, device):
@@ -150,7 +151,7 @@ class KVCacheGPT2:
 
 
 def full_forward_logits(config, weights, prompt, tokens, dtype=torch.bfloat16, device="cuda"):
-    """What the KV cache is checked against. The training model's full forward (llmpy.model.GPT2, with our attention
+    """What the KV cache is checked against. The training model's full forward (llmpy.models.gpt2.GPT2, with our attention
     and GELU kernels, as KVCacheGPT2 runs them) over the sequences that a generation of tokens (B, N) after prompt
     read, prompt + tokens[:, :-1], and the logits each new token was chosen from: (N, B, V) fp32 on the host, those
     at position len(prompt) - 1 + i for token i. A causal forward's logits at a position depend only on the tokens up
@@ -158,8 +159,8 @@ def full_forward_logits(config, weights, prompt, tokens, dtype=torch.bfloat16, d
     B, N = tokens.shape
     sequences = np.concatenate([np.tile(prompt, (B, 1)), tokens[:, :-1]], axis=1).astype(np.int32)
     T = sequences.shape[1]
-    model = GPT2(config, B, T, dtype=dtype, device=device, attention_impl="triton", gelu_fusion=0)
-    model.load_weights(weights)
+    model = gpt2.build(config, B, T, dtype=dtype, device=device, attention_impl="triton", gelu_fusion=0)
+    model.runtime.load_weights(weights)
     model.forward(torch.from_numpy(sequences), train=False)
     logits = model.acts.logits.view(B, T, -1)[:, len(prompt) - 1:, :config.vocab_size]
     return logits.float().cpu().numpy().transpose(1, 0, 2)

@@ -19,7 +19,7 @@ real_train_step = train_gpt2.train_step
 
 
 def failing_train_step(model, micro_batches, lr, step, *rest):
-    if model.dist.rank == 1 and step == 1:
+    if model.runtime.dist.rank == 1 and step == 1:
         if failure == "die":
             os._exit(3)
         time.sleep(3600)

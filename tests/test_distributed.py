@@ -43,9 +43,10 @@ import pytest
 import torch
 
 from llmpy import formats
-from llmpy.config import decayed_param_names, num_parameters, split_params
+from llmpy.config import decayed_param_names, num_parameters, param_table, split_params
 from llmpy.distributed import Dist, init_distributed
-from llmpy.model import GPT2
+from llmpy.models import gpt2
+from llmpy.runtime import Runtime
 from test_train_gpt2 import B, CONFIG, STEP_LINE, T, base_args, gpt2_init, write_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,17 +285,16 @@ def test_pytorch_reference_under_torchrun_with_ddp_matches_one_process(runs, tmp
 
 
 def train_two_steps(dtype, dist=None, zero_stage=0):
-    """A GPT2 of the test model after 2 AdamW steps on the first 2 batches of seeded random tokens."""
-    model = GPT2(CONFIG, B, T, dtype=dtype, device="cpu", dist=dist, zero_stage=zero_stage)
-    model.load_weights(gpt2_init(CONFIG, seed=1))
+    """The runtime of a GPT2 of the test model after 2 AdamW steps on the first 2 batches of seeded random tokens."""
+    model = gpt2.build(CONFIG, B, T, dtype=dtype, device="cpu", dist=dist, zero_stage=zero_stage)
+    model.runtime.load_weights(gpt2_init(CONFIG, seed=1))
     rng = np.random.default_rng(0)
     for step in range(2):
         tokens = torch.from_numpy(rng.integers(0, CONFIG.vocab_size, (B, T + 1), dtype=np.int32))
-        model.zero_grad()
         model.forward(tokens[:, :-1], tokens[:, 1:])
-        model.backward()
-        model.clip_and_update(3e-4, step + 1, weight_decay=0.1)
-    return model
+        model.backward(first=True)
+        model.runtime.clip_and_update(3e-4, step + 1, weight_decay=0.1)
+    return model.runtime
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -306,12 +306,12 @@ def test_a_world_of_one_process_is_bitwise_the_plain_path(tmp_path, dtype):
     try:
         assert dist.group is not None and dist.world_size == 1
         for zero_stage in (0, 1):
-            model = train_two_steps(dtype, dist, zero_stage)
+            runtime = train_two_steps(dtype, dist, zero_stage)
             for buffer in ("params", "master", "m", "v", "grad_norm_sq"):
-                ours, theirs = getattr(model, buffer), getattr(plain, buffer)
+                ours, theirs = getattr(runtime, buffer), getattr(plain, buffer)
                 assert (ours is None) == (theirs is None), buffer
                 assert ours is None or torch.equal(ours, theirs), f"-z {zero_stage}: {buffer}"
-            assert np.array_equal(model.weights_fp32(), plain.weights_fp32())
+            assert np.array_equal(runtime.weights_fp32(), plain.weights_fp32())
     finally:
         dist.destroy()
 
@@ -321,7 +321,7 @@ def test_zero1_shards_tile_the_buffers_and_keep_the_weight_decay_ranges(world_si
     """Under -z 1 each rank holds 1/world_size of the master weights and moments; the shards tile the padded buffer,
     each loads its slice of the weights, and its decay segments mark exactly its slice of the decayed tensors.
     The model's 134,912 parameters need padding for 3 ranks and none for 4. (Dists without a process group: the
-    shapes do not need the collectives.)"""
+    shapes do not need the collectives. The runtime alone, from GPT-2's table: no model is needed.)"""
     P = num_parameters(CONFIG)
     P_pad = -(-P // world_size) * world_size
     flat = gpt2_init(CONFIG, seed=1)
@@ -331,19 +331,19 @@ def test_zero1_shards_tile_the_buffers_and_keep_the_weight_decay_ranges(world_si
         views[name][...] = True
     covered = np.zeros(P_pad, dtype=int)
     for rank in range(world_size):
-        model = GPT2(CONFIG, B, T, dtype=torch.bfloat16, device="cpu", dist=Dist(rank=rank, world_size=world_size),
-                     zero_stage=1)
-        model.load_weights(flat)
-        shard = model.shard
-        assert model.params.numel() == model.grads.numel() == P_pad
+        runtime = Runtime(param_table(CONFIG), torch.bfloat16, "cpu", Dist(rank=rank, world_size=world_size),
+                          zero_stage=1)
+        runtime.load_weights(flat)
+        shard = runtime.shard
+        assert runtime.params.numel() == runtime.grads.numel() == P_pad
         assert shard.stop - shard.start == P_pad // world_size
-        assert model.master.numel() == model.m.numel() == model.v.numel() == P_pad // world_size
+        assert runtime.master.numel() == runtime.m.numel() == runtime.v.numel() == P_pad // world_size
         covered[shard] += 1
         expected_master = np.zeros(P_pad, dtype=np.float32)
         expected_master[:P] = flat
-        assert np.array_equal(model.master.numpy(), expected_master[shard])
+        assert np.array_equal(runtime.master.numpy(), expected_master[shard])
         mask = np.zeros(shard.stop - shard.start, dtype=bool)
-        for start, end in model.decay_segments.tolist():
+        for start, end in runtime.decay_segments.tolist():
             mask[start:end] = True
         assert np.array_equal(mask, decayed[shard]), f"rank {rank}"
     assert (covered == 1).all()

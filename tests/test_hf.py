@@ -28,7 +28,7 @@ import train_gpt2_cpu as cpu  # noqa: E402
 import train_gpt2_torch as ref  # noqa: E402
 from llmpy import formats, hf  # noqa: E402
 from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
-from llmpy.model import GPT2  # noqa: E402
+from llmpy.models import gpt2  # noqa: E402
 from llmpy.tokenizer import gpt2_encoding  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,8 +153,8 @@ def test_folder_loads_in_every_trainer_with_transformers_logits(hf_folder, token
         assert relative_error(model(x, x)[0].numpy(), expected) < 1e-5
 
     config = hf.read_hf_config(hf_folder)  # the mainline's -e (train_gpt2.py: init_config, then the weights)
-    mainline = GPT2(config, *tokens.shape, dtype=torch.float32, device="cpu", attention_impl="triton")
-    mainline.load_weights(hf.read_hf_weights(hf_folder, config))
+    mainline = gpt2.build(config, *tokens.shape, dtype=torch.float32, device="cpu", attention_impl="triton")
+    mainline.runtime.load_weights(hf.read_hf_weights(hf_folder, config))
     mainline.forward(torch.from_numpy(tokens))
     logits = mainline.acts.logits[:, :config.vocab_size].reshape(*tokens.shape, -1).numpy()
     assert relative_error(logits, expected) < 1e-5

@@ -12,7 +12,7 @@ Specifications:
 (a) decode_attention equals attention written out in float64 over [cached keys, the new key], for cache lengths 0 to
     past several blocks (the interpreter's block is 16 keys: 15, 16, 17, 40 end in partial and full blocks), writes
     the new key and value at position t of the cache and leaves every other position as it was.
-(b) KV-cache generation equals full-forward generation: the mainline's training forward (llmpy.model.GPT2) over the
+(b) KV-cache generation equals full-forward generation: the mainline's training forward (llmpy.models.gpt2.GPT2) over the
     generated sequence gives, at every step's position, the logits the cache gave at that step; and since a causal
     forward's logits at position t depend on the tokens up to t only, greedy and sampled (same seed) full-forward
     generation would choose the cache's tokens: checked by choosing from the full forward's logits. Greedy for 20

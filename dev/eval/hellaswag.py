@@ -1,7 +1,7 @@
 """HellaSwag accuracy of an llm.c model file, scored as train_gpt2.py -h 1 and llm.c score it (llmpy/evals.py).
 
 On the CPU the forward is the NumPy trainer's (train_gpt2_cpu.py, fp32); with --device cuda the mainline's
-(llmpy/model.py, in --dtype). Prints `HellaSwag: correct/examples = accuracy`, and with --verbose each example's
+(llmpy/models/gpt2.py, in --dtype). Prints `HellaSwag: correct/examples = accuracy`, and with --verbose each example's
 mean completion losses. The accuracy does not depend on -b or -t (causal attention: padding after an example
 changes nothing), only on the weights and the precision.
 
@@ -38,7 +38,7 @@ def mainline_token_losses(config, params, B, T, device, dtype):
     here, so that the NumPy path runs without it."""
     import torch
 
-    from llmpy.model import GPT2
+    from llmpy.models import gpt2
 
     if not device.startswith("cuda"):
         raise ValueError(f"--device {device}: use cpu (NumPy) or cuda, cuda:N (the mainline)")
@@ -51,8 +51,8 @@ def mainline_token_losses(config, params, B, T, device, dtype):
     if device.index is not None:
         torch.cuda.set_device(device)
     # our Triton attention, so that no cuDNN frontend is needed (the trainer's bf16 default is cuDNN's)
-    model = GPT2(config, B, T, dtype=getattr(torch, dtype), device=device, attention_impl="triton")
-    model.load_weights(params)
+    model = gpt2.build(config, B, T, dtype=getattr(torch, dtype), device=device, attention_impl="triton")
+    model.runtime.load_weights(params)
 
     def token_losses(inputs, targets):
         model.forward(torch.from_numpy(inputs), torch.from_numpy(targets), train=False)

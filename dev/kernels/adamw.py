@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmpy.config import GPT2Config, decayed_param_names, num_parameters, param_shapes, split_params
+from llmpy.config import GPT2Config, decayed_param_names, num_parameters, param_shapes, param_table, split_params
 from llmpy.kernels import adamw as mainline
 from llmpy.kernels.rounding import round_to
 
@@ -172,7 +172,7 @@ def check(small: bool) -> list[str]:
     hparams = torch.empty(3, device=dev)
     mainline.set_adamw_hparams(hparams, LR, STEP, BETA1, BETA2)
     grad_scale = torch.full((1,), GRAD_SCALE, device=dev)
-    segments = mainline.decay_segments(config, dev)
+    segments = mainline.decay_segments(param_table(config), dev)
     steps = [torch.full((), float(STEP), device=dev) for _ in range(len(param_shapes(config)))]
 
     def run_v1(params, master, grads, m, v):
@@ -213,7 +213,7 @@ def benchmark() -> list[Result]:
     hparams = torch.empty(3, device=dev)
     mainline.set_adamw_hparams(hparams, LR, STEP, BETA1, BETA2)
     grad_scale = torch.ones(1, device=dev)
-    segments = mainline.decay_segments(config, dev)
+    segments = mainline.decay_segments(param_table(config), dev)
     mask = decay_mask(config, dev)
     tensors = module_tensors(config, (params, master, grads, m, v))
     groups = fused_groups(config, master, grads, m, v)

@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import param_table
 from ..params import decay_runs
 from . import INTERPRET
 from .rounding import round_to
@@ -92,14 +91,14 @@ def _adamw_kernel(
     tl.store(params_ptr + offsets, round_to(w, params_ptr.dtype.element_ty), mask=mask)  # rounds to nearest for bf16
 
 
-def decay_segments(config, device, start=0, stop=None):
+def decay_segments(table, device, start=0, stop=None):
     """int64 (S, 2) [start, end) ranges of the flat parameter buffer that get weight decay (the table's decayed
     tensors, adjacent ones merged: llmpy.params.decay_runs). Build once per run.
 
     With start/stop, the ranges are those of the slice [start, stop) of the buffer (a ZeRO-1 shard), counted from
     start and clipped to it; a range outside the slice becomes empty, so S is the same for every shard.
     """
-    runs = decay_runs(param_table(config))
+    runs = decay_runs(table)
     stop = runs[-1][1] if stop is None else stop
     segments = [[min(max(a, start), stop) - start, min(max(b, start), stop) - start] for a, b, decay in runs if decay]
     return torch.tensor(segments, dtype=torch.int64, device=device)
@@ -126,7 +125,7 @@ def adamw_update(params, master, grads, m, v, hparams, grad_scale, beta1, beta2,
 
     params: (P,) bf16 with master fp32 (P,), or fp32 with master None (then params are updated in place).
     grads, m, v: fp32 (P,); m and v are updated in place. hparams: fp32 (3,) device tensor from set_adamw_hparams.
-    grad_scale: fp32 (1,) device tensor (1.0, or norm.clip_scale's output). segments: decay_segments(config, device).
+    grad_scale: fp32 (1,) device tensor (1.0, or norm.clip_scale's output). segments: decay_segments(table, device).
     """
     P = params.numel()
     if master is None and params.dtype != torch.float32:

@@ -18,7 +18,7 @@ every step. Layernorm's and GELU's backward reuse stage 2 (`sum_partials`) for t
 model runs every layer's stage 2 together, at the end of its backward (`PartialSums`).
 
 The value bias's gradient under cuDNN's attention needs no pass over an activation at all (`value_bias_backward`,
-the reason in llmpy.model): it is the attention projection's bias gradient times the projection's weight, a
+the reason in llmpy.models.gpt2.Attention): it is the attention projection's bias gradient times the projection's weight, a
 (C,) x (C, C) product per layer.
 """
 
@@ -248,7 +248,7 @@ def value_bias_backward(dvalue_bias, dproj_bias, proj_weight):
 
     The attention's output atty feeds the projection out = atty @ W^T + b, so datty = dout @ W and datty's column
     sums are dout's column sums, the projection's bias gradient db, times W: colsum(datty) = db @ W. Under attention,
-    colsum(datty) is also the value bias's gradient (llmpy.model says why), which makes that gradient db @ W:
+    colsum(datty) is also the value bias's gradient (llmpy.models.gpt2.Attention says why), which makes that gradient db @ W:
     (C,) x (C, C) per layer instead of a pass over the (N, C) datty. And as W does not change between the micro-batches
     of a step, the running total of db over them, times W, is the running total of the value bias's gradient.
 

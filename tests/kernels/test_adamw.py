@@ -17,7 +17,7 @@ against float64; so the reference is float64.)
 import pytest
 import torch
 
-from llmpy.config import GPT2Config, decayed_param_names, num_parameters, split_params
+from llmpy.config import GPT2Config, decayed_param_names, num_parameters, param_table, split_params
 from llmpy.kernels.adamw import adamw_update, decay_segments, set_adamw_hparams
 
 CONFIG = GPT2Config(max_seq_len=8, vocab_size=50, padded_vocab_size=64, num_layers=2, num_heads=2, channels=16)
@@ -58,7 +58,7 @@ def random_state(device, seed):
 
 
 def test_decay_segments_cover_exactly_the_decayed_tensors(device):
-    segments = decay_segments(CONFIG, device)
+    segments = decay_segments(param_table(CONFIG), device)
     offsets = torch.arange(num_parameters(CONFIG), device=device)
     from_segments = torch.zeros(num_parameters(CONFIG), device=device)
     for start, end in segments.tolist():
@@ -78,7 +78,7 @@ def test_steps_match_reference(device, mixed_precision):
         params = torch.full_like(weights, float("nan"), dtype=torch.bfloat16)
     else:
         master, params = None, weights.clone()
-    segments = decay_segments(CONFIG, device)
+    segments = decay_segments(param_table(CONFIG), device)
     hparams = torch.full((3,), float("nan"), device=device)
     grad_scale = torch.full((1,), float("nan"), device=device)
 
@@ -115,7 +115,7 @@ def test_fp32_steps_match_torch_optim_adamw(device):
             step=torch.tensor(0.0), exp_avg=m[select].clone(), exp_avg_sq=v[select].clone()
         )
     params = weights.clone()
-    segments = decay_segments(CONFIG, device)
+    segments = decay_segments(param_table(CONFIG), device)
     hparams, grad_scale = torch.empty(3, device=device), torch.empty(1, device=device)
 
     for (t, lr, scale), grads in zip(STEPS, step_grads):
@@ -137,4 +137,4 @@ def test_bf16_params_without_master_weights_are_refused(device):
     buffers = [torch.zeros(P, device=device) for _ in range(3)]
     with pytest.raises(ValueError, match="need fp32 master weights"):
         adamw_update(params, None, *buffers, torch.ones(3, device=device), torch.ones(1, device=device),
-                     BETA1, BETA2, EPS, WEIGHT_DECAY, decay_segments(CONFIG, device))
+                     BETA1, BETA2, EPS, WEIGHT_DECAY, decay_segments(param_table(CONFIG), device))

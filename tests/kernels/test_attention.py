@@ -151,7 +151,7 @@ def test_backward_sums_the_qkv_bias_gradient(device, dtype):
 
 
 def test_qkv_bias_gradient_needs_only_dq_and_dout():
-    """What the mainline's cuDNN path relies on (llmpy.model): in float64, the key bias gradient (dk's column sums) is
+    """What the mainline's cuDNN path relies on (llmpy.models.gpt2.Attention): in float64, the key bias gradient (dk's column sums) is
     zero, since the softmax ignores a shift of all of a query's scores, and the value bias gradient (dv's column
     sums) equals dout's column sums, since every row of P sums to 1; to float64 rounding (1e-12 of the sums' size)."""
     B, T, NH, HS = 2, 50, 2, 16

@@ -1,0 +1,362 @@
+"""GPT-2 on the GPU, the mainline: its activations and its forward and backward pass written out layer by layer.
+
+The model works on the views of a Runtime's flat buffers (llmpy/runtime.py: the parameters, the gradients, the
+optimizer, the CUDA graphs, the side stream; built from GPT-2's parameter table, llmpy.config.param_table), plus the
+activations of one (B, T) micro-batch, allocated once. Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor)
+or our own flash attention; every other op is one of our Triton kernels (llmpy.kernels), except the forward's GELU,
+which with gelu_fusion runs in the fc matmul's cuBLASLt epilogue.
+
+Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from .. import vendor
+from ..config import gpt2_init, param_table
+from ..kernels import attention, bias, classifier, encoder, gelu, layernorm, reduce
+from ..runtime import Runtime
+
+
+class LayerActivations(NamedTuple):
+    """What one layer's forward writes, for N rows of the residual stream: (N, C) unless said. Training passes the
+    layer's slices of Activations (kept for the backward); inference passes scratch that every layer reuses."""
+    ln1: torch.Tensor
+    ln1_mean: torch.Tensor  # fp32 (N,)
+    ln1_rstd: torch.Tensor  # fp32 (N,)
+    qkv: torch.Tensor  # (N, 3C)
+    atty: torch.Tensor  # attention output, heads side by side
+    residual2: torch.Tensor  # residual + attention projection
+    ln2: torch.Tensor
+    ln2_mean: torch.Tensor  # fp32 (N,)
+    ln2_rstd: torch.Tensor  # fp32 (N,)
+    fch: torch.Tensor  # (N, 4C) MLP hidden, before GELU
+    fch_gelu: torch.Tensor  # (N, 4C)
+    residual3: torch.Tensor  # residual2 + MLP projection: the layer's output
+
+
+def layer_forward(p, l, residual, acts, attend, gelu_fusion):
+    """Layer l of GPT-2 on N rows of the residual stream, residual (N, C): writes every tensor of acts
+    (LayerActivations), the layer's output last, into acts.residual3 (which may be residual itself: residual is last
+    read before it is written). p: the parameter views (llmpy.config.split_params). attend(l, acts): the causal
+    self-attention, from acts.qkv to acts.atty. gelu_fusion: GELU in the fc matmul's cuBLASLt epilogue (GPU only)."""
+    # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual
+    layernorm.layernorm_forward(acts.ln1, acts.ln1_mean, acts.ln1_rstd, residual, p["ln1w"][l], p["ln1b"][l])
+    vendor.matmul_forward(acts.qkv, acts.ln1, p["qkvw"][l], p["qkvb"][l])
+    attend(l, acts)
+    vendor.matmul_forward(acts.residual2, acts.atty, p["attprojw"][l], p["attprojb"][l], residual=residual)
+    # MLP: layernorm, fc, GELU, projection joining the residual
+    layernorm.layernorm_forward(acts.ln2, acts.ln2_mean, acts.ln2_rstd, acts.residual2, p["ln2w"][l], p["ln2b"][l])
+    if gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
+        vendor.matmul_gelu_forward(acts.fch_gelu, acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
+    else:
+        vendor.matmul_forward(acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
+        gelu.gelu_forward(acts.fch_gelu, acts.fch)
+    vendor.matmul_forward(acts.residual3, acts.fch_gelu, p["fcprojw"][l], p["fcprojb"][l], residual=acts.residual2)
+
+
+class Activations:
+    """The forward's saved tensors for one micro-batch, and the backward's scratch.
+
+    recompute 0 keeps everything; 1 drops the GELU output (recomputed from fch in the backward);
+    2 also drops the layernorm outputs (recomputed from the residual stream and the saved mean/rstd).
+    """
+
+    def __init__(self, config, B, T, dtype, device, recompute):
+        L, C, Vp = config.num_layers, config.channels, config.padded_vocab_size
+        N = B * T
+        act = dict(dtype=dtype, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.encoded = torch.empty(N, C, **act)  # wte[tokens] + wpe: the residual stream entering layer 0
+        self.ln1 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln1_mean, self.ln1_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
+        self.qkv = torch.empty(L, N, 3 * C, **act)
+        self.atty = torch.empty(L, N, C, **act)  # attention output (N, C), heads side by side
+        self.residual2 = torch.empty(L, N, C, **act)  # residual + attention projection
+        self.ln2 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln2_mean, self.ln2_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
+        self.fch = torch.empty(L, N, 4 * C, **act)  # MLP hidden, before GELU
+        self.fch_gelu = torch.empty(1 if recompute >= 1 else L, N, 4 * C, **act)
+        self.residual3 = torch.empty(L, N, C, **act)  # residual2 + MLP projection: the next layer's input
+        self.lnf = torch.empty(N, C, **act)
+        self.lnf_mean, self.lnf_rstd = torch.empty(N, **f32), torch.empty(N, **f32)
+        self.logits = torch.empty(N, Vp, **act)  # becomes dlogits in place in the fused classifier
+        self.losses = torch.empty(N, **f32)
+        # scratch shared by all layers
+        self.dresidual = torch.empty(N, C, **act)
+        self.dbtc = torch.empty(N, C, **act)
+        self.dfch = torch.empty(N, 4 * C, **act)
+        self.dqkv = torch.empty(N, 3 * C, **act)
+
+
+class Attention:
+    """GPT-2's causal self-attention in the training step: cuDNN's flash attention or ours (Triton, any GPU or the
+    interpreter), with what each keeps from the forward for the backward and how each gets the qkv bias's gradient
+    (dqkv's column sums):
+    - ours sums it in its backward kernels, per block of tokens, into a scratch of its own;
+    - cuDNN writes dqkv only. Of its three column blocks only dq's needs summing: sum_query_bias, beside the chain of
+      input gradients, into partial sums added up by finish_backward. Keys: a bias b on every key adds q_i . b to
+      all of query i's scores, which the softmax ignores, so the key bias's gradient is exactly zero (it stays as the
+      step's start left it). Values: sum_j dv_j = sum_j sum_i P_ij datty_i = sum_i datty_i, as every row of P sums to
+      1, and datty's column sums are the attention projection's bias gradient times its weight: finish_backward
+      computes them from that gradient, for all layers at once.
+    """
+
+    def __init__(self, impl, config, B, T, runtime):
+        L, C, NH = config.num_layers, config.channels, config.num_heads
+        f32 = dict(dtype=torch.float32, device=runtime.device)
+        self.impl, self.B, self.T, self.C, self.NH = impl, B, T, C, NH
+        self.p, self.g = runtime.p, runtime.g
+        self.lse = torch.empty(L, B, NH, T, **f32)  # each query's softmax log-sum-exp, for the backward
+        if impl == "cudnn":
+            self.query_bias = bias.PartialSums(runtime.grads, [qkvb[:C] for qkvb in self.g["qkvb"]],
+                                               bias.bias_backward_groups(B * T, C), C)
+        else:
+            self.delta = torch.empty(B, NH, T, **f32)  # rowsum(dout * out) per head, the backward's scratch
+            self.bias_scratch = attention.backward_bias_scratch(B, T, C, NH, runtime.dtype, runtime.device)
+
+    def forward(self, l, qkv, atty):
+        """Layer l: atty (N, C) from qkv (N, 3C), and the layer's lse."""
+        B, T = self.B, self.T
+        forward = vendor.cudnn_attention_forward if self.impl == "cudnn" else attention.attention_forward
+        forward(atty.view(B, T, -1), self.lse[l], qkv.view(B, T, -1), self.NH)
+
+    def backward(self, l, dqkv, datty, qkv, atty):
+        """Layer l: writes dqkv (N, 3C) from datty (N, C) and the forward's qkv and atty; ours also adds the qkv
+        bias's gradient."""
+        B, T = self.B, self.T
+        dqkv, datty, qkv, atty = (x.view(B, T, -1) for x in (dqkv, datty, qkv, atty))
+        if self.impl == "cudnn":
+            vendor.cudnn_attention_backward(dqkv, datty, qkv, atty, self.lse[l], self.NH)
+        else:
+            attention.attention_backward(dqkv, datty, qkv, atty, self.lse[l], self.NH, self.delta,
+                                         self.g["qkvb"][l], self.bias_scratch)
+
+    def sum_query_bias(self, l, dqkv):
+        """cuDNN: stage 1 of layer l's query bias gradient from dqkv (N, 3C) (ours has summed it already)."""
+        if self.impl == "cudnn":
+            bias.bias_backward(None, dqkv[:, :self.C], self.query_bias.partials[l])
+
+    def finish_backward(self):
+        """cuDNN: the query and value biases' gradients of every layer, once the attention projection's bias
+        gradient is complete."""
+        if self.impl == "cudnn":
+            self.query_bias.add_to_targets()
+            bias.value_bias_backward(self.g["qkvb"][:, 2 * self.C:], self.g["attprojb"], self.p["attprojw"])
+
+
+class GPT2:
+    def __init__(self, config, B, T, runtime, recompute=0, attention_impl="cudnn", gelu_fusion=0,
+                 deterministic=False):
+        """GPT-2 of this config for micro-batches of (B, T) tokens, on runtime's buffers (made from
+        param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" (bf16 on the GPU; else ours is
+        used) or "triton". gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on
+        Hopper and newer, where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues
+        slower. deterministic: the embedding's backward sums each token's rows in an order fixed by the tokens
+        (encoder.DeterministicEncoderBackward, from tables made on the host) instead of with float atomics."""
+        if T > config.max_seq_len:
+            raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
+        if attention_impl not in ("cudnn", "triton"):
+            raise ValueError(f"--attention must be cudnn or triton, not {attention_impl!r}")
+        if gelu_fusion not in (-1, 0, 1):
+            raise ValueError(f"-ge/--gelu_fusion must be -1, 0 or 1, not {gelu_fusion}")
+        device, dtype = runtime.device, runtime.dtype
+        if attention_impl == "cudnn" and (dtype != torch.bfloat16 or device.type != "cuda"):
+            attention_impl = "triton"  # cuDNN's flash attention is bf16 on the GPU only
+        if attention_impl == "cudnn":
+            vendor.cudnn_frontend()  # now, not at the first step: says what to install where it is missing
+        if gelu_fusion == -1:
+            gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+        self.config, self.B, self.T, self.runtime = config, B, T, runtime
+        self.recompute, self.attention_impl = recompute, attention_impl
+        self.gelu_fusion = gelu_fusion if device.type == "cuda" else 0
+        self.p, self.g = runtime.p, runtime.g
+        self.acts = Activations(config, B, T, dtype, device, recompute)
+        self.attention = Attention(attention_impl, config, B, T, runtime)
+        C, N, L, g = config.channels, B * T, config.num_layers, self.g
+        self.ordered_encoder_backward = encoder.DeterministicEncoderBackward(B, T, C, device) if deterministic else None
+        # The bias and layernorm gradients are column sums, taken in two stages (llmpy.kernels.bias): stage 1 in the
+        # kernel that writes the summed gradient, into partial sums of its own per layer, and stage 2 once, at the
+        # end of backward, for all of them (bias.PartialSums). A layernorm's slots: its weight, its bias, and the
+        # projection bias whose gradient is the residual gradient it writes (ln1: the layer below's MLP projection,
+        # none for layer 0, whose input gradient goes to the encoder; ln2: the attention projection; lnf: the last
+        # layer's MLP projection).
+        targets, self.layernorm_slots = [], {}
+
+        def add_slots(key, *grads):
+            self.layernorm_slots[key] = slice(len(targets), len(targets) + len(grads))
+            targets.extend(grads)
+
+        for l in range(L):
+            add_slots(("ln1", l), g["ln1w"][l], g["ln1b"][l], *([g["fcprojb"][l - 1]] if l > 0 else []))
+            add_slots(("ln2", l), g["ln2w"][l], g["ln2b"][l], g["attprojb"][l])
+        add_slots("lnf", g["lnfw"], g["lnfb"], g["fcprojb"][L - 1])
+        self.layernorm_sums = bias.PartialSums(runtime.grads, targets, layernorm.layernorm_backward_groups(N, C), C)
+        self.fc_bias_sums = bias.PartialSums(runtime.grads, list(g["fcb"]), bias.bias_backward_groups(N, 4 * C),
+                                             4 * C)
+        self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
+        self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
+
+    def init_weights(self, seed):
+        """GPT-2's seeded random initialisation (llmpy.config.gpt2_init)."""
+        self.runtime.load_weights(gpt2_init(self.config, seed))
+
+    # ------------------------------------------------------------------------- forward
+
+    def forward(self, inputs, targets=None, dloss=None, train=True):
+        """inputs, targets: (B, T) integer tensors (host or device). Fills acts.logits (N, Vp) and, given targets,
+        acts.losses (N,) and overwrites the logits with dlogits scaled by dloss (default 1/N), ready for backward.
+        train=False (validation) computes the losses only and leaves the logits as they are.
+        """
+        self._load_batch(inputs, targets, backward=train and targets is not None)
+        dloss = 1.0 / (self.B * self.T) if dloss is None else dloss
+        self._forward(targets is not None, dloss, train)
+
+    def _load_batch(self, inputs, targets, backward):
+        """Copies the batch into the device buffers the step reads (and a graph replays); a batch a backward will
+        follow also gets the deterministic embedding backward's tables, made on the host from the host's tokens."""
+        self.inputs.copy_(inputs, non_blocking=True)
+        if targets is not None:
+            self.targets.copy_(targets, non_blocking=True)
+        if backward and self.ordered_encoder_backward is not None:
+            self.ordered_encoder_backward.prepare(inputs)
+
+    def _forward(self, has_targets, dloss, train):
+        """The forward of the batch in self.inputs (and self.targets): no host work but launches."""
+        cfg, a, p = self.config, self.acts, self.p
+        B, T, C, L = self.B, self.T, cfg.channels, cfg.num_layers
+        encoder.encoder_forward(a.encoded.view(B, T, C), self.inputs, p["wte"], p["wpe"])
+        for l in range(L):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            layer_forward(p, l, residual, self._layer_acts(l), self._attend, self.gelu_fusion)
+        layernorm.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.residual3[L - 1], p["lnfw"], p["lnfb"])
+        vendor.matmul_forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
+        if has_targets:
+            classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,
+                                        write_dlogits=train)
+
+    def _attend(self, l, acts):
+        self.attention.forward(l, acts.qkv, acts.atty)
+
+    def train_micro_batch(self, inputs, targets, dloss, loss_sum, first):
+        """One micro-batch of a training step: forward with targets (dlogits scaled by dloss), loss_sum (fp32 (1,))
+        += dloss * the sum of the losses, then backward. first: the step's first micro-batch, whose backward starts
+        the gradients; the others add to them.
+
+        Under cuda_graphs the micro-batch, about 30 launches a layer, is replayed from a CUDA graph (runtime.replay):
+        one graph for each (dloss, loss_sum, first), as the first micro-batch launches differently (it zeroes
+        gradients and writes the matmul weights' rather than adding to them).
+        """
+        self._load_batch(inputs, targets, backward=True)
+        self.runtime.replay((dloss, loss_sum.data_ptr(), first), lambda: self._micro_batch(dloss, loss_sum, first))
+
+    def _micro_batch(self, dloss, loss_sum, first):
+        self._forward(True, dloss, train=True)
+        reduce.sum_into(loss_sum, self.acts.losses, scale=dloss)
+        self.backward(first)
+
+    def _ln1(self, l):
+        return self.acts.ln1[0 if self.recompute >= 2 else l]
+
+    def _ln2(self, l):
+        return self.acts.ln2[0 if self.recompute >= 2 else l]
+
+    def _fch_gelu(self, l):
+        return self.acts.fch_gelu[0 if self.recompute >= 1 else l]
+
+    def _layer_acts(self, l):
+        """Layer l's slices of the activations (one shared slot for the ones recomputed in the backward)."""
+        a = self.acts
+        return LayerActivations(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], a.qkv[l], a.atty[l], a.residual2[l],
+                                self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l], a.fch[l], self._fch_gelu(l), a.residual3[l])
+
+    # ------------------------------------------------------------------------- backward
+
+    def backward(self, first=False):
+        """Backpropagates the dlogits left in acts.logits by forward(targets=...) into the gradients. first: the
+        step's first backward, which starts them (runtime.start_gradients) and writes the matmul weights' gradients
+        (cuBLASLt with beta = 0); a later one adds to them.
+
+        The bias gradients (column sums of an output gradient) are summed by the kernel that writes that gradient:
+        a projection's output gradient is the residual stream's gradient, written by the next layernorm's backward;
+        fc's is written by the GELU backward; qkv's by the attention backward (Attention says how). Those kernels
+        leave partial sums, which, with the layernorms' own, are added up for all layers at once at the end
+        (__init__).
+
+        On the GPU the weight gradients' matmuls (and cuDNN's query bias sums) run on the runtime's side stream
+        (runtime.beside): the chain of input gradients, layer after layer, never waits for them. The chain waits for
+        one only before it overwrites what that one reads (fc_read etc. below). BENCHMARKS.md has what this gained.
+        """
+        cfg, a, p, g, rt = self.config, self.acts, self.p, self.g, self.runtime
+        B, T, L = self.B, self.T, cfg.num_layers
+        accumulate = not first
+        if first:
+            rt.start_gradients()
+        # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf (the encoder's gradient is added to it below)
+        vendor.matmul_backward_input(a.dbtc, a.logits, p["wte"])
+        with rt.beside():
+            vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf, accumulate)
+        # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
+        a.dresidual.zero_()
+        layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_mean,
+                                     a.lnf_rstd, self._layernorm_partials("lnf"))
+        fc_read = qkv_read = None  # the layer above's fc and qkv weight gradients, done reading dfch and dqkv
+        for l in reversed(range(L)):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            if self.recompute >= 1:  # the recomputed tensors overwrite the buffers the layer above's read
+                rt.wait_for_side_stream()
+            if self.recompute >= 2:  # the layernorm outputs are recomputed from the saved statistics
+                layernorm.layernorm_forward(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], residual,
+                                            p["ln1w"][l], p["ln1b"][l])
+                layernorm.layernorm_forward(self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l],
+                                            p["ln2w"][l], p["ln2b"][l])
+            if self.recompute >= 1:
+                gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
+            # MLP projection: dresidual flows into it unchanged (residual3 = residual2 + proj)
+            rt.wait(fc_read)
+            vendor.matmul_backward_input(a.dfch, a.dresidual, p["fcprojw"][l])
+            with rt.beside() as fcproj_read:
+                vendor.matmul_backward_weight(g["fcprojw"][l], a.dresidual, self._fch_gelu(l), accumulate)
+            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, scratch=self.fc_bias_sums.partials[l])
+            vendor.matmul_backward_input(a.dbtc, a.dfch, p["fcw"][l])
+            with rt.beside() as fc_read:
+                vendor.matmul_backward_weight(g["fcw"][l], a.dfch, self._ln2(l), accumulate)
+            rt.wait(fcproj_read)
+            layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual2[l], p["ln2w"][l],
+                                         a.ln2_mean[l], a.ln2_rstd[l], self._layernorm_partials(("ln2", l)))
+            # attention projection, attention, qkv projection
+            vendor.matmul_backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
+            with rt.beside() as attproj_read:
+                vendor.matmul_backward_weight(g["attprojw"][l], a.dresidual, a.atty[l], accumulate)
+            rt.wait(qkv_read)
+            self.attention.backward(l, a.dqkv, a.dbtc, a.qkv[l], a.atty[l])
+            vendor.matmul_backward_input(a.dbtc, a.dqkv, p["qkvw"][l])
+            with rt.beside() as qkv_read:
+                vendor.matmul_backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
+                self.attention.sum_query_bias(l, a.dqkv)
+            rt.wait(attproj_read)
+            layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, residual, p["ln1w"][l], a.ln1_mean[l],
+                                         a.ln1_rstd[l], self._layernorm_partials(("ln1", l)))
+        rt.wait_for_side_stream()  # the encoder's gradient adds to wte's
+        if self.ordered_encoder_backward is not None:
+            self.ordered_encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1))
+        else:
+            encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
+        # stage 2 of every bias and layernorm gradient (__init__); the attention's last, as cuDNN's value bias
+        # gradient is computed from the attention projection's, which the layernorm sums complete
+        self.layernorm_sums.add_to_targets()
+        self.fc_bias_sums.add_to_targets()
+        self.attention.finish_backward()
+
+    def _layernorm_partials(self, key):
+        """A layernorm's slots of partial sums (__init__): (3, G, C), or (2, G, C) for layer 0's ln1."""
+        return self.layernorm_sums.partials[self.layernorm_slots[key]]
+
+
+def build(config, B, T, dtype=torch.bfloat16, device="cuda", dist=None, zero_stage=0, cuda_graphs=False,
+          deterministic=False, **options):
+    """A GPT-2 and the runtime it trains on: the runtime's buffers from GPT-2's table, the model over them.
+    options: GPT2's (recompute, attention_impl, gelu_fusion)."""
+    runtime = Runtime(param_table(config), dtype, device, dist, zero_stage, cuda_graphs, deterministic)
+    return GPT2(config, B, T, runtime, deterministic=deterministic, **options)
