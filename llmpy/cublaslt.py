@@ -3,14 +3,14 @@
 torch's matmuls run on cuBLAS(Lt) already, but torch takes the first algorithm cuBLAS's heuristic offers and exposes
 only the bias epilogue. Called directly, cuBLASLt gives us two things:
 - the choice of algorithm. The heuristic offers up to 8 candidates per shape; we time them on the first call and keep
-  the fastest. For several of GPT-2's shapes on the H100 another candidate is 5-7% faster than the first
-  (dev/matmul_algos.py): 1.7% of the whole d36 step.
+  the fastest: for several of GPT-2's shapes another candidate beats the first (dev/matmul_algos.py; BENCHMARKS.md,
+  fourth session, and "Design measurements quoted from the code").
 - the MLP's GELU in the fc matmul. The GELU is an elementwise pass over the largest activation, fch (N, 4C): a
   separate kernel reads fch back and writes gelu(fch). cuBLASLt's GELU_AUX_BIAS epilogue applies the bias and GELU
   while the product is still in registers and writes both fch = inp @ W^T + b (to "aux": the backward needs it) and
-  gelu(fch) (to D), which saves reading fch back. (cuBLASLt also has the backward, DGELU: on the H100 its kernels run
-  at a third of the plain GEMM's speed, which loses more than the fusion saves; dev/gelu_fusion.py measures it. The
-  backward keeps a plain matmul + our GELU kernel.)
+  gelu(fch) (to D), which saves reading fch back. (cuBLASLt also has the backward, DGELU, but its kernels run far
+  slower than the plain GEMM, which loses more than the fusion saves; dev/gelu_fusion.py measures it: BENCHMARKS.md,
+  third session, "Is the MLP's GELU better inside the matmuls?". The backward keeps a plain matmul + our GELU kernel.)
 
 cuBLASLt is column-major. A row-major (R, K) matrix is the same memory as a column-major (K, R) one, so a row-major
 product out (N, OC) = X (N, K) @ Y is computed as the column-major out^T (OC, N) = Y^T @ X^T: A = Y^T, B = X^T.
@@ -174,8 +174,9 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
     strides (elements).
 
     The first call for a shape times the heuristic's candidate algorithms on its operands and keeps the fastest (the
-    first candidate is not always it: 10% slower for the d12 fc forward on the H100). That call must not be inside a
-    CUDA graph capture, where nothing can be timed; the model's first micro-batch runs eagerly, for this among others.
+    first candidate is not always it: BENCHMARKS.md, "Design measurements quoted from the code"). That call must not
+    be inside a CUDA graph capture, where nothing can be timed; the model's first micro-batch runs eagerly, for this
+    among others.
     """
     _load()
     dtype = a.dtype

@@ -11,9 +11,9 @@ and generate() alternates a decoder with a Sampler. FullForwardDecoder makes a d
 Why the sampling runs on the host, in NumPy: the same code serves both paths, so the same logits and seed give the
 same tokens on the GPU and the CPU, and the CPU path needs no torch; each step's logits must reach the host anyway,
 since the next step's input depends on them (a (V,) row a sample, 200 KB in fp32); and the model's device code
-stays free of sampling. The price is host time at every step: the rows are sampled one after the other on one core,
-measured at 0.1-0.2 ms a row of GPT-2's 50,257 logits with a temperature and top-k (2 ms with top-p but no top-k: it
-sorts the whole vocabulary; greedy is an argmax), which at many samples is of the order of the GPU's decode step.
+stays free of sampling. The price is host time at every step: the rows are sampled one after the other on one core
+(top-p without top-k costs the most: it sorts the whole vocabulary; greedy is an argmax), which at many samples is of
+the order of the GPU's decode step (BENCHMARKS.md, "GPU: generation" and "Design measurements quoted from the code").
 
 The coins are llm.c's: one float in [0, 1) a row and step from its xorshift generator (llmpy.rand.Xorshift), turned
 into a token by inverse transform sampling over the distribution in id order, as llm.c's sample_softmax. So with

@@ -3,7 +3,7 @@
 These are the two places where an expert library beats anything we would write in a day, so the mainline
 calls them directly, as functions, with no autograd: the forward and backward products are spelled out here.
 On the GPU every matmul goes to cuBLASLt directly (llmpy.cublaslt), which lets us time its candidate algorithms per
-shape instead of taking torch's one (at d36 on the H100, 1.7% of the whole step) and put the MLP's GELU in the fc
+shape instead of taking torch's one (faster at d36: BENCHMARKS.md, fourth session) and put the MLP's GELU in the fc
 matmul's epilogue. Attention goes to cuDNN through NVIDIA's cuDNN frontend (pip package nvidia-cudnn-frontend),
 which, unlike torch's cuDNN op, writes dq, dk and dv straight into the one dqkv the qkv matmul's backward reads. On
 the CPU (tests under Triton's interpreter) torch's CPU matmul stands in for cuBLAS.

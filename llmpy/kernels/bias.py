@@ -10,7 +10,7 @@ order the GPU happens to schedule programs in, so the reduction runs in two fixe
    dout is read exactly once, in wide coalesced tiles, and G * (OC / BLOCK_OC) programs keep every SM busy.
 2. `_sum_partials_kernel`: one program per block of 32 columns adds partials[0..G-1] in order to the output (+=).
    The partials are G x OC fp32, a few MB at most: small next to dout (N x OC), but with only a few wide column
-   blocks the stage was latency-bound (3 programs for OC = 768: 48 us a call, 4.8 ms of a d12 step on an H100),
+   blocks the stage was latency-bound (3 programs for OC = 768; BENCHMARKS.md, "Optimisation log", first row),
    so it takes narrow blocks: OC / 32 programs, each reading (64, 32) tiles down the groups.
 
 The result depends only on G, which `bias_backward_scratch` derives from the shapes alone, so it is the same bits
@@ -199,7 +199,7 @@ class PartialSums:
     backward's); add_to_targets() adds each slot's sum over G into targets[i], a (C,) slice of the fp32 buffer out
     (None: a slot without a target, never read). The model gives every bias and layernorm of every layer a slot of
     its own and sums them all at the end of its backward: one launch for what took one per layernorm, GELU and
-    query bias (146 a step at d36), each a few microseconds on a nearly idle GPU.
+    query bias (146 a step at d36), each a tiny launch on a nearly idle GPU (BENCHMARKS.md, seventh session).
     """
 
     def __init__(self, out, targets, G, C):

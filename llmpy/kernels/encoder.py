@@ -37,16 +37,18 @@ depends only on the tokens, as llm.c does, with the grouping by token done on th
   takes whole rows (BLOCK_C = next power of two >= C, up to 2048) and adds the segment's rows one by one, in
   increasing row order, into an fp32 accumulator: a fixed order. A segment that is its token's whole run adds its
   sum to dwte[token] (a plain load and store: it is that row's only writer); one of a split run writes it to its
-  scratch slot. (Gathering the rows as (ROWS, BLOCK_C) tiles reduced with tl.sum was no faster, and up to 8x slower
-  for some tile shapes, on an H200: most segments are one or two rows long.)
+  scratch slot. (Gathering the rows as (ROWS, BLOCK_C) tiles reduced with tl.sum was no faster, and far slower for
+  some tile shapes: most segments are one or two rows long. BENCHMARKS.md, "Design measurements quoted from the
+  code".)
 - Stage 2 (`_split_run_sums_kernel`): per split run (also a fixed grid over a count in device memory), its slots,
   consecutive in run order, are added as (SLOTS, BLOCK_C) tiles reduced once at the end (a fixed order) and the
   total is added to dwte[token]. Narrow column blocks: there are few split runs (~90 at d12), some of ~100 slots.
 - dwpe: the kernel above with its dwte atomics compiled out (DWTE=False): the same fixed per-position sum.
 A run of L > R rows takes ceil(L / R) <= 2L / (R + 1) slots, so the scratch needs at most 2N / (R + 1) rows of C
 fp32 (2016 x 768 at d12, 6 MB). Against the atomics, dout is read twice (by position for dwpe, by token for dwte) and
-there are two more launches, but no row of dwte is hit by concurrent atomics; the host's work is a few ms a
-micro-batch on one core, overlapping the GPU's work on the batch before.
+there are two more launches, but no row of dwte is hit by concurrent atomics; the host's work, once a micro-batch
+on one core, overlaps the GPU's work on the batch before (its time: BENCHMARKS.md, "Design measurements quoted
+from the code").
 Every launch has a grid fixed by the shapes and reads what varies from device memory, so __call__ can be captured in
 a CUDA graph and replayed for any batch that prepare() has loaded.
 """

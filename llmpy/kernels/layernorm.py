@@ -24,9 +24,9 @@ multiple of 16, as every GPT-2 width is).
 
 The backward runs G programs (G <= 512, from `layernorm_backward_scratch`), each over a contiguous group of rows in
 tiles of ROWS rows, with 4 warps and the tile loop software-pipelined 3 deep: the loads of the next tiles are issued
-before this tile's reductions finish. Without it each tile was a full round trip to memory: 1.9-2.2 TB/s on an H100
-where a copy reaches ~3; with it 2.4-2.6, 15-23% less time at C = 768, 1024 and 1280 (8 warps pipelined were
-slightly slower). Each tile's dinp is complete within the tile (a row's reductions are row-local), so it is read,
+before this tile's reductions finish. Without it each tile was a full round trip to memory, well short of a copy's
+bandwidth (BENCHMARKS.md, third session's last run, and "Design measurements quoted from the code"; 8 warps pipelined
+were slightly slower). Each tile's dinp is complete within the tile (a row's reductions are row-local), so it is read,
 added to and written back at once. The weight and bias gradients are summed over the group in fp32 registers and
 written as per-group partial sums to the scratch buffer; `bias.sum_partials` then adds the G partials in a fixed
 order. No atomics: the same inputs give the same bits.
