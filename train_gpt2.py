@@ -37,13 +37,14 @@ import numpy as np
 import torch
 
 from llmpy import checkpoint, evals, formats, hf
-from llmpy.config import config_from_descriptor, num_parameters, param_table
+from llmpy.config import DESCRIPTORS_HELP, config_from_descriptor, num_parameters, param_table
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
 from llmpy.kernels import INTERPRET
 from llmpy.kernels.reduce import sum_into
 from llmpy.logger import Logger
 from llmpy.mfu import flops_per_token, mfu, peak_flops
+from llmpy.models import gpt2
 from llmpy.models.gpt2 import GPT2
 from llmpy.outlier import OutlierGuard
 from llmpy.rand import Xorshift
@@ -86,7 +87,7 @@ def parse_args(argv=None):
     add("-e", "--init", default="d12",
         help="an llm.c model file (.bin, fp32 or bf16) to start from; gpt2|gpt2-medium|gpt2-large|gpt2-xl "
              "(OpenAI's weights from the Hugging Face hub, downloaded once) or a Hugging Face GPT-2 folder; or a "
-             "descriptor for GPT-2's random init with --seed: d12|d24|d36|d48 (124M..1.5B), tiny, or dLcChH")
+             f"descriptor for a random init with --seed: {DESCRIPTORS_HELP}")
     add("-b", "--batch_size", type=int, default=4, help="micro-batch size B")
     add("-t", "--sequence_length", type=int, default=1024, help="sequence length T")
     add("-d", "--total_batch_size", type=int, default=-1,
@@ -490,7 +491,9 @@ def train_on(args, dist):
     if device.index is not None:
         torch.cuda.set_device(device)
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
-    # the runtime (buffers, optimizer, ranks, graphs) from GPT-2's parameter table, and the model over it
+    # the runtime (buffers, optimizer, ranks, graphs) from GPT-2's parameter table, and the model over it; a model
+    # that cannot run is refused before anything is allocated
+    gpt2.choose_attention(config, T, args.attention, dtype, device)
     runtime = Runtime(param_table(config), dtype=dtype, device=device, dist=dist, zero_stage=args.zero_stage,
                       cuda_graphs=bool(args.cuda_graphs), deterministic=bool(args.deterministic))
     model = GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,

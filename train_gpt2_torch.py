@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from llmpy import formats, hf
-from llmpy.config import GPT2_EOT, config_from_descriptor, file_prefix, num_parameters, param_shapes
+from llmpy.config import (DESCRIPTORS_HELP, GPT2_EOT, config_from_descriptor, descriptor_of, file_prefix,
+                          num_parameters, param_shapes)
 from llmpy.params import split_flat
 from llmpy.data import DataLoader
 from llmpy.schedule import lr_at
@@ -359,7 +360,7 @@ GPT2_FLAGS = {  # the help and defaults of the flags whose meaning depends on th
                       help="training token shards (a glob pattern)"),
     "input_val_bin": dict(default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
                           help='validation token shards (a glob pattern); "" disables validation'),
-    "model": dict(help="d12|d24|d36|d48 (GPT-2 124M..1.5B), tiny, or dLcChH like d2c64h4: seeded random init; "
+    "model": dict(help=f"{DESCRIPTORS_HELP}: seeded random init; "
                        "gpt2|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights from the Hugging Face hub (downloaded "
                        "once); or a Hugging Face GPT-2 folder (config.json, model.safetensors). "
                        "Default: d12, or what --init_from holds"),
@@ -477,14 +478,6 @@ def model_config(descriptor):
         return config_from_descriptor(descriptor)
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
-
-
-def descriptor_of(config):
-    """GPT-2's descriptor (d12 ...) if the config is one of its sizes, else dLcChH."""
-    for descriptor in ("d12", "d24", "d36", "d48"):
-        if config_from_descriptor(descriptor) == config:
-            return descriptor
-    return f"d{config.num_layers}c{config.channels}h{config.num_heads}"
 
 
 def build_model(args):

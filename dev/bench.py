@@ -207,7 +207,7 @@ def worker(args):
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="d12", help="model descriptor: d12, d24, d36, d48, ...")
+    ap.add_argument("--model", default="d12", help="model descriptor: d12, d24, d36, d48, gpt3:c768, ...")
     ap.add_argument("-b", "--batch_size", type=int, default=64)
     ap.add_argument("-t", "--sequence_length", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

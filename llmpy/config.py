@@ -40,28 +40,48 @@ class GPT2Config:
 
 # GPT-2's published sizes: layers -> (channels, heads)
 _GPT2_SIZES = {12: (768, 12), 24: (1024, 16), 36: (1280, 20), 48: (1600, 25)}
+# GPT-3's sizes as llm.c names them (gpt3:cC, by channels; the GPT-3 paper's table): channels -> (layers, head size).
+# llm.c's table also lists c5140 for the 13B model, which its own check refuses (5140 is not a multiple of 128).
+# The same architecture as GPT-2 (dense attention everywhere, not GPT-3's alternating banded layers) with 2048
+# positions.
+GPT3_SIZES = {384: (6, 64), 768: (12, 64), 1024: (24, 64), 1536: (24, 96), 2048: (24, 128), 2560: (32, 80),
+              4096: (32, 128), 12288: (96, 128)}
+GPT3_MAX_SEQ_LEN = 2048
 # short names for test configs
 _ALIASES = {"tiny": "d2c64h4"}
+DESCRIPTORS_HELP = "d12, d24, d36, d48 (GPT-2), gpt3:c768 ... gpt3:c12288 (GPT-3), tiny, or dLcChH like d2c64h4"
 
 
 def _descriptor_match(descriptor):
     desc = _ALIASES.get(descriptor, descriptor)
-    m = re.fullmatch(r"d(\d+)(?:c(\d+)h(\d+))?", desc)
-    return None if m is None or (m.group(2) is None and int(m.group(1)) not in _GPT2_SIZES) else m
+    m = re.fullmatch(r"(?:gpt2:)?d(\d+)(?:c(\d+)h(\d+))?|gpt3:c(?P<gpt3>\d+)", desc)
+    if m is None or (m.group(1) is not None and m.group(2) is None and int(m.group(1)) not in _GPT2_SIZES):
+        return None
+    return m
 
 
 def is_descriptor(text):
-    """Whether text has a descriptor's form (d12, tiny, dLcChH), whatever its numbers: the trainers take a model
-    file or a descriptor in one flag, and a well-formed descriptor's error should be about its numbers."""
+    """Whether text has a descriptor's form (d12, gpt2:d12, gpt3:c768, tiny, dLcChH), whatever its numbers: the
+    trainers take a model file or a descriptor in one flag, and a well-formed descriptor's error should be about its
+    numbers."""
     return _descriptor_match(text) is not None
 
 
 def config_from_descriptor(descriptor):
-    """'d12', 'd24', 'd36', 'd48' (GPT-2 124M..1.5B) or 'dLcChH' (e.g. 'd2c64h4', alias 'tiny'). ValueError, one
-    line: what the descriptors look like, or for a well-formed one what is wrong with its numbers."""
+    """'d12', 'd24', 'd36', 'd48' (GPT-2 124M..1.5B; also as llm.c's 'gpt2:d12'), 'gpt3:c768' and the rest of
+    GPT3_SIZES, or 'dLcChH' (e.g. 'd2c64h4', alias 'tiny'). ValueError, one line: what the descriptors look like, or
+    for a well-formed one what is wrong with its numbers."""
     m = _descriptor_match(descriptor)
     if m is None:
-        raise ValueError(f"unknown model descriptor {descriptor!r}: use d12, d24, d36, d48, tiny, or dLcChH like d2c64h4")
+        raise ValueError(f"unknown model descriptor {descriptor!r}: use {DESCRIPTORS_HELP}")
+    if m.group("gpt3") is not None:
+        channels = int(m.group("gpt3"))
+        if channels not in GPT3_SIZES:
+            raise ValueError(f"model descriptor {descriptor!r}: GPT-3's sizes are gpt3:c"
+                             + ", gpt3:c".join(map(str, GPT3_SIZES)))
+        layers, head_size = GPT3_SIZES[channels]
+        return GPT2Config(max_seq_len=GPT3_MAX_SEQ_LEN, num_layers=layers, num_heads=channels // head_size,
+                          channels=channels)
     layers = int(m.group(1))
     channels, heads = (int(m.group(2)), int(m.group(3))) if m.group(2) else _GPT2_SIZES[layers]
     if layers < 1 or channels < 1 or heads < 1:
@@ -69,6 +89,14 @@ def config_from_descriptor(descriptor):
     if channels % heads:
         raise ValueError(f"model descriptor {descriptor!r}: {channels} channels are not divisible by {heads} heads")
     return GPT2Config(num_layers=layers, num_heads=heads, channels=channels)
+
+
+def descriptor_of(config):
+    """The name of a config: GPT-2's (d12 ...) or GPT-3's (gpt3:c768 ...) for one of their sizes, else dLcChH."""
+    for descriptor in [*(f"d{layers}" for layers in _GPT2_SIZES), *(f"gpt3:c{c}" for c in GPT3_SIZES)]:
+        if config_from_descriptor(descriptor) == config:
+            return descriptor
+    return f"d{config.num_layers}c{config.channels}h{config.num_heads}"
 
 
 def param_table(config):
@@ -122,7 +150,11 @@ _FILE_PREFIXES = {"d12": "gpt2_124M", "d24": "gpt2_350M", "d36": "gpt2_774M", "d
 
 
 def file_prefix(descriptor):
-    """The name stem of the files written for a model descriptor: 'd12' -> 'gpt2_124M', 'tiny' -> 'gpt2_tiny'."""
+    """The name stem of the files written for a model descriptor: 'd12' -> 'gpt2_124M', 'tiny' -> 'gpt2_tiny',
+    'gpt3:c768' -> 'gpt3_c768'."""
+    descriptor = descriptor.removeprefix("gpt2:")
+    if descriptor.startswith("gpt3:"):
+        return descriptor.replace(":", "_")
     return _FILE_PREFIXES.get(descriptor, f"gpt2_{descriptor}")
 
 

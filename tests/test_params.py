@@ -2,15 +2,17 @@
 
 GPT-2's table must give llm.c's file order and shapes, weight decay on exactly the 2-D tensors, the matmul-written
 gradients the backward relies on, and the init the trainers have always used; the derived runs of decayed ranges must
-tile the buffer.
+tile the buffer. The named sizes (descriptors) give llm.c's shapes.
 """
 
 import math
 
 import numpy as np
+import pytest
 
 from llmpy import params
-from llmpy.config import GPT2Config, gpt2_init, num_parameters, param_table
+from llmpy.config import (GPT2Config, config_from_descriptor, descriptor_of, file_prefix, gpt2_init, num_parameters,
+                          param_table)
 from llmpy.models import llama3
 from llmpy.params import ParamSpec
 
@@ -65,3 +67,32 @@ def test_llama3_norm_gains_start_at_one():
     for name in ("ln1w", "ln2w", "lnfw"):
         assert np.all(views[name] == 1.0), name
     assert np.std(views["qkvw"]) > 0.01
+
+
+# llm.c's gpt3_set_hyperparameters (train_gpt2.cu), written out: channels -> (layers, head size); every one 2048
+# positions. Its c5140 (13B) fails llm.c's own divisibility check and is not taken here either.
+LLMC_GPT3 = {384: (6, 64), 768: (12, 64), 1024: (24, 64), 1536: (24, 96), 2048: (24, 128), 2560: (32, 80),
+             4096: (32, 128), 12288: (96, 128)}
+# the GPT-3 paper's parameter counts (Table 2.1); ours differ by the padded vocab, tied embeddings and biases
+GPT3_PAPER = {768: 125e6, 1024: 350e6, 1536: 760e6, 2048: 1.3e9, 2560: 2.7e9, 4096: 6.7e9, 12288: 175e9}
+
+
+@pytest.mark.parametrize("channels", list(LLMC_GPT3))
+def test_gpt3_descriptors_are_llmcs_sizes(channels):
+    layers, head_size = LLMC_GPT3[channels]
+    config = config_from_descriptor(f"gpt3:c{channels}")
+    assert config == GPT2Config(max_seq_len=2048, num_layers=layers, num_heads=channels // head_size,
+                                channels=channels)
+    assert descriptor_of(config) == f"gpt3:c{channels}" and file_prefix(f"gpt3:c{channels}") == f"gpt3_c{channels}"
+    if channels in GPT3_PAPER:
+        assert abs(num_parameters(config) / GPT3_PAPER[channels] - 1) < 0.02
+    assert num_parameters(config_from_descriptor("gpt3:c768")) == 125_262_336  # d12's 124,475,904 + 1024 positions
+
+
+def test_gpt2_descriptors_also_take_llmcs_explicit_form_and_bad_ones_say_what_exists():
+    assert config_from_descriptor("gpt2:d24") == config_from_descriptor("d24")
+    assert descriptor_of(config_from_descriptor("d36")) == "d36" and file_prefix("gpt2:d12") == "gpt2_124M"
+    with pytest.raises(ValueError, match=r"'gpt3:c5140': GPT-3's sizes are gpt3:c384, gpt3:c768, .*gpt3:c12288$"):
+        config_from_descriptor("gpt3:c5140")
+    with pytest.raises(ValueError, match=r"unknown model descriptor 'gpt4:c1': use d12, .* gpt3:c768"):
+        config_from_descriptor("gpt4:c1")

@@ -219,6 +219,8 @@ BAD_INPUTS = [
     ("model file with a wrong magic", ["-e", "{tmp}/bad.bin"], lambda p: p.write_bytes(b"\0" * 2048),
      r"bad\.bin: bad magic 0"),
     ("unknown descriptor", ["-e", "d7x"], None, r"-e/--init d7x: no such model file, and unknown model descriptor"),
+    ("a head size our attention lacks", ["-e", "gpt3:c1536", "-s", 0], None,  # refused before any allocation
+     r"our attention .* takes head sizes 16, 32, 64, 128; this model's is 96: run it in bf16 on the GPU"),
     ("broken tokenizer", ["--tokenizer", "{tmp}/val.bin"], None, r"val\.bin: bad magic 20240520"),
     ("total batch not a multiple of B*T", ["-d", 100], None, r"-d/--total_batch_size 100 is not a multiple of B\*T"),
     ("negative learning rate", ["-l", -1], None, r"-l/--learning_rate must be positive"),

@@ -146,26 +146,38 @@ class Attention:
             bias.value_bias_backward(self.g["qkvb"][:, 2 * self.C:], self.g["attprojb"], self.p["attprojw"])
 
 
+def choose_attention(config, T, attention_impl, dtype, device):
+    """The attention that will run, "cudnn" or "triton" (cuDNN's flash attention is bf16 on the GPU only: elsewhere
+    ours runs), once the model is checked to fit it: T within the model's positions, a head size it supports.
+    ValueError, one line. Cheap: call it before allocating anything."""
+    if T > config.max_seq_len:
+        raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
+    if attention_impl not in ("cudnn", "triton"):
+        raise ValueError(f"--attention must be cudnn or triton, not {attention_impl!r}")
+    if attention_impl == "cudnn" and (dtype != torch.bfloat16 or torch.device(device).type != "cuda"):
+        attention_impl = "triton"
+    head_size = config.channels // config.num_heads
+    if attention_impl == "triton" and head_size not in attention.SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"our attention (--attention triton, and every run not in bf16 on the GPU) takes head sizes "
+                         f"{', '.join(map(str, attention.SUPPORTED_HEAD_SIZES))}; this model's is {head_size}: "
+                         f"run it in bf16 on the GPU with --attention cudnn")
+    if attention_impl == "cudnn":
+        vendor.cudnn_frontend()  # now, not at the first step: says what to install where it is missing
+    return attention_impl
+
+
 class GPT2:
     def __init__(self, config, B, T, runtime, recompute=0, attention_impl="cudnn", gelu_fusion=0,
                  deterministic=False):
         """GPT-2 of this config for micro-batches of (B, T) tokens, on runtime's buffers (made from
-        param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" (bf16 on the GPU; else ours is
-        used) or "triton". gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on
+        param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" or "triton" (choose_attention). gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on
         Hopper and newer, where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues
         slower. deterministic: the embedding's backward sums each token's rows in an order fixed by the tokens
         (encoder.DeterministicEncoderBackward, from tables made on the host) instead of with float atomics."""
-        if T > config.max_seq_len:
-            raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
-        if attention_impl not in ("cudnn", "triton"):
-            raise ValueError(f"--attention must be cudnn or triton, not {attention_impl!r}")
         if gelu_fusion not in (-1, 0, 1):
             raise ValueError(f"-ge/--gelu_fusion must be -1, 0 or 1, not {gelu_fusion}")
         device, dtype = runtime.device, runtime.dtype
-        if attention_impl == "cudnn" and (dtype != torch.bfloat16 or device.type != "cuda"):
-            attention_impl = "triton"  # cuDNN's flash attention is bf16 on the GPU only
-        if attention_impl == "cudnn":
-            vendor.cudnn_frontend()  # now, not at the first step: says what to install where it is missing
+        attention_impl = choose_attention(config, T, attention_impl, dtype, device)
         if gelu_fusion == -1:
             gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
         self.config, self.B, self.T, self.runtime = config, B, T, runtime
