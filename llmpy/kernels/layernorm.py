@@ -1,4 +1,4 @@
-"""LayerNorm over the channels of each row, forward and backward.
+"""LayerNorm and RMSNorm over the channels of each row, forward and backward.
 
 Forward, per row x of C channels:  mean = sum(x) / C,  rstd = 1 / sqrt(sum((x - mean)^2) / C + eps),
 out = (x - mean) * rstd * weight + bias. mean and rstd are kept (fp32) for the backward.
@@ -14,12 +14,26 @@ Backward, with xhat = (x - mean) * rstd and dnorm = dout * weight (all per row):
 dinp accumulates (+=) because the layernorm input is the residual stream, whose gradient also arrives straight
 through the residual connection, as in llm.c.
 
-Kernel design. A row (C <= 1600) fits in registers, so each program works on a (ROWS, BLOCK_C) tile: ROWS whole
-rows, BLOCK_C = next power of two >= C with the tail masked. Statistics are two-pass over registers (mean, then the
-centred sum of squares), so the input is read from memory once; weight and bias are loaded once per program and
-shared by its rows. ROWS is chosen so the tile holds ~4096 elements: C = 768 gives 4 rows, 65,536 rows give 16,384
-programs. The forward reads each row once and writes it once plus
-8 bytes of statistics: memory-bound, each byte touched once, in 16-byte vector accesses (Triton specializes C as a
+RMSNorm is Llama 3's norm (llmpy.models.llama3), LayerNorm without the centring and without the bias:
+  rstd = 1 / sqrt(sum(x^2) / C + eps),  out = x * rstd * weight,  only rstd (fp32) kept for the backward;
+  with xhat = x * rstd and dnorm = dout * weight:  dinp += rstd * (dnorm - xhat * mean(dnorm * xhat)),
+  dweight += sum over rows of dout * xhat.
+inp, out, dout, dinp (N, C) in the activation dtype (N = B*T, C = 2048 for Llama 3.2 1B, 4096 for Llama 3.1 8B),
+weight (C,) in the parameter dtype, rstd fp32 (N,), the backward's scratch fp32 (G, C): dweight's partials only.
+dinp accumulates as LayerNorm's does: the input is the residual stream here too. The forward computes
+x * rstd * weight in fp32 and rounds once; train_llama3_torch.py's RMSNorm (Meta's, llm.c's) rounds x * rstd to
+the activation dtype before the weight multiplies it, so in bf16 the two may differ by a rounding.
+The two norms are one forward and one backward kernel with a constexpr switch, RMS, that compiles the mean, the
+bias and their gradients away: RMSNorm shares LayerNorm's tiling, pipelining and deterministic two-stage sums
+below, and LayerNorm's compiled kernels are what they were without the switch (the same PTX for sm_90, debug line
+numbers aside).
+
+Kernel design. A row (C <= 1600 in GPT-2, 2048 to 4096 in Llama 3) fits in registers, so each program works on a
+(ROWS, BLOCK_C) tile: ROWS whole rows, BLOCK_C = next power of two >= C with the tail masked. Statistics are
+two-pass over registers (mean, then the centred sum of squares), so the input is read from memory once; weight and
+bias are loaded once per program and shared by its rows. ROWS is chosen so the tile holds ~4096 elements: C = 768
+gives 4 rows, 65,536 rows give 16,384 programs. The forward reads each row once and writes it once plus 8 bytes of
+statistics (RMSNorm: 4): memory-bound, each byte touched once, in 16-byte vector accesses (Triton specializes C as a
 multiple of 16, as every GPT-2 width is).
 
 The backward runs G programs (G <= 512, from `layernorm_backward_scratch`), each over a contiguous group of rows in
@@ -60,14 +74,15 @@ def _row_tile(C):
 @triton.jit
 def _layernorm_forward_kernel(
     out_ptr,  # (N, C) activation dtype: the normalized rows
-    mean_ptr,  # fp32 (N,)
+    mean_ptr,  # fp32 (N,) (not touched when RMS)
     rstd_ptr,  # fp32 (N,)
     inp_ptr,  # (N, C): the rows to normalize
     weight_ptr,  # (C,)
-    bias_ptr,  # (C,)
+    bias_ptr,  # (C,) (not touched when RMS)
     N,
     C,
     eps,
+    RMS: tl.constexpr,  # RMSNorm: no mean subtracted, no bias
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -80,15 +95,36 @@ def _layernorm_forward_kernel(
 
     x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
-    mean = tl.sum(x, axis=1) / C  # (ROWS,)
-    centered = tl.where(mask, x - mean[:, None], 0.0)
+    if RMS:
+        centered = x  # not centred; masked elements are already 0
+    else:
+        mean = tl.sum(x, axis=1) / C  # (ROWS,)
+        centered = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / C + eps)  # (ROWS,)
     weight = tl.load(weight_ptr + columns, mask=column_mask).to(tl.float32)
-    bias = tl.load(bias_ptr + columns, mask=column_mask).to(tl.float32)
-    out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+    if RMS:
+        out = centered * rstd[:, None] * weight[None, :]
+    else:
+        bias = tl.load(bias_ptr + columns, mask=column_mask).to(tl.float32)
+        out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
     tl.store(out_ptr + offsets, round_to(out, out_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    if not RMS:
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+def _forward(out, mean, rstd, inp, weight, bias, eps):
+    """layernorm_forward's and, with mean and bias None, rmsnorm_forward's launch."""
+    C = inp.shape[-1]
+    N = inp.numel() // C
+    rms = mean is None
+    assert inp.is_contiguous() and out.is_contiguous() and rstd.numel() == N and (rms or mean.numel() == N)
+    rows, block_c, num_warps = _row_tile(C)
+    _layernorm_forward_kernel[(triton.cdiv(N, rows),)](
+        # RMSNorm never touches mean_ptr or bias_ptr: rstd and weight are placeholders
+        out, rstd if rms else mean, rstd, inp, weight, weight if rms else bias, N, C, eps,
+        RMS=rms, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+    )
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
@@ -97,30 +133,32 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
     All row tensors contiguous; inp and out in the activation dtype (bf16 or fp32), weight and bias in the
     parameter dtype.
     """
-    C = inp.shape[-1]
-    N = inp.numel() // C
-    assert inp.is_contiguous() and out.is_contiguous() and mean.numel() == N and rstd.numel() == N
-    rows, block_c, num_warps = _row_tile(C)
-    _layernorm_forward_kernel[(triton.cdiv(N, rows),)](
-        out, mean, rstd, inp, weight, bias, N, C, eps, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    _forward(out, mean, rstd, inp, weight, bias, eps)
+
+
+def rmsnorm_forward(out, rstd, inp, weight, eps=1e-5):
+    """out (N, C) = inp (N, C) * rstd * weight (C,), rstd = 1 / sqrt(mean(inp^2) + eps) per row; rstd fp32 (N,)
+    written for the backward. Tensors as layernorm_forward's."""
+    _forward(out, None, rstd, inp, weight, None, eps)
 
 
 @triton.jit
 def _layernorm_backward_kernel(
     dinp_ptr,  # (N, C) activation dtype: dinp += the layernorm's input gradient
-    partials_ptr,  # fp32 (3, G, C): out, [0, g] = group g's sum of dout * xhat, [1, g] = its sum of dout,
-    #                [2, g] = its sum of the updated dinp (written only when SUM_DINP)
+    partials_ptr,  # fp32 (3, G, C): out, [0, g] = group g's sum of dout * xhat, [1, g] = its sum of dout
+    #                (not written when RMS: the partials are then (G, C)), [2, g] = its sum of the updated dinp
+    #                (written only when SUM_DINP)
     dout_ptr,  # (N, C)
     inp_ptr,  # (N, C): the forward's input
     weight_ptr,  # (C,)
-    mean_ptr,  # fp32 (N,)
+    mean_ptr,  # fp32 (N,) (not touched when RMS)
     rstd_ptr,  # fp32 (N,)
     N,
     C,
     G,
     rows_per_group,  # ceil(N / G)
     SUM_DINP: tl.constexpr,
+    RMS: tl.constexpr,  # RMSNorm: no mean subtracted, no bias gradient
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -144,24 +182,34 @@ def _layernorm_backward_kernel(
         # masked elements load as 0, so they add nothing to the sums below
         dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        if RMS:  # not centred
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            xhat = x * rstd[:, None]
+        else:
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
 
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         dnorm = dout * weight[None, :]
-        dnorm_mean = tl.sum(dnorm, axis=1) / C  # (ROWS,)
-        dnorm_xhat_mean = tl.sum(dnorm * xhat, axis=1) / C  # (ROWS,)
-        dx = (dnorm - dnorm_mean[:, None] - xhat * dnorm_xhat_mean[:, None]) * rstd[:, None]
+        if RMS:
+            dnorm_xhat_mean = tl.sum(dnorm * xhat, axis=1) / C  # (ROWS,)
+            dx = (dnorm - xhat * dnorm_xhat_mean[:, None]) * rstd[:, None]
+        else:
+            dnorm_mean = tl.sum(dnorm, axis=1) / C  # (ROWS,)
+            dnorm_xhat_mean = tl.sum(dnorm * xhat, axis=1) / C  # (ROWS,)
+            dx = (dnorm - dnorm_mean[:, None] - xhat * dnorm_xhat_mean[:, None]) * rstd[:, None]
         dinp = tl.load(dinp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dinp = round_to(dinp + dx, dinp_ptr.dtype.element_ty)
         tl.store(dinp_ptr + offsets, dinp, mask=mask)
 
         dweight_sum += dout * xhat
-        dbias_sum += dout
+        if not RMS:
+            dbias_sum += dout
         if SUM_DINP:  # the stored (rounded) values, as a separate pass over dinp would read them
             dinp_sum += dinp.to(tl.float32)
     tl.store(partials_ptr + group * C + columns, tl.sum(dweight_sum, axis=0), mask=column_mask)
-    tl.store(partials_ptr + (G + group) * C + columns, tl.sum(dbias_sum, axis=0), mask=column_mask)
+    if not RMS:
+        tl.store(partials_ptr + (G + group) * C + columns, tl.sum(dbias_sum, axis=0), mask=column_mask)
     if SUM_DINP:
         tl.store(partials_ptr + (2 * G + group) * C + columns, tl.sum(dinp_sum, axis=0), mask=column_mask)
 
@@ -172,9 +220,35 @@ def layernorm_backward_groups(N, C):
     return max(1, min(_MAX_BACKWARD_GROUPS, triton.cdiv(N, rows)))
 
 
+def rmsnorm_backward_groups(N, C):
+    """G of rmsnorm_backward on (N, C) rows: LayerNorm's, as the two backwards are one kernel."""
+    return layernorm_backward_groups(N, C)
+
+
 def layernorm_backward_scratch(N, C, device):
     """The fp32 (3, G, C) partial-sum buffer for layernorm_backward on (N, C) rows; allocate once, reuse every step."""
     return torch.empty((3, layernorm_backward_groups(N, C), C), dtype=torch.float32, device=device)
+
+
+def rmsnorm_backward_scratch(N, C, device):
+    """The fp32 (G, C) partial-sum buffer for rmsnorm_backward on (N, C) rows; allocate once, reuse every step."""
+    return torch.empty((rmsnorm_backward_groups(N, C), C), dtype=torch.float32, device=device)
+
+
+def _backward(dinp, partials, dout, inp, weight, mean, rstd, sum_dinp):
+    """Stage 1 of layernorm_backward and, with mean None, of rmsnorm_backward: the kernel, G = partials.shape[-2]."""
+    C = inp.shape[-1]
+    N = inp.numel() // C
+    G = partials.shape[-2]
+    assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous() and partials.is_contiguous()
+    rms = mean is None
+    rows, block_c, _ = _row_tile(C)
+    _layernorm_backward_kernel[(G,)](
+        # RMSNorm never reads mean_ptr: rstd is a placeholder
+        dinp, partials, dout, inp, weight, rstd if rms else mean, rstd, N, C, G, triton.cdiv(N, G),
+        SUM_DINP=sum_dinp, RMS=rms, ROWS=rows, BLOCK_C=block_c,
+        num_warps=4,  # 4 warps pipeline better than 8 (docstring)
+    )
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, dinp_column_sums=None):
@@ -187,16 +261,10 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     blocks) are left in scratch for a later stage 2 (bias.PartialSums).
     """
     C = inp.shape[-1]
-    N = inp.numel() // C
     K, G = scratch.shape[:2]
-    assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous()
-    assert scratch.shape == (K, G, C) and K in (2, 3) and scratch.is_contiguous()
+    assert scratch.shape == (K, G, C) and K in (2, 3)
     sum_dinp = K == 3 if dweight is None else dinp_column_sums is not None
-    rows, block_c, _ = _row_tile(C)
-    _layernorm_backward_kernel[(G,)](
-        dinp, scratch, dout, inp, weight, mean, rstd, N, C, G, triton.cdiv(N, G),
-        SUM_DINP=sum_dinp, ROWS=rows, BLOCK_C=block_c, num_warps=4,  # 4 warps pipeline better than 8 (docstring)
-    )
+    _backward(dinp, scratch, dout, inp, weight, mean, rstd, sum_dinp)
     if dweight is None:
         return
     assert dweight.shape == (C,) and dbias.shape == (C,)
@@ -204,3 +272,19 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
         sum_partials([dweight, dbias, dinp_column_sums], scratch)
     else:
         sum_partials([dweight, dbias], scratch[:2])
+
+
+def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, scratch):
+    """dinp (N, C) += d loss / d inp;  dweight fp32 (C,) += its gradient (deterministic).
+
+    dout, inp, dinp: contiguous (N, C) in the activation dtype; rstd: fp32 (N,) from rmsnorm_forward;
+    scratch: fp32 (G, C) from rmsnorm_backward_scratch (any G >= 1 is correct; G sets the summation order).
+    dweight None: stage 1 only, the partial sums of dweight are left in scratch for a later stage 2
+    (bias.PartialSums: scratch is then one of its slots).
+    """
+    C = inp.shape[-1]
+    assert scratch.dim() == 2 and scratch.shape[1] == C
+    _backward(dinp, scratch, dout, inp, weight, None, rstd, sum_dinp=False)
+    if dweight is not None:
+        assert dweight.shape == (C,)
+        sum_partials(dweight, scratch)
