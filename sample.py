@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 
+from llmpy.cli import OneLineArgumentParser
 from llmpy.config import GPT2_EOT, GPT2_VOCAB_SIZE
 from llmpy.formats import FormatError
 from llmpy.hf import load_weights
@@ -29,11 +30,6 @@ from llmpy.tokenizer import TokenizerError, gpt2_encoding
 
 PROG = os.path.basename(sys.argv[0])
 WARMUP_STEPS = 2  # left out of tokens/s: the GPU's first step compiles the kernels, its second captures the graph
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's errors as one line, without the usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from llmpy import checkpoint, evals, formats, hf
+from llmpy import checkpoint, cli, evals, formats, hf
 from llmpy.config import DESCRIPTORS_HELP, config_from_descriptor, num_parameters, param_table
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
@@ -57,11 +57,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 TIMING_WARMUP_STEPS = 1  # the first step compiles the Triton kernels: the averages leave it out
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's errors as one line, without the usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 class HellaSwagOrHelp(argparse.Action):
     """-h is llm.c's HellaSwag flag (-h 1), which argparse would take for its help: with a value it sets
     --hellaswag, alone (-h, or -h followed by another flag) it prints the help, as --help does."""
@@ -76,8 +71,8 @@ class HellaSwagOrHelp(argparse.Action):
 
 
 def parse_args(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              add_help=False)
+    p = cli.OneLineArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--help", action="help", help="print this help and exit (so does -h alone)")
     add("-i", "--input_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
@@ -149,7 +144,7 @@ def parse_args(argv=None):
     add("-ge", "--gelu_fusion", type=int, default=-1, choices=(-1, 0, 1),
         help="1: the forward's GELU in the fc matmul's cuBLASLt epilogue; 0: our GELU kernel; -1: 1 on Hopper and "
              "newer GPUs, else 0 (llm.c's -ge 2, the backward's too, is slower on an H100: BENCHMARKS.md)")
-    add("--device", default="cuda", help="cuda, cuda:N; cpu only under TRITON_INTERPRET=1 (tests)")
+    add("--device", default="cuda", help="cuda, cuda:N or auto; cpu only under TRITON_INTERPRET=1 (tests)")
     add("--tokenizer", default="gpt2_tokenizer.bin", help="llm.c tokenizer file for decoding samples")
     add("--write_model", default=None, metavar="FILE", help="write the final weights as an llm.c model file (fp32)")
     add("-z", "--zero_stage", type=int, default=0, choices=(0, 1),
@@ -208,16 +203,10 @@ def check_args(args):
 
 
 def pick_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available (CPU tests: TRITON_INTERPRET=1 --device cpu)")
+    """cli.pick_device, and the CPU only under Triton's interpreter (the tests' way of running our kernels)."""
+    device = cli.pick_device(name)
     if device.type == "cpu" and not INTERPRET:
         raise ValueError("--device cpu runs the Triton kernels in Triton's interpreter: set TRITON_INTERPRET=1")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device {name}: only cuda and cpu are supported")
     return device
 
 

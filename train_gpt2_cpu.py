@@ -23,7 +23,6 @@ Run: python train_gpt2_cpu.py                (gpt2_124M.bin, tiny Shakespeare, 4
      python train_gpt2_cpu.py --model d12    (the same from a random GPT-2 initialisation)
 """
 
-import argparse
 import math
 import os
 import sys
@@ -37,6 +36,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402 (after the environment variable above)
 
+from llmpy import cli
 from llmpy.config import (GPT2_EOT, config_from_descriptor, gpt2_init, is_descriptor, num_parameters, param_table,
                           split_params)
 from llmpy.data import DataLoader
@@ -487,14 +487,8 @@ def load_model(arg, seed):
     return config, gpt2_init(config, seed)
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """A bad flag: one line, without argparse's usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv):
-    ap = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.OneLineArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-e", "--model", default="gpt2_124M.bin",
                     help="model file; gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI's weights from the Hugging Face "
                          "hub) or a Hugging Face GPT-2 folder; or a descriptor (d12, tiny, ...) for a random init")

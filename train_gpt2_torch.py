@@ -33,11 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from llmpy import formats, hf
+from llmpy import cli, formats, hf
 from llmpy.config import (DESCRIPTORS_HELP, GPT2_EOT, config_from_descriptor, descriptor_of, file_prefix,
                           num_parameters, param_shapes)
 from llmpy.params import split_flat
 from llmpy.data import DataLoader
+from llmpy.logger import Logger
 from llmpy.schedule import lr_at
 from llmpy.signals import run_quietly
 from llmpy.tokenizer import TokenizerError, gpt2_encoding, token_bytes
@@ -350,11 +351,6 @@ def write_reference_files(model, x, y, write_dir, prefix, descriptor, encoding, 
           f"{files.tokenizer_file} to {write_dir}")
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors as one line too, without the usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 GPT2_FLAGS = {  # the help and defaults of the flags whose meaning depends on the model family
     "input_bin": dict(default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
                       help="training token shards (a glob pattern)"),
@@ -375,14 +371,23 @@ def parse_args(argv=None):
     return build_parser(__doc__, GPT2_FLAGS).parse_args(argv)
 
 
-def build_parser(description, family_flags):
-    """The reference trainers' flags; family_flags: the help and defaults of those that depend on the family."""
-    p = OneLineArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+# the mainline's (and llm.c's) spellings of the same flags, taken here too
+MAINLINE_NAMES = {"input_bin": ["-i"], "input_val_bin": ["-j"], "total_batch_size": ["-d"],
+                  "num_iterations": ["-x", "--max_steps"], "learning_rate": ["-l"], "warmup_iters": ["-u"],
+                  "final_lr_frac": ["-q"], "weight_decay": ["-c"], "val_loss_every": ["-v"], "val_max_steps": ["-m"],
+                  "sample_every": ["-s"], "overfit_single_batch": ["-a"], "output_dir": ["-o", "--output_log_dir"]}
 
-    def add(*names, help, **kwargs):
+
+def build_parser(description, family_flags):
+    """The reference trainers' flags; family_flags: the help and defaults of those that depend on the family. Each
+    flag also takes its mainline spelling (MAINLINE_NAMES), so that a train_gpt2.py command line runs here too
+    as far as the flags mean the same."""
+    p = cli.OneLineArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name, *short, help, **kwargs):
         if kwargs.get("default") not in (None, ""):
             help += " (default: %(default)s)"
-        p.add_argument(*names, help=help, **kwargs)
+        p.add_argument(name, *short, *MAINLINE_NAMES.get(name.removeprefix("--"), []), help=help, **kwargs)
 
     flag = dict(type=int, choices=(0, 1))
     for name in ("input_bin", "input_val_bin", "model", "init_from"):
@@ -445,32 +450,8 @@ def check_args(args):
     if args.total_batch_size % tokens_per_micro:
         raise ValueError(f"--total_batch_size {args.total_batch_size} is not a multiple of B*T = "
                          f"{args.batch_size}*{args.sequence_length} = {tokens_per_micro}")
-    if args.output_dir:
-        check_output_dir(args.output_dir)
-
-
-def check_output_dir(path):
-    """--output_dir, made now if missing: a path that cannot hold main.log fails before any work, naming the flag."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output_dir {path}: is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--output_dir {path}: cannot make the folder ({e.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"--output_dir {path}: the folder is not writable")
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available")
-    return device
+    if args.output_dir:  # made now if missing: a folder that cannot hold main.log fails before any work
+        formats.check_output_folder("--output_dir", args.output_dir)
 
 
 def model_config(descriptor):
@@ -558,7 +539,7 @@ GPT2 = ModelFamily("GPT-2", build_model, lambda config: f"{num_parameters(config
 
 def train(args, family=GPT2):
     check_args(args)
-    rank, world_size, device = init_ddp(pick_device(args.device))
+    rank, world_size, device = init_ddp(cli.pick_device(args.device))
     try:
         train_on(args, device, rank, world_size, family)
     finally:
@@ -617,15 +598,7 @@ def train_on(args, device, rank, world_size, family):
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(ddp_model) if args.compile else ddp_model
     sample_generator = torch.Generator(device=device).manual_seed(args.seed)
-    log = None
-    if args.output_dir and rank == 0:
-        log = open(os.path.join(args.output_dir, "main.log"), "w")
-
-    def log_line(line):
-        if log:
-            log.write(line + "\n")
-            log.flush()
-
+    logger = Logger(args.output_dir if rank == 0 else None)  # main.log, as train_gpt2.py writes it
     first_batch = None
     for step in range(args.num_iterations + 1):
         last_step = step == args.num_iterations
@@ -633,7 +606,7 @@ def train_on(args, device, rank, world_size, family):
             val_loss = validation_loss(step_model, val_loader, val_steps, device, amp_dtype)
             val_loss = mean_over_ranks(val_loss, world_size, device)
             say(f"step {step}: val loss {val_loss:.6f}")
-            log_line(f"s:{step} tel:{val_loss:.6f}")
+            logger.log_val(step, val_loss)
         # and at the last step, as llm.c: so --num_iterations 0 evaluates a model with a validation loss and a sample
         if args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step) and rank == 0:
             start = torch.full((1, 1), family.start_token, dtype=torch.long, device=device)
@@ -657,9 +630,8 @@ def train_on(args, device, rank, world_size, family):
         loss = mean_over_ranks(loss, world_size, device)  # norm is global already: DDP averaged the gradients
         say(f"step {step + 1:4d}/{args.num_iterations} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
             f"{ms:.2f} ms | {tokens_per_step / ms * 1000:.0f} tok/s")
-        log_line(f"s:{step} trl:{loss:.6f}")
-    if log:
-        log.close()
+        logger.log_train(step, loss, lr, norm, ms, tokens_per_step / ms * 1000)
+    logger.close()
 
 
 def main(argv=None, parse=parse_args, family=GPT2):

@@ -170,9 +170,10 @@ class GPT2:
     def __init__(self, config, B, T, runtime, recompute=0, attention_impl="cudnn", gelu_fusion=0,
                  deterministic=False):
         """GPT-2 of this config for micro-batches of (B, T) tokens, on runtime's buffers (made from
-        param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" or "triton" (choose_attention). gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on
-        Hopper and newer, where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues
-        slower. deterministic: the embedding's backward sums each token's rows in an order fixed by the tokens
+        param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" or "triton" (choose_attention).
+        gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on Hopper and newer,
+        where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues slower.
+        deterministic: the embedding's backward sums each token's rows in an order fixed by the tokens
         (encoder.DeterministicEncoderBackward, from tables made on the host) instead of with float atomics."""
         if gelu_fusion not in (-1, 0, 1):
             raise ValueError(f"-ge/--gelu_fusion must be -1, 0 or 1, not {gelu_fusion}")
