@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -439,9 +440,42 @@ def save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_fl
     writer.save(step, model.config, *checkpoint_tensors(model), fields)
 
 
+@dataclass
+class Run:
+    """Everything a run's loop works with, made by setup_run before the first step."""
+    config: object
+    model: GPT2
+    train_loader: DataLoader
+    val_loader: object  # DataLoader or None (no validation)
+    val_batches: int  # this rank's validation batches
+    hellaswag: object  # evals.EvalLoader or None (-h 0)
+    tokenizer: object  # for the samples, or None (not sampling)
+    grad_accum_steps: int
+    total_batch_size: int  # tokens a step over all ranks
+    max_steps: int
+    step0: int  # the first step: 0, or the resumed checkpoint's
+    resumed: bool
+    shuffle: bool
+    run_flags: dict  # what a checkpoint records of the run (restore_run compares them)
+    guard: OutlierGuard
+    sample_rng: Xorshift
+    writer: object  # checkpoint.CheckpointWriter, or None without -o
+    flops: float  # FLOPs a token
+    peak: object  # the GPU's peak FLOP/s, or None (unknown, CPU)
+
+
 def train_on(args, dist):
     """The run of this rank; only rank 0 (dist.is_main) prints, logs, samples and writes files."""
     say = print if dist.is_main else lambda *_, **__: None
+    run = setup_run(args, dist, say)
+    describe_run(args, run, dist, say)
+    timed_ms = run_loop(args, run, dist, say)
+    finish_run(args, run, dist, say, timed_ms)
+
+
+def setup_run(args, dist, say):
+    """Checks what the flags ask for, then builds the run: the model, its data and outputs, its starting weights (or
+    the checkpoint it resumes). Everything that can be refused is refused here, before the first step."""
     device, world = dist.device, dist.world_size
     dtype = DTYPES[args.dtype]
     B, T = args.batch_size, args.sequence_length
@@ -467,6 +501,9 @@ def train_on(args, dist):
     val_loader = None
     if args.input_val_bin and args.val_loss_every > 0:
         val_loader = open_loader("-j/--input_val_bin", args.input_val_bin, B, T, config.vocab_size, dist)
+    # -m counts the validation batches of all ranks together, so that a run's val loss does not depend on its world
+    # size when -m is a multiple of it; each rank reads its share, at most the val data
+    val_batches = min(-(-args.val_max_steps // world), val_loader.num_batches_per_epoch) if val_loader else 0
     max_steps = args.max_steps
     if max_steps == -1:  # one epoch
         max_steps = train_loader.num_batches_per_epoch // grad_accum_steps
@@ -490,7 +527,6 @@ def train_on(args, dist):
     run_flags = {**{k: getattr(args, k) for k in RUN_FLAGS}, "total_batch_size": total_batch_size,
                  "max_steps": max_steps, "shuffle": int(shuffle)}
     guard = OutlierGuard(args.skip_update_lossz, args.skip_update_gradz)
-    step0 = resume.step if resume is not None else 0
     if resume is not None:
         sample_rng = restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags, say)
     else:
@@ -502,42 +538,61 @@ def train_on(args, dist):
         else:
             model.init_weights(args.seed)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    flops = flops_per_token(config, T)
-    peak = peak_flops(device_name, args.dtype, args.tf32) if device.type == "cuda" else None
-    say(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
-        f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
-        f"{num_parameters(config):,} parameters")
-    say(f"device {device_name}, dtype {args.dtype}, attention {model.attention_impl}, recompute {args.recompute}"
-        f"{', deterministic' if args.deterministic else ''}")
-    say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
-        f", zero stage {args.zero_stage}")
-    per_process = (f" x {world} processes", f" for each of {world} processes") if world > 1 else ("", "")
-    say(f"B={B} T={T}, {grad_accum_steps} micro-batch(es){per_process[0]} = {total_batch_size:,} tokens a step, "
-        f"{max_steps} steps; train data {train_loader.num_batches_per_epoch} micro-batches an epoch{per_process[1]}"
-        f"{', shuffled' if shuffle else ''}")
-    # -m counts the validation batches of all ranks together, so that a run's val loss does not depend on its world
-    # size when -m is a multiple of it; each rank reads its share, at most the val data
-    val_batches = min(-(-args.val_max_steps // world), val_loader.num_batches_per_epoch) if val_loader else 0
-    if val_loader:
-        say(f"validation: {val_batches * world} batches every {args.val_loss_every} steps")
-    if hellaswag:
-        say(f"HellaSwag: {hellaswag.num_examples:,} examples of {args.hellaswag_file}, {B // evals.COMPLETIONS} a "
-            f"forward{f', split over {world} processes' if world > 1 else ''}")
-    say(f"{flops / 1e9:.3f} GFLOPs a token; peak {'unknown' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
-
     writer = None
     if args.output_log_dir:
         writer = checkpoint.CheckpointWriter(args.output_log_dir, dist, args.checkpoints_keep,
                                              args.major_checkpoint_every, kept_checkpoints, say)
         if args.checkpoint_every:
             writer.reserve(*checkpoint_tensors(model))
-            say(f"checkpoints: every {args.checkpoint_every} steps and at the end, in {args.output_log_dir}"
-                + (f", keeping the newest {args.checkpoints_keep}" if args.checkpoints_keep else ""))
-    logger = Logger(args.output_log_dir if dist.is_main else None, resume_step=step0 if resume else None)
-    loss_sum = torch.zeros(1, dtype=torch.float32, device=device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_flops(device_name, args.dtype, args.tf32) if device.type == "cuda" else None
+    return Run(config=config, model=model, train_loader=train_loader, val_loader=val_loader, val_batches=val_batches,
+               hellaswag=hellaswag, tokenizer=tokenizer, grad_accum_steps=grad_accum_steps,
+               total_batch_size=total_batch_size, max_steps=max_steps,
+               step0=resume.step if resume is not None else 0, resumed=resume is not None, shuffle=shuffle,
+               run_flags=run_flags, guard=guard, sample_rng=sample_rng, writer=writer,
+               flops=flops_per_token(config, T), peak=peak)
+
+
+def describe_run(args, run, dist, say):
+    """The run's summary, printed before its first step."""
+    config, world, device = run.config, dist.world_size, dist.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    say(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
+        f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
+        f"{num_parameters(config):,} parameters")
+    say(f"device {device_name}, dtype {args.dtype}, attention {run.model.attention_impl}, recompute {args.recompute}"
+        f"{', deterministic' if args.deterministic else ''}")
+    say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
+        f", zero stage {args.zero_stage}")
+    per_process = (f" x {world} processes", f" for each of {world} processes") if world > 1 else ("", "")
+    say(f"B={args.batch_size} T={args.sequence_length}, {run.grad_accum_steps} micro-batch(es){per_process[0]} = "
+        f"{run.total_batch_size:,} tokens a step, {run.max_steps} steps; train data "
+        f"{run.train_loader.num_batches_per_epoch} micro-batches an epoch{per_process[1]}"
+        f"{', shuffled' if run.shuffle else ''}")
+    if run.val_loader:
+        say(f"validation: {run.val_batches * world} batches every {args.val_loss_every} steps")
+    if run.hellaswag:
+        say(f"HellaSwag: {run.hellaswag.num_examples:,} examples of {args.hellaswag_file}, "
+            f"{args.batch_size // evals.COMPLETIONS} a forward{f', split over {world} processes' if world > 1 else ''}")
+    say(f"{run.flops / 1e9:.3f} GFLOPs a token; peak "
+        f"{'unknown' if run.peak is None else f'{run.peak / 1e12:.1f} TFLOP/s'}")
+    if run.writer and args.checkpoint_every:
+        say(f"checkpoints: every {args.checkpoint_every} steps and at the end, in {args.output_log_dir}"
+            + (f", keeping the newest {args.checkpoints_keep}" if args.checkpoints_keep else ""))
+
+
+def run_loop(args, run, dist, say):
+    """Steps step0 .. max_steps: validation, HellaSwag, samples and checkpoints at their steps, a training step
+    between; a signal stops it at the end of a step, with a checkpoint. Returns the timed steps' milliseconds."""
+    model, writer, guard, world = run.model, run.writer, run.guard, dist.world_size
+    logger = Logger(args.output_log_dir if dist.is_main else None, resume_step=run.step0 if run.resumed else None)
+    loss_sum = torch.zeros(1, dtype=torch.float32, device=dist.device)
     single_batch = None
     timed_ms = []
+
+    def checkpoint_state(step):
+        return step, model, run.train_loader, run.sample_rng, guard, run.run_flags
 
     def stopped_at_once(signum):  # a second signal: one line, and the process ends (StopRequest)
         newest = f"; the newest complete checkpoint is step {writer.complete[-1]}" if writer and writer.complete else ""
@@ -545,41 +600,44 @@ def train_on(args, dist):
               file=sys.stderr)
 
     with StopRequest(stopped_at_once) as stop:
-        for step in range(step0, max_steps + 1):
-            last_step = step == max_steps
-            if writer and args.checkpoint_every and step > step0 and (step % args.checkpoint_every == 0 or last_step):
-                save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags)
-            if val_loader and (step % args.val_loss_every == 0 or last_step):
-                val_loss = validation_loss(model, val_loader, val_batches, loss_sum)
+        for step in range(run.step0, run.max_steps + 1):
+            last_step = step == run.max_steps
+            if (writer and args.checkpoint_every and step > run.step0
+                    and (step % args.checkpoint_every == 0 or last_step)):
+                save_checkpoint(writer, *checkpoint_state(step))
+            if run.val_loader and (step % args.val_loss_every == 0 or last_step):
+                val_loss = validation_loss(model, run.val_loader, run.val_batches, loss_sum)
                 say(f"val loss {val_loss:.6f}")
                 logger.log_val(step, val_loss)
             # as llm.c: not at step 0 (a fresh model scores chance, 25%), but at the end, so -x 0 scores a model
-            if hellaswag and ((step > 0 and args.val_loss_every and step % args.val_loss_every == 0) or last_step):
-                correct = hellaswag_correct(model, hellaswag)
-                say(f"HellaSwag: {correct}/{hellaswag.num_examples} = {correct / hellaswag.num_examples:f}")
-                logger.log_eval(step, correct / hellaswag.num_examples)
-            if tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
-                say(f"generating:\n---\n{generate(model, tokenizer, args.gen_tokens, sample_rng)}\n---")
+            if run.hellaswag and ((step > 0 and args.val_loss_every and step % args.val_loss_every == 0)
+                                  or last_step):
+                correct = hellaswag_correct(model, run.hellaswag)
+                say(f"HellaSwag: {correct}/{run.hellaswag.num_examples} = {correct / run.hellaswag.num_examples:f}")
+                logger.log_eval(step, correct / run.hellaswag.num_examples)
+            if run.tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
+                say(f"generating:\n---\n{generate(model, run.tokenizer, args.gen_tokens, run.sample_rng)}\n---")
             if last_step:
                 break
 
             t0 = time.perf_counter()  # a step is timed as llm.c's: from reading its batches to its loss on the host
             if args.overfit_single_batch:  # llm.c resets the loader before every micro-batch: the same batch always
                 if single_batch is None:
-                    single_batch = train_loader.next_batch()
-                micro_batches = [single_batch] * grad_accum_steps
+                    single_batch = run.train_loader.next_batch()
+                micro_batches = [single_batch] * run.grad_accum_steps
             else:
-                micro_batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]
-            lr = lr_at(step, max_steps, args.learning_rate, args.warmup_iters, args.final_lr_frac, args.lr_schedule)
+                micro_batches = [run.train_loader.next_batch() for _ in range(run.grad_accum_steps)]
+            lr = lr_at(step, run.max_steps, args.learning_rate, args.warmup_iters, args.final_lr_frac,
+                       args.lr_schedule)
             loss, grad_norm, (zl, zg, skipped) = train_step(model, micro_batches, lr, step, args, loss_sum, guard)
             ms = (time.perf_counter() - t0) * 1000
-            tokens_per_second = total_batch_size / ms * 1000  # all ranks' tokens; MFU is per GPU
-            if step >= step0 + TIMING_WARMUP_STEPS:
+            tokens_per_second = run.total_batch_size / ms * 1000  # all ranks' tokens; MFU is per GPU
+            if step >= run.step0 + TIMING_WARMUP_STEPS:
                 timed_ms.append(ms)
             zscores = f" | z {zl:+.2f} {zg:+.2f}" if guard.active else ""
-            say(f"step {step + 1:4d}/{max_steps} | loss {loss:.6f} | norm {grad_norm:.4f}{zscores} | lr {lr:.2e} | "
-                f"{ms:.2f} ms | {format_mfu(mfu(flops, tokens_per_second / world, peak))} | {tokens_per_second:.0f} "
-                "tok/s")
+            say(f"step {step + 1:4d}/{run.max_steps} | loss {loss:.6f} | norm {grad_norm:.4f}{zscores} | "
+                f"lr {lr:.2e} | {ms:.2f} ms | {format_mfu(mfu(run.flops, tokens_per_second / world, run.peak))} | "
+                f"{tokens_per_second:.0f} tok/s")
             if skipped:
                 say(f"step {step + 1}: update skipped, {skipped}")
             logger.log_train(step, loss, lr, grad_norm, ms, tokens_per_second, (zl, zg) if guard.active else None,
@@ -590,33 +648,37 @@ def train_on(args, dist):
             if world > 1:  # every rank stops at the same step, whichever got the signal
                 signum = max(signum, 1) if dist.sum_ints([signum], "whether to stop")[0] else 0
             if signum:
-                raise stop_with_checkpoint(signum, writer, step + 1, model, train_loader, sample_rng, guard,
-                                           run_flags, logger)
+                raise stop_with_checkpoint(signum, writer, logger, *checkpoint_state(step + 1))
         logger.close()
         if writer:
             writer.finish()
         if stop.requested:  # a signal during the last validation: the run is complete, the checkpoint written
             raise Stopped(stop.signum, f"stopped by {signal_name(stop.signum)} at the end of the run")
+    return timed_ms
 
+
+def finish_run(args, run, dist, say, timed_ms):
+    """After the last step: the average step time, the peak memory, the checkpoint writer closed, --write_model."""
     if timed_ms:
         ms = sum(timed_ms) / len(timed_ms)
-        tokens_per_second = total_batch_size / ms * 1000
-        say(f"average over steps {step0 + TIMING_WARMUP_STEPS + 1}..{max_steps}: {ms:.2f} ms/step, "
-            f"{tokens_per_second:.0f} tok/s, {format_mfu(mfu(flops, tokens_per_second / world, peak))}")
-    elif max_steps > step0:
+        tokens_per_second = run.total_batch_size / ms * 1000
+        say(f"average over steps {run.step0 + TIMING_WARMUP_STEPS + 1}..{run.max_steps}: {ms:.2f} ms/step, "
+            f"{tokens_per_second:.0f} tok/s, "
+            f"{format_mfu(mfu(run.flops, tokens_per_second / dist.world_size, run.peak))}")
+    elif run.max_steps > run.step0:
         say("no average time: the first step compiles the kernels and is left out")
-    if device.type == "cuda":
-        say(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
-    if writer:
-        writer.close()
+    if dist.device.type == "cuda":
+        say(f"peak memory allocated: {torch.cuda.max_memory_allocated(dist.device) / 2**20:.0f} MiB")
+    if run.writer:
+        run.writer.close()
     if args.write_model:
-        weights = runtime.weights_fp32()  # under -z 1 a collective: every rank takes part
+        weights = run.model.runtime.weights_fp32()  # under -z 1 a collective: every rank takes part
         if dist.is_main:
-            formats.write_model(args.write_model, config, weights, dtype="float32")
+            formats.write_model(args.write_model, run.config, weights, dtype="float32")
             say(f"wrote {args.write_model}")
 
 
-def stop_with_checkpoint(signum, writer, step, model, train_loader, sample_rng, guard, run_flags, logger):
+def stop_with_checkpoint(signum, writer, logger, step, model, train_loader, sample_rng, guard, run_flags):
     """A signal arrived: the step is done; write its checkpoint (when there is a folder) and say how to go on."""
     logger.close()
     if signum not in (signal.SIGINT, signal.SIGTERM):  # another rank's signal
