@@ -2,7 +2,7 @@
 
 - Two real runs, of train_gpt2.py and of the PyTorch reference (the tiny model of test_train_gpt2.py, on the
   CPU): the figure's train loss, val loss, learning rate, grad norm and tok/s lines hold exactly the values each
-  run's main.log has (the reference logs only losses: it has no line in the other panels), a smoothed train loss
+  run's main.log has (both write it through llmpy.logger), a smoothed train loss
   beside the raw one, one colour and one legend entry per run named by its folder; the command writes a PNG that
   decodes, and prints each run's best val loss. dev/compare_logs.py reads the same logs through the same parser.
 - A log as llm.c writes it, resumed: llm.c appends from the checkpoint's step, so the steps the killed run logged
@@ -35,9 +35,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Folders of two 2-step runs from one model file: "mainline", train_gpt2.py's (every field: loss, lr, norm, ms,
-    tok/s; warmup, so the lr changes), and "torch", the PyTorch reference's (train and val loss only, a val loss
-    every step, another learning rate). Run side by side, one thread each (the interpreter's steps take seconds)."""
+    """Folders of two 2-step runs from one model file: "mainline", train_gpt2.py's (warmup, so the lr changes), and
+    "torch", the PyTorch reference's (a val loss every step, another learning rate); both log every field (loss, lr,
+    norm, ms, tok/s). Run side by side, one thread each (the interpreter's steps take seconds)."""
     root = tmp_path_factory.mktemp("runs")
     files = write_files(root)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
@@ -95,11 +95,11 @@ def test_the_figure_draws_each_runs_logged_values(runs):
         assert line_data(panel(figure, "train loss"), f"{name} smoothed") == (steps, plot.smooth(losses, 0.9))
         assert line_data(panel(figure, "val loss"), name) == log["tel"]
     assert logged(runs / "mainline")["tel"][0] == [0, 2] and logged(runs / "torch")["tel"][0] == [0, 1, 2]
-    mainline = logged(runs / "mainline")
-    assert mainline["lr"][1][0] < mainline["lr"][1][1]  # warming up
+    assert logged(runs / "mainline")["lr"][1][0] < logged(runs / "mainline")["lr"][1][1]  # warming up
     for title, field in (("learning rate", "lr"), ("grad norm", "norm"), ("tokens per second", "tok/s")):
-        assert line_data(panel(figure, title), "mainline") == mainline[field], title
-        assert [line.get_label() for line in panel(figure, title).get_lines()] == ["mainline"]  # torch's has none
+        for name in names:
+            assert line_data(panel(figure, title), name) == logged(runs / name)[field], (title, name)
+        assert [line.get_label() for line in panel(figure, title).get_lines()] == names
 
     colours = {name: {line.get_color() for ax in figure.axes for line in ax.get_lines()
                       if line.get_label().split()[0] == name} for name in names}
