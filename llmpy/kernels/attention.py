@@ -9,7 +9,18 @@ token t is qkv[b, t, h*HS : (h+1)*HS], its key C further along the row and its v
 the kernels address them through strides. out is written as (B, T, NH, HS) = (B, T, C), the layout the attention
 projection matmul reads.
 
-Forward (one program per block of BLOCK_M queries of one (b, h)). S and P are never written to memory: the program
+Grouped-query attention (GQA, Llama 3). NH query heads share KV key/value heads (NH % KV == 0): qkv is
+(B, T, (NH + 2 KV) * HS) = [NH query heads | KV key heads | KV value heads], and query head h reads key/value head
+h // GROUP, GROUP = NH / KV, so each group of GROUP consecutive query heads attends to the same k and v
+(train_llama3_torch.py's CausalSelfAttention repeats them with repeat_interleave). Head h's key for token t is at
+column C + (h // GROUP)*HS, its value KV*HS further. out, lse and delta stay per query head: (B, T, C), (B, NH, T).
+Multi-head attention (GPT-2) is KV = NH, GROUP = 1. GROUP is a compile-time constant of every kernel, and for
+GROUP = 1 the kernels keep the address arithmetic and statement order they had before GQA (the group loop below is
+a single pass that the compiler removes), so GPT-2's kernels compile to the same code as without GQA (the same
+PTX for sm_90, debug line numbers aside).
+
+Forward (one program per block of BLOCK_M queries of one (b, h), h a query head; with GQA the GROUP programs of a
+group stream the same k and v blocks, mostly from L2). S and P are never written to memory: the program
 keeps its q block in registers and streams k and v in blocks of BLOCK_N keys, keeping for each query row i a running
 max m_i, a running sum of exponentials l_i and an unnormalised output acc_i. For each key block:
     m_new = max(m_i, max_j S_ij)
@@ -35,17 +46,23 @@ out = P v), the softmax backward is dS_ij = P_ij (dP_ij - delta_i), and
     dv = P^T @ dout,    dk = scale * dS^T @ q,    dq = scale * dS @ k.
 Three kernels, no atomics, so the result is bit-for-bit deterministic:
 1. preprocess: delta = rowsum(dout * out), fp32 (B, NH, T) into a scratch buffer.
-2. dk/dv: one program per block of BLOCK_N keys; it holds k, v and the dk, dv accumulators in registers and
-   loops over the query blocks that can see these keys (from the diagonal to T), recomputing P^T from q and the
-   saved lse. Each key block's dk, dv are summed by one program, so no two programs write the same element.
-3. dq: one program per block of BLOCK_M queries; it holds q, dout, lse, delta and dq and loops over the key blocks
-   up to the diagonal, recomputing P and dP.
+2. dk/dv: one program per block of BLOCK_N keys of one key/value head; it holds k, v and the dk, dv accumulators
+   in registers and loops over the query blocks that can see these keys (from the diagonal to T), recomputing P^T
+   from q and the saved lse. Each key block's dk, dv are summed by one program, so no two programs write the same
+   element. With GQA a key/value head's dk, dv are the sums over its GROUP query heads: the program loops over
+   them, one after another, adding into the same accumulators, and rounds once at the end: a fixed order, so still
+   deterministic. One program per query head instead would need float atomics on dk, dv (sums in whatever order
+   the programs run) or a GROUP times larger fp32 scratch and a pass to reduce it; the loop also loads each k, v
+   block once per group, not once per query head. The price: GROUP times fewer programs, each GROUP times longer,
+   so a small B * KV * T / BLOCK_N fills fewer of the GPU's multiprocessors.
+3. dq: one program per block of BLOCK_M queries of one query head; it holds q, dout, lse, delta and dq and loops
+   over the key blocks (of its key/value head) up to the diagonal, recomputing P and dP.
 Both loops split off the diagonal blocks as the forward does. Splitting dq from dk/dv costs recomputing S once more,
 and buys that every gradient is a register accumulator owned by one program (FlashAttention-2's scheme).
 The qkv projection's bias gradient is dqkv's column sums. Rather than read dqkv back for them, each program of 2. and
 3. sums the columns of the block it has just written (R tokens: the dk/dv kernel's key block is as long as the dq
 kernel's query block) into row (b, block) of a (B * T/R, 3C) fp32 scratch, and llmpy.kernels.bias's stage 2 adds
-the rows up in a fixed order.
+the rows up in a fixed order. Multi-head attention only: Llama 3 has no biases.
 
 Precision. On the GPU the tl.dot operands are the activation dtype (bf16: tensor cores, fp32 accumulation; fp32:
 exact IEEE products, not TF32) and P, dS are cast to that dtype for their matmuls; every softmax statistic is fp32.
@@ -107,6 +124,26 @@ def _store_column_sums(partials_ptr, group, C, column, tile, in_range, HS: tl.co
 
 
 @triton.jit
+def _kv_base(row_base, kv_head, NH, C, HS: tl.constexpr, GROUP: tl.constexpr, VALUE: tl.constexpr):
+    # Where key/value head kv_head's k (or v, if VALUE) starts in token 0's row of qkv (row_base), C = NH*HS, with
+    # GROUP = NH // KV query heads per key/value head. MHA (GROUP 1): head h's k and v are C and 2C after its q, the
+    # address arithmetic GPT-2's kernels always had. GQA: [NH query heads | KV key heads | KV value heads], k at
+    # C + kv_head*HS and v KV*HS further, written as a multiple of HS so the compiler still sees 16-byte aligned rows
+    # (C // GROUP would be known divisible by 16 / GROUP only, and the v loads would narrow).
+    if GROUP == 1:
+        q_base = row_base + kv_head * HS
+        if VALUE:
+            base = q_base + 2 * C
+        else:
+            base = q_base + C
+    else:
+        base = row_base + C + kv_head * HS
+        if VALUE:
+            base += (NH // GROUP) * HS
+    return base
+
+
+@triton.jit
 def _forward_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_t, offs_m, key_start, key_stop, T,
                         scale_log2,
                         HS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
@@ -136,7 +173,7 @@ def _attention_forward_kernel(out_ptr, lse_ptr, qkv_ptr,
                               T, NH, C,
                               stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
                               scale_log2,
-                              HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              HS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     # longest query blocks (end of the sequence) first
@@ -149,10 +186,11 @@ def _attention_forward_kernel(out_ptr, lse_ptr, qkv_ptr,
     offs_d = tl.arange(0, HS)
     row_mask = offs_m < T
 
-    # this head's q, k, v in qkv[b]: columns h*HS, C + h*HS, 2C + h*HS; token t is t * stride_qkv_t further
+    # this head's q in qkv[b] at column h*HS, k and v those of its key/value head h // GROUP (_kv_base);
+    # token t is t * stride_qkv_t further
     q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HS
-    k_base = q_base + C
-    v_base = q_base + 2 * C
+    k_base = _kv_base(qkv_ptr + b.to(tl.int64) * stride_qkv_b, h // GROUP, NH, C, HS, GROUP, False)
+    v_base = _kv_base(qkv_ptr + b.to(tl.int64) * stride_qkv_b, h // GROUP, NH, C, HS, GROUP, True)
     q = _load_tokens(q_base, offs_m, stride_qkv_t, T, HS, False, True, UPCAST)
 
     acc = tl.zeros([BLOCK_M, HS], dtype=tl.float32)
@@ -222,47 +260,60 @@ def _attention_dkdv_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr, part
                            stride_qkv_b, stride_qkv_t, stride_dqkv_b, stride_dqkv_t,
                            stride_dout_b, stride_dout_t,
                            scale, scale_log2,
-                           HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            SUM_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    tl.static_assert(GROUP == 1 or not SUM_BIAS)  # the bias partial sums are laid out for MHA only
     # the first key blocks are seen by the most queries, and the program ids start there
     block_n = tl.program_id(0)
-    head = tl.program_id(1)
-    b = head // NH
-    h = head % NH
+    head = tl.program_id(1)  # b * KV + key/value head, KV = NH // GROUP (b * NH + h for MHA)
+    KV = NH // GROUP
+    b = head // KV
+    kv_head = head % KV
     start_n = block_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HS)
     key_mask = offs_n < T
 
-    q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HS
-    k = _load_tokens(q_base + C, offs_n, stride_qkv_t, T, HS, False, True, UPCAST)
-    v = _load_tokens(q_base + 2 * C, offs_n, stride_qkv_t, T, HS, False, True, UPCAST)
-    dout_base = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HS
-    lse_head = lse_ptr + head.to(tl.int64) * T
-    delta_head = delta_ptr + head.to(tl.int64) * T
+    qkv_row = qkv_ptr + b.to(tl.int64) * stride_qkv_b
+    k = _load_tokens(_kv_base(qkv_row, kv_head, NH, C, HS, GROUP, False), offs_n, stride_qkv_t, T, HS, False, True,
+                     UPCAST)
+    v = _load_tokens(_kv_base(qkv_row, kv_head, NH, C, HS, GROUP, True), offs_n, stride_qkv_t, T, HS, False, True,
+                     UPCAST)
 
     dk = tl.zeros([BLOCK_N, HS], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HS], dtype=tl.float32)
-    # queries [start_n, start_n + BLOCK_N): the diagonal, masked
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, dout_base, lse_head, delta_head, stride_qkv_t, stride_dout_t,
-                                offs_n, start_n, tl.minimum(start_n + BLOCK_N, T), T, scale_log2,
-                                HS, BLOCK_M, True, UPCAST, DOT_PRECISION)
-    # queries [start_n + BLOCK_N, T): after every key of the block, no causal mask
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, dout_base, lse_head, delta_head, stride_qkv_t, stride_dout_t,
-                                offs_n, start_n + BLOCK_N, T, T, scale_log2,
-                                HS, BLOCK_M, False, UPCAST, DOT_PRECISION)
+    # the GROUP query heads kv_head * GROUP + g that read this key/value head, one after another into the same
+    # registers (a single pass for MHA): dk and dv are their sum, in a fixed order, without atomics
+    for g in range(GROUP):
+        h = kv_head * GROUP + g
+        q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HS
+        dout_base = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HS
+        lse_head = lse_ptr + (head * GROUP + g).to(tl.int64) * T  # query head (b, h) of (B, NH, T)
+        delta_head = delta_ptr + (head * GROUP + g).to(tl.int64) * T
+        # queries [start_n, start_n + BLOCK_N): the diagonal, masked
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, dout_base, lse_head, delta_head, stride_qkv_t,
+                                    stride_dout_t, offs_n, start_n, tl.minimum(start_n + BLOCK_N, T), T, scale_log2,
+                                    HS, BLOCK_M, True, UPCAST, DOT_PRECISION)
+        # queries [start_n + BLOCK_N, T): after every key of the block, no causal mask
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, dout_base, lse_head, delta_head, stride_qkv_t,
+                                    stride_dout_t, offs_n, start_n + BLOCK_N, T, T, scale_log2,
+                                    HS, BLOCK_M, False, UPCAST, DOT_PRECISION)
 
-    # dk and dv go to the k and v columns of dqkv, same layout as qkv
-    dk_ptrs = dqkv_ptr + b.to(tl.int64) * stride_dqkv_b + C + h * HS + offs_n[:, None] * stride_dqkv_t + offs_d[None, :]
+    # dk and dv go to the k and v columns of dqkv, same layout as qkv: v's are KV*HS after k's (C for MHA)
+    dk_ptrs = (dqkv_ptr + b.to(tl.int64) * stride_dqkv_b + C + kv_head * HS + offs_n[:, None] * stride_dqkv_t
+               + offs_d[None, :])
     dtype = dqkv_ptr.dtype.element_ty
     dk, dv = round_to(dk * scale, dtype), round_to(dv, dtype)
     tl.store(dk_ptrs, dk, mask=key_mask[:, None])
-    tl.store(dk_ptrs + C, dv, mask=key_mask[:, None])
+    if GROUP == 1:
+        tl.store(dk_ptrs + C, dv, mask=key_mask[:, None])
+    else:
+        tl.store(dk_ptrs + KV * HS, dv, mask=key_mask[:, None])
     if SUM_BIAS:  # row group (b, block_n) of the bias partial sums
         group = b * tl.num_programs(0) + block_n
-        _store_column_sums(partials_ptr, group, C, C + h * HS, dk, key_mask, HS)
-        _store_column_sums(partials_ptr, group, C, 2 * C + h * HS, dv, key_mask, HS)
+        _store_column_sums(partials_ptr, group, C, C + kv_head * HS, dk, key_mask, HS)
+        _store_column_sums(partials_ptr, group, C, 2 * C + kv_head * HS, dv, key_mask, HS)
 
 
 @triton.jit
@@ -291,9 +342,10 @@ def _attention_dq_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr, partia
                          stride_qkv_b, stride_qkv_t, stride_dqkv_b, stride_dqkv_t,
                          stride_dout_b, stride_dout_t,
                          scale, scale_log2,
-                         HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          SUM_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    tl.static_assert(GROUP == 1 or not SUM_BIAS)
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
     head = tl.program_id(1)
     b = head // NH
@@ -310,12 +362,15 @@ def _attention_dq_kernel(dqkv_ptr, dout_ptr, qkv_ptr, lse_ptr, delta_ptr, partia
     lse_log2 = tl.load(lse_ptr + head.to(tl.int64) * T + offs_m, mask=row_mask, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + head.to(tl.int64) * T + offs_m, mask=row_mask, other=0.0)
 
+    k_base = _kv_base(qkv_ptr + b.to(tl.int64) * stride_qkv_b, h // GROUP, NH, C, HS, GROUP, False)
+    v_base = _kv_base(qkv_ptr + b.to(tl.int64) * stride_qkv_b, h // GROUP, NH, C, HS, GROUP, True)
+
     dq = tl.zeros([BLOCK_M, HS], dtype=tl.float32)
     # keys [0, start_m): before every query of the block, no mask
-    dq = _dq_key_blocks(dq, q, dout, lse_log2, delta, q_base + C, q_base + 2 * C, stride_qkv_t, offs_m, 0, start_m,
+    dq = _dq_key_blocks(dq, q, dout, lse_log2, delta, k_base, v_base, stride_qkv_t, offs_m, 0, start_m,
                         T, scale_log2, HS, BLOCK_N, False, UPCAST, DOT_PRECISION)
     # keys [start_m, start_m + BLOCK_M) that exist: the diagonal, masked
-    dq = _dq_key_blocks(dq, q, dout, lse_log2, delta, q_base + C, q_base + 2 * C, stride_qkv_t, offs_m, start_m,
+    dq = _dq_key_blocks(dq, q, dout, lse_log2, delta, k_base, v_base, stride_qkv_t, offs_m, start_m,
                         tl.minimum(start_m + BLOCK_M, T), T, scale_log2, HS, BLOCK_N, True, UPCAST, DOT_PRECISION)
 
     dq_ptrs = dqkv_ptr + b.to(tl.int64) * stride_dqkv_b + h * HS + offs_m[:, None] * stride_dqkv_t + offs_d[None, :]
@@ -338,13 +393,17 @@ def _check_stats(name, tensor, B, NH, T):
                          f"got {tuple(tensor.shape)} {tensor.dtype}")
 
 
-def _head_layout(qkv, NH):
-    B, T, three_C = qkv.shape
-    C = three_C // 3
-    if three_C % 3 or C % NH or C // NH not in SUPPORTED_HEAD_SIZES:
-        raise ValueError(f"attention: qkv's last dim {three_C} must be 3*NH*HS with NH={NH} and HS in "
+def _head_layout(qkv, NH, KV):
+    """(B, T, C, HS, KV) of qkv (B, T, (NH + 2 KV) * HS), C = NH*HS the query (and out) width; KV None means NH."""
+    KV = NH if KV is None else KV
+    if not 1 <= KV <= NH or NH % KV:
+        raise ValueError(f"attention: the key/value heads KV={KV} must divide the query heads NH={NH}")
+    B, T, width = qkv.shape
+    HS = width // (NH + 2 * KV)
+    if width % (NH + 2 * KV) or HS not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"attention: qkv's last dim {width} must be (NH + 2*KV)*HS with NH={NH}, KV={KV} and HS in "
                          f"{SUPPORTED_HEAD_SIZES}")
-    return B, T, C, C // NH
+    return B, T, NH * HS, HS, KV
 
 
 def _launch_config(kernel, dtype, HS):
@@ -356,22 +415,24 @@ def _launch_config(kernel, dtype, HS):
     return block_m, block_n, options
 
 
-def attention_forward(out, lse, qkv, NH):
-    """Causal self-attention forward: out = softmax(q k^T / sqrt(HS), causal) v for every head.
+def attention_forward(out, lse, qkv, NH, KV=None):
+    """Causal self-attention forward: out = softmax(q k^T / sqrt(HS), causal) v for every query head.
 
     out: (B, T, C) written, C = NH*HS, in qkv's dtype (token t's heads side by side, as (B, T, NH, HS)).
     lse: (B, NH, T) fp32 written: each query row's natural-log log-sum-exp of its scaled scores (for the backward).
-    qkv: (B, T, 3C) bf16 or fp32, the QKV matmul's output: [q | k | v] along the last dim, each (NH, HS).
+    qkv: (B, T, (NH + 2 KV) * HS) bf16 or fp32, the QKV matmul's output: [q | k | v] along the last dim, q (NH, HS),
+        k and v (KV, HS) each; query head h reads key/value head h // (NH / KV).
+    KV: key/value heads, a divisor of NH; None (or NH) is multi-head attention, qkv (B, T, 3C).
     HS in (16, 32, 64, 128); any T >= 1.
     """
-    B, T, C, HS = _head_layout(qkv, NH)
+    B, T, C, HS, KV = _head_layout(qkv, NH, KV)
     _check_rows("out", out, B, T, C, qkv.dtype)
     _check_stats("lse", lse, B, NH, T)
     scale = 1.0 / math.sqrt(HS)
     block_m, block_n, options = _launch_config("forward", qkv.dtype, HS)
     _attention_forward_kernel[(triton.cdiv(T, block_m), B * NH)](
         out, lse, qkv, T, NH, C, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E.value,
-        HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, **options)
+        HS=HS, GROUP=NH // KV, BLOCK_M=block_m, BLOCK_N=block_n, **options)
 
 
 def backward_token_block(dtype, HS):
@@ -387,19 +448,23 @@ def backward_bias_scratch(B, T, C, NH, dtype, device):
                        device=device)
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, NH, delta, dbias=None, bias_scratch=None):
+def attention_backward(dqkv, dout, qkv, out, lse, NH, delta, dbias=None, bias_scratch=None, KV=None):
     """Causal self-attention backward: the gradient with respect to q, k and v, written into dqkv.
 
-    dqkv: (B, T, 3C) written (not accumulated), same layout and dtype as qkv: [dq | dk | dv].
+    dqkv: (B, T, (NH + 2 KV) * HS) written (not accumulated), same layout and dtype as qkv: [dq | dk | dv]; with
+        KV < NH each key/value head's dk, dv is the sum over the NH / KV query heads that read it.
     dout: (B, T, C) the gradient of the loss with respect to out, qkv's dtype.
     qkv, out, lse: the forward's input and outputs (lse (B, NH, T) fp32).
     delta: (B, NH, T) fp32 scratch, overwritten with rowsum(dout * out) per head.
     dbias: optional (3C,) fp32, += dqkv's column sums (the qkv bias gradient), deterministic: each program sums the
         block of dq, dk or dv it writes into bias_scratch (backward_bias_scratch), and bias.sum_partials adds the
-        blocks up in a fixed order. No pass over dqkv of its own.
+        blocks up in a fixed order. No pass over dqkv of its own. Multi-head attention only (GPT-2's qkv bias).
+    KV: key/value heads, as for attention_forward.
     """
-    B, T, C, HS = _head_layout(qkv, NH)
-    _check_rows("dqkv", dqkv, B, T, 3 * C, qkv.dtype)
+    B, T, C, HS, KV = _head_layout(qkv, NH, KV)
+    if dbias is not None and KV != NH:
+        raise ValueError(f"attention: dbias (the qkv bias gradient) needs KV == NH, got KV={KV}, NH={NH}")
+    _check_rows("dqkv", dqkv, B, T, qkv.shape[2], qkv.dtype)
     _check_rows("dout", dout, B, T, C, qkv.dtype)
     _check_rows("out", out, B, T, C, qkv.dtype)
     _check_stats("lse", lse, B, NH, T)
@@ -419,12 +484,12 @@ def attention_backward(dqkv, dout, qkv, out, lse, NH, delta, dbias=None, bias_sc
     partials = bias_scratch if sum_bias else delta  # delta: an unused pointer
     strides = (qkv.stride(0), qkv.stride(1), dqkv.stride(0), dqkv.stride(1), dout.stride(0), dout.stride(1))
     block_m, block_n, options = _launch_config("dkdv", qkv.dtype, HS)
-    _attention_dkdv_kernel[(triton.cdiv(T, block_n), B * NH)](
+    _attention_dkdv_kernel[(triton.cdiv(T, block_n), B * KV)](  # one program per key block of a key/value head
         dqkv, dout, qkv, lse, delta, partials, T, NH, C, *strides, scale, scale * LOG2E.value,
-        HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, SUM_BIAS=sum_bias, **options)
+        HS=HS, GROUP=NH // KV, BLOCK_M=block_m, BLOCK_N=block_n, SUM_BIAS=sum_bias, **options)
     block_m, block_n, options = _launch_config("dq", qkv.dtype, HS)
     _attention_dq_kernel[(triton.cdiv(T, block_m), B * NH)](
         dqkv, dout, qkv, lse, delta, partials, T, NH, C, *strides, scale, scale * LOG2E.value,
-        HS=HS, BLOCK_M=block_m, BLOCK_N=block_n, SUM_BIAS=sum_bias, **options)
+        HS=HS, GROUP=NH // KV, BLOCK_M=block_m, BLOCK_N=block_n, SUM_BIAS=sum_bias, **options)
     if sum_bias:
         sum_partials(dbias, bias_scratch)

@@ -3,8 +3,9 @@ only), against attention written out in float64 with autograd.
 
 The reference takes the same qkv (upcast to float64), splits it into q, k, v (B, NH, T, HS), computes
 softmax(q k^T / sqrt(HS) + causal mask) v, the per-row logsumexp of the masked scaled scores, and the gradients of
-<out, dout> with respect to q, k and v by autograd. The kernels are compared on everything they write: out, lse
-and dqkv = [dq | dk | dv].
+<out, dout> with respect to q, k and v by autograd. With grouped-query attention (KV < NH key/value heads, Llama 3)
+it repeats each key/value head for the NH / KV query heads that read it, as train_llama3_torch.py does, so autograd
+sums their dk and dv. The kernels are compared on everything they write: out, lse and dqkv = [dq | dk | dv].
 
 Tolerances:
 - float32 inputs: the kernels compute in fp32 with exact (IEEE) fp32 dots, so they differ from float64 only by fp32
@@ -32,13 +33,20 @@ from llmpy.kernels.bias import bias_backward, bias_backward_scratch, value_bias_
 torch.backends.cuda.matmul.allow_tf32 = False  # the GPU reference must be true fp32 matmuls too
 
 
-def reference_attention(qkv, dout, NH):
-    """float64 causal attention on qkv (B, T, 3C): out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)."""
-    B, T, three_C = qkv.shape
-    C = three_C // 3
-    HS = C // NH
+def reference_attention(qkv, dout, NH, KV=None):
+    """float64 causal attention on qkv (B, T, (NH + 2 KV) * HS): out (B, T, C), lse (B, NH, T), dqkv like qkv.
+    KV < NH key/value heads (grouped-query attention) as train_llama3_torch.py's CausalSelfAttention: qkv is
+    [q (NH heads) | k (KV heads) | v (KV heads)] and each key/value head is repeated for the NH / KV consecutive query
+    heads that read it (repeat_interleave), so autograd sums their gradients. KV None means NH, qkv (B, T, 3C)."""
+    KV = NH if KV is None else KV
+    B, T, width = qkv.shape
+    HS = width // (NH + 2 * KV)
+    C = NH * HS
     qkv64 = qkv.detach().to(torch.float64).requires_grad_(True)
-    q, k, v = (part.view(B, T, NH, HS).transpose(1, 2) for part in qkv64.split(C, dim=2))  # (B, NH, T, HS)
+    q, k, v = qkv64.split((C, KV * HS, KV * HS), dim=2)
+    q, k, v = q.view(B, T, NH, HS), k.view(B, T, KV, HS), v.view(B, T, KV, HS)
+    k, v = (t.repeat_interleave(NH // KV, dim=2) for t in (k, v))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, NH, T, HS)
     scores = q @ k.transpose(-2, -1) / math.sqrt(HS)  # (B, NH, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
@@ -48,32 +56,34 @@ def reference_attention(qkv, dout, NH):
     return out.detach(), lse.detach(), qkv64.grad
 
 
-def make_inputs(B, T, NH, HS, dtype, device, seed, channel_padding=0):
-    """Seeded random qkv and dout. With channel_padding > 0 both are views into wider buffers (row stride
-    3C + padding), which proves the kernels address q, k, v and dout through strides."""
+def make_inputs(B, T, NH, HS, dtype, device, seed, channel_padding=0, KV=None):
+    """Seeded random qkv (B, T, (NH + 2 KV) * HS; KV None means NH: 3C) and dout (B, T, C). With channel_padding > 0
+    both are views into wider buffers (row stride + padding), which proves the kernels address q, k, v and dout
+    through strides."""
     generator = torch.Generator().manual_seed(seed)
     C = NH * HS
-    qkv_buffer = torch.randn(B, T, 3 * C + channel_padding, generator=generator)
+    width = (NH + 2 * (NH if KV is None else KV)) * HS
+    qkv_buffer = torch.randn(B, T, width + channel_padding, generator=generator)
     dout_buffer = torch.randn(B, T, C + channel_padding, generator=generator)
-    qkv = qkv_buffer.to(dtype=dtype, device=device)[:, :, : 3 * C]
+    qkv = qkv_buffer.to(dtype=dtype, device=device)[:, :, :width]
     dout = dout_buffer.to(dtype=dtype, device=device)[:, :, :C]
     return qkv, dout
 
 
-def run_kernels(qkv, dout, NH, cudnn=False):
-    """Forward then backward, ours or cuDNN's, every output poisoned with NaN first so an element left unwritten
-    fails."""
-    B, T, three_C = qkv.shape
-    C = three_C // 3
+def run_kernels(qkv, dout, NH, cudnn=False, KV=None):
+    """Forward then backward, ours or cuDNN's (KV None only), every output poisoned with NaN first so an element left
+    unwritten fails."""
+    B, T, width = qkv.shape
+    C = dout.shape[2]
     out = torch.full((B, T, C), float("nan"), dtype=qkv.dtype, device=qkv.device)
     lse = torch.full((B, NH, T), float("nan"), dtype=torch.float32, device=qkv.device)
-    dqkv = torch.full_like(out.new_empty(B, T, three_C), float("nan"))
+    dqkv = torch.full_like(out.new_empty(B, T, width), float("nan"))
     if cudnn:
         vendor.cudnn_attention_forward(out, lse, qkv, NH)
         vendor.cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH)
     else:
-        attention_forward(out, lse, qkv, NH)
-        attention_backward(dqkv, dout, qkv, out, lse, NH, torch.full_like(lse, float("nan")))
+        attention_forward(out, lse, qkv, NH, KV=KV)
+        attention_backward(dqkv, dout, qkv, out, lse, NH, torch.full_like(lse, float("nan")), KV=KV)
     return out, lse, dqkv
 
 
@@ -129,6 +139,62 @@ def test_strided_views_of_wider_buffers(device):
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dqkv.double(), ref_dqkv, rtol=3e-5, atol=3e-5)
+
+
+def gradient_parts(dqkv, NH, KV, HS):
+    """dq, dk, dv: the column blocks of dqkv (NH, KV and KV heads of HS)."""
+    return dqkv.split((NH * HS, KV * HS, KV * HS), dim=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,HS", [(2, 67, 16), (2, 45, 32)])
+@pytest.mark.parametrize("NH,KV", [(4, 2), (4, 1), (4, 4)])
+def test_grouped_query_attention_matches_float64_reference(device, NH, KV, B, T, HS, dtype):
+    """Grouped-query attention (Llama 3): qkv (B, T, (NH + 2 KV) * HS) = [NH query heads | KV key heads | KV value
+    heads], query head h reading key/value head h // (NH / KV). Against reference_attention's float64 autograd with
+    k and v repeated for each group's query heads (train_llama3_torch.py's CausalSelfAttention), on out, lse, dq and
+    dk, dv, which are sums over the NH / KV query heads of a group (the kernel adds them up in fp32 registers).
+    KV = NH is multi-head attention through the same argument. Tolerances as for multi-head attention (module
+    docstring): fp32 rtol = atol = 1e-5 for out and lse and 3e-5 for the gradients (dk and dv sum NH / KV times as
+    many terms, at most 4 * 67 here: under the interpreter the worst element of any output uses under 4% of its
+    tolerance); bf16 1e-2 relative in the norm for out, dq, dk, dv (about 2e-3 under the interpreter, where only the
+    outputs are rounded) and absolute 1e-4 for lse. T = 45, 67 are not multiples of the blocks (16, 32), B = 2 puts the
+    key/value heads of a second batch row behind the first, and qkv and dout are views with 3 spare columns per row,
+    so the k and v columns must come from the head layout and the row strides."""
+    qkv, dout = make_inputs(B, T, NH, HS, dtype, device, seed=100 * KV + T, channel_padding=3, KV=KV)
+    out, lse, dqkv = run_kernels(qkv, dout, NH, KV=KV)
+    ref_out, ref_lse, ref_dqkv = reference_attention(qkv, dout, NH, KV)
+    parts = zip(("dq", "dk", "dv"), gradient_parts(dqkv, NH, KV, HS), gradient_parts(ref_dqkv, NH, KV, HS))
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+        for name, got, ref in parts:
+            torch.testing.assert_close(got.double(), ref, rtol=3e-5, atol=3e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        assert out.dtype == torch.bfloat16 and dqkv.dtype == torch.bfloat16
+        assert relative_error(out, ref_out) <= 1e-2
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-4)
+        for name, got, ref in parts:
+            error = relative_error(got, ref)
+            assert error <= 1e-2, f"{name}: relative error {error:.2e}"
+
+
+def test_grouped_query_attention_rejects_bad_layouts(device):
+    """One-line ValueErrors: KV that does not divide NH, a qkv width that is not (NH + 2 KV) * HS, and the qkv bias
+    gradient (dbias, GPT-2's) with KV != NH, which Llama 3 has no use for."""
+    NH, KV, HS, T = 4, 2, 16, 8
+    qkv, dout = make_inputs(1, T, NH, HS, torch.float32, device, seed=5, KV=KV)
+    out = torch.empty(1, T, NH * HS, device=device)
+    lse = torch.empty(1, NH, T, device=device)
+    with pytest.raises(ValueError, match="must divide the query heads"):
+        attention_forward(out, lse, qkv, NH, KV=3)
+    with pytest.raises(ValueError, match=r"\(NH \+ 2\*KV\)\*HS"):
+        attention_forward(out, lse, qkv[:, :, :-HS], NH, KV=KV)
+    attention_forward(out, lse, qkv, NH, KV=KV)
+    scratch = backward_bias_scratch(1, T, NH * HS, NH, torch.float32, device)
+    with pytest.raises(ValueError, match="needs KV == NH"):
+        attention_backward(torch.empty_like(qkv), dout, qkv, out, lse, NH, torch.empty_like(lse),
+                           dbias=torch.zeros(3 * NH * HS, device=device), bias_scratch=scratch, KV=KV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -195,11 +261,13 @@ def test_missing_cudnn_frontend_says_what_to_install(monkeypatch):
         vendor.cudnn_frontend()
 
 
-def test_backward_is_deterministic(device):
-    """No atomics: two backward passes on the same inputs agree bit for bit."""
-    qkv, dout = make_inputs(1, 50, 2, 32, torch.bfloat16, device, seed=3)
-    _, _, first = run_kernels(qkv, dout, 2)
-    _, _, second = run_kernels(qkv, dout, 2)
+@pytest.mark.parametrize("NH,KV", [(2, 2), (4, 2), (4, 1)])
+def test_backward_is_deterministic(device, NH, KV):
+    """No atomics: two backward passes on the same inputs agree bit for bit, also with grouped-query attention, whose
+    dk and dv sum several query heads (in a fixed order, inside one program per key block)."""
+    qkv, dout = make_inputs(1, 50, NH, 32, torch.bfloat16, device, seed=3, KV=KV)
+    _, _, first = run_kernels(qkv, dout, NH, KV=KV)
+    _, _, second = run_kernels(qkv, dout, NH, KV=KV)
     assert torch.equal(first, second)
 
 
