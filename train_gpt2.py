@@ -46,7 +46,6 @@ from llmpy.kernels.reduce import sum_into
 from llmpy.logger import Logger
 from llmpy.mfu import flops_per_token, mfu, peak_flops
 from llmpy.models import gpt2
-from llmpy.models.gpt2 import GPT2
 from llmpy.outlier import OutlierGuard
 from llmpy.rand import Xorshift
 from llmpy.runtime import Runtime
@@ -444,7 +443,7 @@ def save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_fl
 class Run:
     """Everything a run's loop works with, made by setup_run before the first step."""
     config: object
-    model: GPT2
+    model: gpt2.GPT2
     train_loader: DataLoader
     val_loader: object  # DataLoader or None (no validation)
     val_batches: int  # this rank's validation batches
@@ -460,6 +459,7 @@ class Run:
     guard: OutlierGuard
     sample_rng: Xorshift
     writer: object  # checkpoint.CheckpointWriter, or None without -o
+    device_name: str  # the GPU's name, or cpu
     flops: float  # FLOPs a token
     peak: object  # the GPU's peak FLOP/s, or None (unknown, CPU)
 
@@ -522,7 +522,7 @@ def setup_run(args, dist, say):
     gpt2.choose_attention(config, T, args.attention, dtype, device)
     runtime = Runtime(param_table(config), dtype=dtype, device=device, dist=dist, zero_stage=args.zero_stage,
                       cuda_graphs=bool(args.cuda_graphs), deterministic=bool(args.deterministic))
-    model = GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
+    model = gpt2.GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
                  gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic))
     run_flags = {**{k: getattr(args, k) for k in RUN_FLAGS}, "total_batch_size": total_batch_size,
                  "max_steps": max_steps, "shuffle": int(shuffle)}
@@ -550,19 +550,18 @@ def setup_run(args, dist, say):
                hellaswag=hellaswag, tokenizer=tokenizer, grad_accum_steps=grad_accum_steps,
                total_batch_size=total_batch_size, max_steps=max_steps,
                step0=resume.step if resume is not None else 0, resumed=resume is not None, shuffle=shuffle,
-               run_flags=run_flags, guard=guard, sample_rng=sample_rng, writer=writer,
+               run_flags=run_flags, guard=guard, sample_rng=sample_rng, writer=writer, device_name=device_name,
                flops=flops_per_token(config, T), peak=peak)
 
 
 def describe_run(args, run, dist, say):
     """The run's summary, printed before its first step."""
-    config, world, device = run.config, dist.world_size, dist.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    config, world = run.config, dist.world_size
     say(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
         f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
         f"{num_parameters(config):,} parameters")
-    say(f"device {device_name}, dtype {args.dtype}, attention {run.model.attention_impl}, recompute {args.recompute}"
-        f"{', deterministic' if args.deterministic else ''}")
+    say(f"device {run.device_name}, dtype {args.dtype}, attention {run.model.attention_impl}, "
+        f"recompute {args.recompute}{', deterministic' if args.deterministic else ''}")
     say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
         f", zero stage {args.zero_stage}")
     per_process = (f" x {world} processes", f" for each of {world} processes") if world > 1 else ("", "")

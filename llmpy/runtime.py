@@ -197,7 +197,10 @@ class Runtime:
         into a graph, and every later one replays it, so the GPU no longer waits for Python between kernels. A graph
         replays the same kernels on the same buffers with the same arguments: run must read everything that
         changes between calls from device memory, and key must tell apart the calls that launch differently."""
-        if not self.cuda_graphs or key not in self._graphs:
+        if not self.cuda_graphs:
+            run()
+            return
+        if key not in self._graphs:
             run()
             self._graphs[key] = None
             return

@@ -67,6 +67,12 @@ def _tile_rows_columns(N, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def _load_fp32(ptr, stride, rows, columns, mask):
+    """The tile of an (N, H) tensor with this row stride, as fp32."""
+    return tl.load(ptr + rows * stride + columns, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _swiglu_forward_kernel(
     out_ptr,  # (N, H): out, silu(gate) * up; may be gate or up itself
     gate_ptr,  # (N, H)
@@ -80,8 +86,8 @@ def _swiglu_forward_kernel(
     BLOCK_H: tl.constexpr,
 ):
     rows, columns, mask = _tile_rows_columns(N, H, ROWS, BLOCK_H)
-    gate = tl.load(gate_ptr + rows * stride_gate + columns, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + rows * stride_up + columns, mask=mask, other=0.0).to(tl.float32)
+    gate = _load_fp32(gate_ptr, stride_gate, rows, columns, mask)
+    up = _load_fp32(up_ptr, stride_up, rows, columns, mask)
     s, _ = sigmoid_and_complement(gate)
     out = round_to(gate * s * up, out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows * stride_out + columns, out, mask=mask)
@@ -106,9 +112,9 @@ def _swiglu_backward_kernel(
 ):
     rows, columns, mask = _tile_rows_columns(N, H, ROWS, BLOCK_H)
     # all three inputs of the tile are loaded before either output is stored: dgate, dup may overwrite gate, up
-    gate = tl.load(gate_ptr + rows * stride_gate + columns, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + rows * stride_up + columns, mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + rows * stride_dout + columns, mask=mask, other=0.0).to(tl.float32)
+    gate = _load_fp32(gate_ptr, stride_gate, rows, columns, mask)
+    up = _load_fp32(up_ptr, stride_up, rows, columns, mask)
+    dout = _load_fp32(dout_ptr, stride_dout, rows, columns, mask)
     s, one_minus_s = sigmoid_and_complement(gate)
     dup = dout * (gate * s)
     dgate = dout * up * (s * (1.0 + gate * one_minus_s))
