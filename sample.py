@@ -21,7 +21,7 @@ import os
 import sys
 
 from llmpy.cli import OneLineArgumentParser
-from llmpy.config import GPT2_EOT, GPT2_VOCAB_SIZE
+from llmpy.configs.gpt2 import GPT2_EOT, GPT2_VOCAB_SIZE
 from llmpy.formats import FormatError
 from llmpy.hf import load_weights
 from llmpy.sampling import FullForwardDecoder, Sampler, generate

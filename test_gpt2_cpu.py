@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from llmpy.config import file_prefix, split_params
+from llmpy.configs.gpt2 import file_prefix, split_params
 from llmpy.formats import FormatError
 from llmpy.reference_files import read_reference_files
 from train_gpt2_cpu import GPT2

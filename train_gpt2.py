@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from llmpy import checkpoint, cli, evals, formats, hf
-from llmpy.config import DESCRIPTORS_HELP, config_from_descriptor, num_parameters, param_table
+from llmpy.configs.gpt2 import DESCRIPTORS_HELP, config_from_descriptor, num_parameters, param_table
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
 from llmpy.kernels import INTERPRET

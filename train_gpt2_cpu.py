@@ -1,7 +1,7 @@
 """GPT-2 training on the CPU in fp32 NumPy: the reference trainer, in the spirit of llm.c's train_gpt2.c.
 
 Every layer has a forward and a backward function, written out with the shapes in the comments. The model's
-parameters live in one flat float32 buffer (llm.c's order, llmpy.config.split_params gives the per-tensor views),
+parameters live in one flat float32 buffer (llm.c's order, llmpy.configs.gpt2.split_params gives the per-tensor views),
 the gradients in a second, the AdamW moments in two more, so the optimizer is one pass over flat buffers.
 
 Notation: B batch size, T sequence length, N = B*T rows, C channels, NH heads, hs = C/NH head size, L layers,
@@ -37,7 +37,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import numpy as np  # noqa: E402 (after the environment variable above)
 
 from llmpy import cli
-from llmpy.config import (GPT2_EOT, config_from_descriptor, gpt2_init, is_descriptor, num_parameters, param_table,
+from llmpy.configs.gpt2 import (GPT2_EOT, config_from_descriptor, gpt2_init, is_descriptor, num_parameters, param_table,
                           split_params)
 from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_model

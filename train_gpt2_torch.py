@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from llmpy import cli, formats, hf
-from llmpy.config import (DESCRIPTORS_HELP, GPT2_EOT, config_from_descriptor, descriptor_of, file_prefix,
+from llmpy.configs.gpt2 import (DESCRIPTORS_HELP, GPT2_EOT, config_from_descriptor, descriptor_of, file_prefix,
                           num_parameters, param_shapes)
 from llmpy.params import split_flat
 from llmpy.data import DataLoader
@@ -105,7 +105,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 for a llmpy.config.GPT2Config. flash: F.scaled_dot_product_attention, else the explicit masked softmax."""
+    """GPT-2 for a llmpy.configs.gpt2.GPT2Config. flash: F.scaled_dot_product_attention, else the explicit masked softmax."""
 
     # llm.c's name of each per-layer tensor -> its path inside a Block; the rest are whole-model tensors
     LAYER_TENSORS = {
@@ -230,7 +230,7 @@ def model_from_flat(config, flat, flash=True):
 def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
     """AdamW with weight decay on the matrices and embeddings (dim >= 2) only, not on biases and layernorms.
 
-    These are exactly llmpy.config.decayed_param_names(). torch's decay is decoupled, w -= lr * (adam + wd * w),
+    These are exactly llmpy.configs.gpt2.decayed_param_names(). torch's decay is decoupled, w -= lr * (adam + wd * w),
     as llm.c's. fused=True (one kernel for all tensors) on CUDA.
     """
     params = list(model.parameters())

@@ -13,7 +13,7 @@ train_gpt2_torch.py's, which this file imports.
     torchrun --standalone --nproc_per_node 8 train_llama3_torch.py --model llama3.2-1b -b 8 -t 2048 \\
         --total_batch_size 524288 --dtype bfloat16 --compile 1
 
-Layout shared with llm.c (llmpy/models/llama3.py, llmpy/formats.py): per-layer tensors stacked along a leading L
+Layout shared with llm.c (llmpy/configs/llama3.py, llmpy/formats.py): per-layer tensors stacked along a leading L
 axis, matrices as (out, in) (nn.Linear's layout), qkvw's rows the query heads, then the key heads, then the value
 heads. RoPE turns each head's adjacent channels (2i, 2i+1) together, as Meta's and llm.c's code do; Hugging Face's
 Llama turns channel i with channel i + hs/2, so its q and k weights are these with their rows permuted.
@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmpy import formats
-from llmpy.models import llama3
+from llmpy.configs import llama3
 from llmpy.tokenizer import LLAMA3_TOKENIZER_FILE_EOT, llama3_encoding
 from train_gpt2_torch import ModelFamily, ReferenceFiles, build_parser, causal_attention, load_flat, logits_and_loss
 from train_gpt2_torch import main as run_family
@@ -111,7 +111,7 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama 3 for a llmpy.models.llama3.Llama3Config. flash: F.scaled_dot_product_attention, else the explicit
+    """Llama 3 for a llmpy.configs.llama3.Llama3Config. flash: F.scaled_dot_product_attention, else the explicit
     masked softmax."""
 
     # llm.c's name of each per-layer tensor -> its path inside a Block; the rest are whole-model tensors
@@ -153,14 +153,14 @@ class Llama(nn.Module):
 
 
 def model_from_flat(config, flat, flash=True):
-    """A Llama with the flat float32 parameters (llmpy.models.llama3's layout)."""
+    """A Llama with the flat float32 parameters (llmpy.configs.llama3's layout)."""
     model = Llama(config, flash)
     load_flat(model, flat)
     return model
 
 
 def init_weights(model, seed):
-    """The seeded init of llmpy.models.llama3.init_params (N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)),
+    """The seeded init of llmpy.configs.llama3.init_params (N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)),
     RMSNorm gains 1): the same weights on any device, and the mainline's."""
     load_flat(model, llama3.init_params(model.config, seed))
 

@@ -5,7 +5,7 @@
     python dev/bench.py --contenders mainline,compile --attention triton
     python dev/bench.py --contenders mainline,ddp,zero1   # data parallel's overhead at world size 1
 
-Every contender trains the same GPT-2 from the same weights (llmpy.config.gpt2_init with --seed) on the same
+Every contender trains the same GPT-2 from the same weights (llmpy.configs.gpt2.gpt2_init with --seed) on the same
 batches of tiny Shakespeare (or random tokens when the shards are missing), with the same hyperparameters (AdamW
 lr 3e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1, grad clip 1.0), each in its own process so that one's
 memory and compiled state cannot help or hurt another:
@@ -43,7 +43,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
+from llmpy.configs.gpt2 import config_from_descriptor, gpt2_init  # noqa: E402
 from llmpy.data import DataLoader  # noqa: E402
 from llmpy.mfu import flops_per_token, mfu, peak_flops  # noqa: E402
 

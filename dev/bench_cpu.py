@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
+from llmpy.configs.gpt2 import config_from_descriptor, gpt2_init  # noqa: E402
 from llmpy.formats import read_model, write_model  # noqa: E402
 
 LR, BETAS, EPS = 1e-4, (0.9, 0.999), 1e-8

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from common import rel_error  # noqa: E402
 from llmpy import cublaslt, vendor  # noqa: E402
-from llmpy.config import config_from_descriptor  # noqa: E402
+from llmpy.configs.gpt2 import config_from_descriptor  # noqa: E402
 from matmul import bound_backward_input, bound_backward_weight, bound_forward  # noqa: E402
 
 CONTENDERS = ("torch", "lt-first", "lt-timed", "lt-best")

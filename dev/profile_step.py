@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
+from llmpy.configs.gpt2 import config_from_descriptor, gpt2_init  # noqa: E402
 from llmpy.models import gpt2  # noqa: E402
 from llmpy.outlier import OutlierGuard  # noqa: E402
 from train_gpt2 import train_step  # noqa: E402

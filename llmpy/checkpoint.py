@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from . import formats
-from .config import num_parameters, param_shapes
+from .configs.gpt2 import num_parameters, param_shapes
 from .data import LoaderState
 from .rand import MT_STATE_BYTES
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GPT2Config, num_parameters
+from .configs.gpt2 import GPT2Config, num_parameters
 from .params import split_flat
-from .models import llama3
+from .configs import llama3
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -292,9 +292,9 @@ def _debug_body(path, V, n, x, y, logits, loss, grads_flat):
 #   [16] 1, the version of this extension    [17] tied_embeddings (0 or 1)
 #   [18:20] ffn_dim_multiplier, [20:22] norm_eps, [22:24] rope_theta: float64 bit patterns, two slots each (exact)
 # A file without the extension ([16] = 0, as llm.c writes them) is read as untied, with rope_theta from [11], and
-# ffn_dim_multiplier and norm_eps those of the known Llama 3 size (llmpy.models.llama3.DESCRIPTORS) whose integer
+# ffn_dim_multiplier and norm_eps those of the known Llama 3 size (llmpy.configs.llama3.DESCRIPTORS) whose integer
 # fields and truncated values it has; of any other size it is refused, with one line.
-# The tensors follow in llm.c's order (llmpy.models.llama3), lmhead last: a tied model writes wte there again.
+# The tensors follow in llm.c's order (llmpy.configs.llama3), lmhead last: a tied model writes wte there again.
 #
 # llm.c's debug state for Llama 3 has the model file's magic and no version: [1] B, [2] T; then x, y (int32,
 # (B, T)), logits (fp32, (B, T, V)), the loss (fp32), every gradient (fp32, the model file's order: a tied model's
@@ -371,7 +371,7 @@ def _untie(path, config, flat, what):
 
 def read_llama3_model(path):
     """A Llama 3 model file (llm.c's or ours, fp32 or bf16) -> (Llama3Config, flat float32 parameters in
-    llmpy.models.llama3's layout). The weights are read straight into their array (an 8B model is 32 GB in fp32)."""
+    llmpy.configs.llama3's layout). The weights are read straight into their array (an 8B model is 32 GB in fp32)."""
     config, version = read_llama3_model_header(path)
     n, bf16 = _file_count(config), version == MODEL_VERSION_BF16
     _check_length(path, b"", HEADER_BYTES + n * (2 if bf16 else 4), "Llama 3 model", size=os.path.getsize(path))
@@ -401,7 +401,7 @@ def _with_lmhead(config, flat):
 
 
 def write_llama3_model(path, config, flat_params, dtype="float32"):
-    """Writes flat float32 parameters (llmpy.models.llama3's layout) as a Llama 3 model file, fp32 (v3) or bf16
+    """Writes flat float32 parameters (llmpy.configs.llama3's layout) as a Llama 3 model file, fp32 (v3) or bf16
     (v5), in llm.c's layout with our header extension."""
     if dtype not in _LLAMA3_VERSIONS:
         raise ValueError(f"model dtype must be float32 or bfloat16, not {dtype!r}")

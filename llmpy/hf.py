@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .config import GPT2_EOT, GPT2Config, num_parameters, pad_vocab, split_params
+from .configs.gpt2 import GPT2_EOT, GPT2Config, num_parameters, pad_vocab, split_params
 from .formats import FormatError, bfloat16_bits_to_float32, read_model, write_file_atomic
 from .progress import progress
 from .tokenizer import token_bytes

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import vendor
-from .config import num_parameters, split_params
+from .configs.gpt2 import num_parameters, split_params
 from .kernels import attention, encoder, layernorm
 from .kernels.decode_attention import decode_attention
 from .models import gpt2

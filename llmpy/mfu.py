@@ -18,7 +18,7 @@ for --dtype bfloat16, TF32 tensor cores for float32 with TF32 allowed, else plai
 The peaks are the datasheets' dense (no sparsity) numbers; unknown GPUs (and the CPU) have none: MFU "n/a".
 """
 
-from .config import num_parameters
+from .configs.gpt2 import num_parameters
 
 # GPU name substring -> peak FLOP/s for (bf16, tf32, fp32), dense; the first match wins, so PCIe before SXM
 PEAK_FLOPS = (

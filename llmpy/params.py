@@ -1,6 +1,6 @@
 """A model family's parameters as one table, and everything that follows from it. Family-neutral, NumPy only.
 
-Each family (llmpy/config.py's GPT-2, llmpy/models/llama3.py) lists its tensors once, in llm.c's file order, with
+Each family (llmpy/configs/gpt2.py's GPT-2, llmpy/configs/llama3.py) lists its tensors once, in llm.c's file order, with
 what the rest of the code needs to know about each: its shape, whether AdamW decays it, its init, and whether its
 gradient is written by a matmul's backward. From that table come the flat buffer's layout and views (split_flat),
 the ranges AdamW decays (decay_runs: the GPU kernel's segments and the NumPy trainer's chunks), the seeded init

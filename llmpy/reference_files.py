@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .config import config_from_descriptor
+from .configs.gpt2 import config_from_descriptor
 from .formats import FormatError, read_debug_state, read_model
 
 HYPERPARAMETERS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip")

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import GPT2_EOT
+from .configs.gpt2 import GPT2_EOT
 from .rand import Xorshift
 
 _PICK_BLOCK = 1024  # probabilities per block of pick's running sums

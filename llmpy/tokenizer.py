@@ -15,9 +15,9 @@ import importlib.resources
 import os
 import re
 
-from .config import GPT2_EOT, GPT2_VOCAB_SIZE
+from .configs.gpt2 import GPT2_EOT, GPT2_VOCAB_SIZE
 from .formats import read_tokenizer
-from .models.llama3 import BEGIN_OF_TEXT, LLAMA3_VOCAB_SIZE
+from .configs.llama3 import BEGIN_OF_TEXT, LLAMA3_VOCAB_SIZE
 
 TIKTOKEN_FILE_ENV = "LLMPY_TIKTOKEN_FILE"
 LLAMA3_TOKENIZER_FILE_ENV = "LLMPY_LLAMA3_TOKENIZER_FILE"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmpy import checkpoint, formats
-from llmpy.config import GPT2Config, num_parameters
+from llmpy.configs.gpt2 import GPT2Config, num_parameters
 from llmpy.data import LoaderState
 from llmpy.distributed import Dist
 from llmpy.rand import Mt19937

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import train_gpt2_cpu as cpu
 from llmpy import formats
-from llmpy.config import (GPT2Config, config_from_descriptor, decayed_param_names, file_prefix, gpt2_init,
+from llmpy.configs.gpt2 import (GPT2Config, config_from_descriptor, decayed_param_names, file_prefix, gpt2_init,
                           split_params)
 
 REPO = Path(__file__).resolve().parents[1]

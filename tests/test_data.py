@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmpy.config import GPT2_EOT
+from llmpy.configs.gpt2 import GPT2_EOT
 from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_shard, write_shard
 from llmpy.rand import Mt19937

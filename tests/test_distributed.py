@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from llmpy import formats
-from llmpy.config import decayed_param_names, num_parameters, param_table, split_params
+from llmpy.configs.gpt2 import decayed_param_names, num_parameters, param_table, split_params
 from llmpy.distributed import Dist, init_distributed
 from llmpy.models import gpt2
 from llmpy.runtime import Runtime

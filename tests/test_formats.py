@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmpy import formats
-from llmpy.config import config_from_descriptor, num_parameters, split_params
+from llmpy.configs.gpt2 import config_from_descriptor, num_parameters, split_params
 from llmpy.formats import FormatError
 
 CONFIG = config_from_descriptor("d2c64h4")

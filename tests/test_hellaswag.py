@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import train_gpt2
 import train_gpt2_torch as ref
 from llmpy import evals, formats
-from llmpy.config import config_from_descriptor, gpt2_init
+from llmpy.configs.gpt2 import config_from_descriptor, gpt2_init
 from llmpy.formats import EvalExample
 from llmpy.logger import Logger
 from llmpy.tokenizer import gpt2_encoding

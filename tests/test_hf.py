@@ -27,7 +27,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import train_gpt2_cpu as cpu  # noqa: E402
 import train_gpt2_torch as ref  # noqa: E402
 from llmpy import formats, hf  # noqa: E402
-from llmpy.config import config_from_descriptor, gpt2_init  # noqa: E402
+from llmpy.configs.gpt2 import config_from_descriptor, gpt2_init  # noqa: E402
 from llmpy.models import gpt2  # noqa: E402
 from llmpy.tokenizer import gpt2_encoding  # noqa: E402
 

@@ -26,11 +26,11 @@ import torch
 
 import train_llama3_torch as ref
 from llmpy import formats
-from llmpy.config import config_from_descriptor as gpt2_config_from_descriptor
-from llmpy.config import gpt2_init
+from llmpy.configs.gpt2 import config_from_descriptor as gpt2_config_from_descriptor
+from llmpy.configs.gpt2 import gpt2_init
 from llmpy.params import split_flat
-from llmpy.models import llama3
-from llmpy.models.llama3 import Llama3Config
+from llmpy.configs import llama3
+from llmpy.configs.llama3 import Llama3Config
 from llmpy.tokenizer import (LLAMA3_TOKENIZER_FILE_ENV, Tokenizer, TokenizerError, llama3_encode, llama3_encoding,
                              llama3_special_tokens, token_bytes)
 from train_gpt2_torch import configure_optimizer, grads_to_flat, llmc_parameters, model_to_flat, train_step

@@ -7,7 +7,7 @@ without the position embedding (1024 x 768) that is N = 123,653,376, so at T = 1
 
 import pytest
 
-from llmpy.config import config_from_descriptor
+from llmpy.configs.gpt2 import config_from_descriptor
 from llmpy.mfu import flops_per_token, mfu, peak_flops
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from llmpy import params
-from llmpy.config import (GPT2Config, config_from_descriptor, descriptor_of, file_prefix, gpt2_init, num_parameters,
+from llmpy.configs.gpt2 import (GPT2Config, config_from_descriptor, descriptor_of, file_prefix, gpt2_init, num_parameters,
                           param_table)
-from llmpy.models import llama3
+from llmpy.configs import llama3
 from llmpy.params import ParamSpec
 
 

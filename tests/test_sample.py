@@ -46,7 +46,7 @@ import pytest
 import torch
 
 from llmpy import formats
-from llmpy.config import GPT2Config, config_from_descriptor, gpt2_init, split_params
+from llmpy.configs.gpt2 import GPT2Config, config_from_descriptor, gpt2_init, split_params
 from llmpy.inference import KVCacheGPT2, full_forward_logits
 from llmpy.kernels.decode_attention import decode_attention
 from llmpy.sampling import Sampler, distribution, generate, nucleus_size, pick

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import train_gpt2_torch as ref
 from llmpy import formats
-from llmpy.config import (GPT2Config, config_from_descriptor, decayed_param_names, num_parameters, param_shapes,
+from llmpy.configs.gpt2 import (GPT2Config, config_from_descriptor, decayed_param_names, num_parameters, param_shapes,
                           split_params)
 from llmpy.logger import read_main_log
 

@@ -25,7 +25,7 @@ import torch
 
 import train_gpt2_torch as ref
 from llmpy import formats
-from llmpy.config import GPT2Config, num_parameters, split_params
+from llmpy.configs.gpt2 import GPT2Config, num_parameters, split_params
 from llmpy.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]

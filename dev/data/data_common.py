@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for llmpy when run as a script
-from llmpy.config import GPT2_EOT  # noqa: E402
+from llmpy.configs.gpt2 import GPT2_EOT  # noqa: E402
 from llmpy.formats import FormatError, write_shard  # noqa: E402
-from llmpy.models.llama3 import BEGIN_OF_TEXT  # noqa: E402
+from llmpy.configs.llama3 import BEGIN_OF_TEXT  # noqa: E402
 from llmpy.progress import progress  # noqa: E402
 from llmpy.signals import ignore_interrupts, run_quietly  # noqa: E402
 from llmpy.tokenizer import TokenizerError, gpt2_encoding, llama3_encode, llama3_encoding  # noqa: E402

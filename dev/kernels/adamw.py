@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmpy.config import GPT2Config, decayed_param_names, num_parameters, param_shapes, param_table, split_params
+from llmpy.configs.gpt2 import GPT2Config, decayed_param_names, num_parameters, param_shapes, param_table, split_params
 from llmpy.kernels import adamw as mainline
 from llmpy.kernels.rounding import round_to
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmpy.config import GPT2Config, num_parameters
+from llmpy.configs.gpt2 import GPT2Config, num_parameters
 from llmpy.kernels import norm as mainline
 
 

@@ -14,7 +14,7 @@ Backward, with xhat = (x - mean) * rstd and dnorm = dout * weight (all per row):
 dinp accumulates (+=) because the layernorm input is the residual stream, whose gradient also arrives straight
 through the residual connection, as in llm.c.
 
-RMSNorm is Llama 3's norm (llmpy.models.llama3), LayerNorm without the centring and without the bias:
+RMSNorm is Llama 3's norm (llmpy.configs.llama3), LayerNorm without the centring and without the bias:
   rstd = 1 / sqrt(sum(x^2) / C + eps),  out = x * rstd * weight,  only rstd (fp32) kept for the backward;
   with xhat = x * rstd and dnorm = dout * weight:  dinp += rstd * (dnorm - xhat * mean(dnorm * xhat)),
   dweight += sum over rows of dout * xhat.

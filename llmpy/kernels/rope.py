@@ -2,13 +2,13 @@
 
 The op. Within each head of hs channels, pair i = channels (2i, 2i+1) (adjacent pairs: Meta's and llm.c's
 convention, not Hugging Face's i, i + hs/2) of the token at position t turns by the angle whose cosine and sine are
-cos[t, i] and sin[t, i], the tables of llmpy.models.llama3.rope_tables (fp32 (T_max, hs/2)):
+cos[t, i] and sin[t, i], the tables of llmpy.configs.llama3.rope_tables (fp32 (T_max, hs/2)):
     (even, odd) -> (even * cos - odd * sin,  even * sin + odd * cos)
 in fp32, rounded once to the activation dtype (llmpy.kernels.rounding.round_to), as train_llama3_torch.rotate does.
 The query and key heads are turned alike; the value heads are not turned at all.
 
 Layout. The operand is the qkv matmul's output qkv (B, T, (NH + 2 KV) hs): along the last dim the NH query heads,
-then the KV key heads, then the KV value heads (grouped-query attention, llmpy/models/llama3.py). The heads to turn
+then the KV key heads, then the KV value heads (grouped-query attention, llmpy/configs/llama3.py). The heads to turn
 are the first NH + KV, one contiguous span of (NH + KV) hs channels per token; the value heads after them are never
 read or written. Any batch and time strides, unit stride along the channels.
 
@@ -119,7 +119,7 @@ def rope_forward(qkv, cos, sin, NH, KV):
     qkv: (B, T, (NH + 2*KV) * hs) bf16 or fp32, unit channel stride (any batch and time strides): the qkv matmul's
         output, query heads then key heads then value heads along the last dim.
     cos, sin: fp32 (T_max, hs/2) on qkv's device, unit column stride, T_max >= T (rows T and on are not read):
-        llmpy.models.llama3.rope_tables. Pair (2i, 2i+1) of position t turns by (cos[t, i], sin[t, i]).
+        llmpy.configs.llama3.rope_tables. Pair (2i, 2i+1) of position t turns by (cos[t, i], sin[t, i]).
     """
     _rope("rope_forward", qkv, cos, sin, NH, KV, inverse=False)
 

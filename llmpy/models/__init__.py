@@ -1,4 +1,4 @@
-"""Model families. For each, its description: config, descriptors, parameter table (llm.c's file order) and init,
-NumPy only, so that every trainer and file reader can import it (llama3.py; GPT-2's is llmpy/config.py); and its
-mainline model on torch and our kernels, over llmpy/runtime.py (gpt2.py; Llama 3's is to come).
+"""The mainline's model families on torch and our kernels, over llmpy/runtime.py: gpt2.py, llama3.py. Each holds
+its activations and writes its forward and backward out layer by layer; what a family is (config, parameter table,
+init) is in llmpy/configs/.
 """

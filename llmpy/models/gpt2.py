@@ -1,7 +1,7 @@
 """GPT-2 on the GPU, the mainline: its activations and its forward and backward pass written out layer by layer.
 
 The model works on the views of a Runtime's flat buffers (llmpy/runtime.py: the parameters, the gradients, the
-optimizer, the CUDA graphs, the side stream; built from GPT-2's parameter table, llmpy.config.param_table), plus the
+optimizer, the CUDA graphs, the side stream; built from GPT-2's parameter table, llmpy.configs.gpt2.param_table), plus the
 activations of one (B, T) micro-batch, allocated once. Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor)
 or our own flash attention; every other op is one of our Triton kernels (llmpy.kernels), except the forward's GELU,
 which with gelu_fusion runs in the fc matmul's cuBLASLt epilogue.
@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .. import vendor
-from ..config import gpt2_init, param_table
+from ..configs.gpt2 import gpt2_init, param_table
 from ..kernels import attention, bias, classifier, encoder, gelu, layernorm, reduce
 from ..runtime import Runtime
 
@@ -39,7 +39,7 @@ class LayerActivations(NamedTuple):
 def layer_forward(p, l, residual, acts, attend, gelu_fusion):
     """Layer l of GPT-2 on N rows of the residual stream, residual (N, C): writes every tensor of acts
     (LayerActivations), the layer's output last, into acts.residual3 (which may be residual itself: residual is last
-    read before it is written). p: the parameter views (llmpy.config.split_params). attend(l, acts): the causal
+    read before it is written). p: the parameter views (llmpy.configs.gpt2.split_params). attend(l, acts): the causal
     self-attention, from acts.qkv to acts.atty. gelu_fusion: GELU in the fc matmul's cuBLASLt epilogue (GPU only)."""
     # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual
     layernorm.layernorm_forward(acts.ln1, acts.ln1_mean, acts.ln1_rstd, residual, p["ln1w"][l], p["ln1b"][l])
@@ -212,7 +212,7 @@ class GPT2:
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
 
     def init_weights(self, seed):
-        """GPT-2's seeded random initialisation (llmpy.config.gpt2_init)."""
+        """GPT-2's seeded random initialisation (llmpy.configs.gpt2.gpt2_init)."""
         self.runtime.load_weights(gpt2_init(self.config, seed))
 
     # ------------------------------------------------------------------------- forward

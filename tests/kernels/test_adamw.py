@@ -17,7 +17,7 @@ against float64; so the reference is float64.)
 import pytest
 import torch
 
-from llmpy.config import GPT2Config, decayed_param_names, num_parameters, param_table, split_params
+from llmpy.configs.gpt2 import GPT2Config, decayed_param_names, num_parameters, param_table, split_params
 from llmpy.kernels.adamw import adamw_update, decay_segments, set_adamw_hparams
 
 CONFIG = GPT2Config(max_seq_len=8, vocab_size=50, padded_vocab_size=64, num_layers=2, num_heads=2, channels=16)

@@ -1,7 +1,7 @@
 """RoPE kernels against a float64 rotation of the same inputs and table values, and against the reference trainer.
 
 The reference turns pair (2i, 2i+1) of every query and key head at position t by (cos[t, i], sin[t, i]) in float64,
-from the kernel's own inputs and the fp32 tables of llmpy.models.llama3.rope_tables (with and without Llama 3.1's
+from the kernel's own inputs and the fp32 tables of llmpy.configs.llama3.rope_tables (with and without Llama 3.1's
 scaling); the backward's reference turns by the opposite angle (sin negated). With r the pair's norm, the kernel's
 fp32 result (even * cos - odd * sin: two products and a difference, or an FMA and a product) is off by at most
 2^-23 r (two roundings of size <= r each, 2^-24 relative).
@@ -28,7 +28,7 @@ import torch
 
 import train_llama3_torch
 from llmpy.kernels.rope import rope_backward, rope_forward
-from llmpy.models import llama3
+from llmpy.configs import llama3
 
 FP32_TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 BF16_TOLERANCE = dict(rtol=2**-8 * 1.01, atol=1e-6)

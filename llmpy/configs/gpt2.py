@@ -10,8 +10,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from . import params
-from .params import ParamSpec
+from .. import params
+from ..params import ParamSpec
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 GPT2_EOT = 50256
