@@ -55,12 +55,15 @@ def matmul_gelu_forward(out, pre_gelu, inp, weight, bias):
                     ldd=_ld(out), epilogue="gelu_aux_bias", bias=bias, aux=pre_gelu, aux_ld=_ld(pre_gelu))
 
 
-def matmul_backward_input(dinp, dout, weight):
-    """dinp (N, C) = dout (N, OC) @ weight (OC, C). Column-major, dinp^T (C, N) = weight^T (C, OC) @ dout^T (OC, N)."""
+def matmul_backward_input(dinp, dout, weight, accumulate=False):
+    """dinp (N, C) = dout (N, OC) @ weight (OC, C), or += with accumulate (an input read by two matmuls: Llama's
+    SwiGLU gate and up). Column-major, dinp^T (C, N) = weight^T (C, OC) @ dout^T (OC, N)."""
     if dinp.is_cuda:
         (N, OC), C = dout.shape, weight.shape[1]
         cublaslt.matmul(dinp, weight, dout, m=C, n=N, k=OC, trans_a=False, trans_b=False, lda=_ld(weight),
-                        ldb=_ld(dout), ldd=_ld(dinp))
+                        ldb=_ld(dout), ldd=_ld(dinp), c=dinp if accumulate else None)
+    elif accumulate:
+        dinp.addmm_(dout, weight)
     else:
         torch.mm(dout, weight, out=dinp)
 
@@ -92,6 +95,14 @@ def heads(x, NH, K):
     return [x[:, :, i].transpose(1, 2) for i in range(K)]
 
 
+def qkv_heads(qkv, NH, KV):
+    """Views of q (B, NH, T, HS), k and v (B, KV, T, HS) in qkv (B, T, (NH + 2 KV) * HS): NH query heads, then KV key
+    heads, then KV value heads (grouped-query attention; KV = NH is heads(qkv, NH, 3)). Strided views, no copies."""
+    B, T, W = qkv.shape
+    x = qkv.view(B, T, NH + 2 * KV, W // (NH + 2 * KV))
+    return [x[:, :, start:stop].transpose(1, 2) for start, stop in ((0, NH), (NH, NH + KV), (NH + KV, NH + 2 * KV))]
+
+
 _cudnn = {}  # the cuDNN frontend module and a handle, set up on first use
 _attention_graphs = {}  # (direction, determinism, every tensor's shape and strides) -> (graph, its tensors, workspace)
 _deterministic = False  # set_deterministic
@@ -121,7 +132,9 @@ def cudnn_frontend():
 
 def _cudnn_attention(backward, inputs, outputs):
     """cuDNN's causal flash attention, forward (inputs q, k, v; outputs out, lse) or backward (inputs q, k, v, out,
-    dout, lse; outputs dq, dk, dv). Every tensor is a (B, NH, T, HS) view of our buffers, lse (B, NH, T, 1) fp32.
+    dout, lse; outputs dq, dk, dv). Every tensor is a (B, NH, T, HS) view of our buffers, lse (B, NH, T, 1) fp32,
+    except k, v, dk and dv, (B, KV, T, HS) with grouped-query attention (cuDNN lets query head h read key and value
+    head h // (NH / KV) when the key and value tensors have fewer heads, and sums dk and dv over each group).
 
     cuDNN takes each tensor's strides, so it reads q, k and v where the qkv matmul wrote them and writes out, dq, dk
     and dv straight into our (B, T, C) and (B, T, 3C) buffers: no copies around attention. The graph for a layout is
@@ -159,15 +172,17 @@ def _cudnn_attention(backward, inputs, outputs):
     graph.execute(dict(zip(nodes, inputs + outputs)), workspace, handle=handle)
 
 
-def cudnn_attention_forward(out, lse, qkv, NH):
-    """out (B, T, C) = causal self-attention of the heads in qkv (B, T, 3C), and lse (B, NH, T) fp32, each query's
-    softmax log-sum-exp, for the backward: cuDNN's flash attention with the contract of our own
-    (llmpy.kernels.attention.attention_forward)."""
-    _cudnn_attention(False, heads(qkv, NH, 3), heads(out, NH, 1) + [lse.unsqueeze(-1)])
+def cudnn_attention_forward(out, lse, qkv, NH, KV=None):
+    """out (B, T, C) = causal self-attention of the heads in qkv (B, T, (NH + 2 KV) * HS; KV None: NH, so 3C), and
+    lse (B, NH, T) fp32, each query's softmax log-sum-exp, for the backward: cuDNN's flash attention with the
+    contract of our own (llmpy.kernels.attention.attention_forward)."""
+    KV = NH if KV is None else KV
+    _cudnn_attention(False, qkv_heads(qkv, NH, KV), heads(out, NH, 1) + [lse.unsqueeze(-1)])
 
 
-def cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH):
-    """dqkv (B, T, 3C) = the gradient of causal self-attention given dout (B, T, C) and the forward's qkv, out and
-    lse: cuDNN's flash attention backward, writing dq, dk and dv into their columns of dqkv."""
-    _cudnn_attention(True, heads(qkv, NH, 3) + heads(out, NH, 1) + heads(dout, NH, 1) + [lse.unsqueeze(-1)],
-                     heads(dqkv, NH, 3))
+def cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH, KV=None):
+    """dqkv (B, T, (NH + 2 KV) * HS) = the gradient of causal self-attention given dout (B, T, C) and the forward's
+    qkv, out and lse: cuDNN's flash attention backward, writing dq, dk and dv into their columns of dqkv."""
+    KV = NH if KV is None else KV
+    _cudnn_attention(True, qkv_heads(qkv, NH, KV) + heads(out, NH, 1) + heads(dout, NH, 1) + [lse.unsqueeze(-1)],
+                     qkv_heads(dqkv, NH, KV))

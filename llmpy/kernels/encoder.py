@@ -4,6 +4,8 @@ Forward: out[b, t] = wte[tokens[b, t]] + wpe[t], rows of C channels; or wte[toke
 first position read from device memory (inference's decode step: one token a row at the position the KV cache has
 reached, which a replayed CUDA graph must read from memory rather than take as an argument).
 Backward: dwpe[t] += sum_b dout[b, t], and dwte[v] += the sum of dout[b, t] over every (b, t) with tokens[b, t] = v.
+Without a position embedding (wpe None: Llama 3, whose positions enter through RoPE) the same kernels compile
+without the wpe terms (the POSITIONS constexpr): out = wte[tokens], and the backward is dwte's part alone.
 
 Forward kernel: each program gathers ROWS rows (ROWS x BLOCK_C tile, BLOCK_C = next power of two >= C, masked): it
 loads the ROWS token ids, then the wte row of each token and the wpe row of each position, adds them in fp32 and
@@ -77,11 +79,12 @@ def _encoder_forward_kernel(
     out_ptr,  # (N, C) activation dtype, N = B*T
     tokens_ptr,  # int32 (N,)
     wte_ptr,  # (Vp, C)
-    wpe_ptr,  # (maxT, C)
+    wpe_ptr,  # (maxT, C) (if POSITIONS; else unused)
     first_position_ptr,  # int32 (1,): position of each row's first token (if OFFSET; else unused)
     N,
     T,
     C,
+    POSITIONS: tl.constexpr,  # False: no position embedding, out = wte[tokens]
     OFFSET: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -91,12 +94,12 @@ def _encoder_forward_kernel(
     row_mask = rows < N
     mask = row_mask[:, None] & (columns < C)[None, :]
     tokens = tl.load(tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    positions = (rows % T).to(tl.int64)
-    if OFFSET:
-        positions += tl.load(first_position_ptr).to(tl.int64)
-    token_embedding = tl.load(wte_ptr + tokens[:, None] * C + columns[None, :], mask=mask).to(tl.float32)
-    position_embedding = tl.load(wpe_ptr + positions[:, None] * C + columns[None, :], mask=mask).to(tl.float32)
-    out = token_embedding + position_embedding
+    out = tl.load(wte_ptr + tokens[:, None] * C + columns[None, :], mask=mask).to(tl.float32)
+    if POSITIONS:
+        positions = (rows % T).to(tl.int64)
+        if OFFSET:
+            positions += tl.load(first_position_ptr).to(tl.int64)
+        out += tl.load(wpe_ptr + positions[:, None] * C + columns[None, :], mask=mask).to(tl.float32)
     out_offsets = rows.to(tl.int64)[:, None] * C + columns[None, :]
     tl.store(out_ptr + out_offsets, round_to(out, out_ptr.dtype.element_ty), mask=mask)
 
@@ -104,7 +107,7 @@ def _encoder_forward_kernel(
 @triton.jit
 def _encoder_backward_kernel(
     dwte_ptr,  # fp32 (Vp, C): += (atomically)
-    dwpe_ptr,  # fp32 (maxT, C): +=
+    dwpe_ptr,  # fp32 (maxT, C): += (if DWPE; else unused)
     dout_ptr,  # (N, C) activation dtype
     tokens_ptr,  # int32 (N,)
     B,
@@ -112,6 +115,7 @@ def _encoder_backward_kernel(
     C,
     BLOCK_C: tl.constexpr,
     DWTE: tl.constexpr,  # False: dwpe only (the deterministic backward sums dwte by itself); dwte, tokens unused
+    DWPE: tl.constexpr,  # False: no position embedding, dwte only
 ):
     position = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -124,9 +128,10 @@ def _encoder_backward_kernel(
         if DWTE:
             token = tl.load(tokens_ptr + row).to(tl.int64)
             tl.atomic_add(dwte_ptr + token * C + columns, dout, mask=column_mask, sem="relaxed")
-    dwpe_offsets = position * C + columns
-    previous = tl.load(dwpe_ptr + dwpe_offsets, mask=column_mask)
-    tl.store(dwpe_ptr + dwpe_offsets, previous + dwpe_sum, mask=column_mask)
+    if DWPE:
+        dwpe_offsets = position * C + columns
+        previous = tl.load(dwpe_ptr + dwpe_offsets, mask=column_mask)
+        tl.store(dwpe_ptr + dwpe_offsets, previous + dwpe_sum, mask=column_mask)
 
 
 @triton.jit
@@ -192,37 +197,43 @@ def _split_run_sums_kernel(
 def encoder_forward(out, tokens, wte, wpe, first_position=None):
     """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T), values < Vp; wte (Vp, C), wpe (maxT, C), T <= maxT.
     With first_position, an int32 (1,) tensor on the device holding p: out = wte[tokens] + wpe[p : p + T] (the caller
-    keeps p + T <= maxT: the kernel cannot check a value it reads from memory).
+    keeps p + T <= maxT: the kernel cannot check a value it reads from memory). wpe None: out = wte[tokens].
 
     out in the activation dtype; the sum is done in fp32 and rounded once.
     """
     B, T = tokens.shape
     C = wte.shape[1]
     assert tokens.dtype == torch.int32 and tokens.is_contiguous() and out.is_contiguous() and out.shape == (B, T, C)
-    assert wte.is_contiguous() and wpe.is_contiguous() and T <= wpe.shape[0]
+    positions = wpe is not None
+    assert wte.is_contiguous() and (not positions or (wpe.is_contiguous() and T <= wpe.shape[0]))
     offset = first_position is not None
     assert not offset or (first_position.dtype == torch.int32 and first_position.numel() == 1)
     N = B * T
     block_c = triton.next_power_of_2(C)
     rows = max(1, _FORWARD_TILE_ELEMENTS // block_c)
     grid = (triton.cdiv(N, rows),)
-    _encoder_forward_kernel[grid](out, tokens, wte, wpe, first_position if offset else tokens, N, T, C, OFFSET=offset,
-                                  ROWS=rows, BLOCK_C=block_c, num_warps=8)
+    _encoder_forward_kernel[grid](out, tokens, wte, wpe if positions else wte, first_position if offset else tokens,
+                                  N, T, C, POSITIONS=positions, OFFSET=offset, ROWS=rows, BLOCK_C=block_c,
+                                  num_warps=8)
 
 
 def encoder_backward(dwte, dwpe, dout, tokens):
     """dwte fp32 (Vp, C) += dout summed per token (fp32 atomics, see the module docstring); dwpe fp32 (maxT, C):
-    dwpe[:T] += dout summed over the batch (deterministic). dout (B, T, C) contiguous, tokens int32 (B, T).
+    dwpe[:T] += dout summed over the batch (deterministic), or None for a model without positions. dout (B, T, C)
+    contiguous, tokens int32 (B, T).
 
     Needs no scratch: dwpe's sum over the batch stays in one program's registers.
     """
     B, T = tokens.shape
     C = dwte.shape[1]
-    assert dwte.dtype == dwpe.dtype == torch.float32 and dwte.is_contiguous() and dwpe.is_contiguous()
+    positions = dwpe is not None
+    assert dwte.dtype == torch.float32 and dwte.is_contiguous()
+    assert not positions or (dwpe.dtype == torch.float32 and dwpe.is_contiguous())
     assert dout.is_contiguous() and dout.shape == (B, T, C) and tokens.is_contiguous()
     block_c = min(_BACKWARD_BLOCK_C, triton.next_power_of_2(C))
     grid = (T, triton.cdiv(C, block_c))
-    _encoder_backward_kernel[grid](dwte, dwpe, dout, tokens, B, T, C, BLOCK_C=block_c, DWTE=True, num_warps=2)
+    _encoder_backward_kernel[grid](dwte, dwpe if positions else dwte, dout, tokens, B, T, C, BLOCK_C=block_c,
+                                   DWTE=True, DWPE=positions, num_warps=2)
 
 
 def token_segments(tokens, max_rows):
@@ -336,15 +347,17 @@ class DeterministicEncoderBackward:
 
     def __call__(self, dwte, dwpe, dout):
         """dwte fp32 (Vp, C) += dout summed per token of the prepared batch, in a fixed order; dwpe fp32 (maxT, C):
-        dwpe[:T] += dout summed over the batch. dout (B, T, C) contiguous, bf16 or fp32. No atomics."""
+        dwpe[:T] += dout summed over the batch, or None (no positions). dout (B, T, C) contiguous, bf16 or fp32. No
+        atomics."""
         B, T, C = self.B, self.T, self.C
         assert self._max_token is not None, "prepare(tokens) first"
-        assert dwte.dtype == dwpe.dtype == torch.float32 and dwte.is_contiguous() and dwpe.is_contiguous()
-        assert dwte.shape[1] == dwpe.shape[1] == C and T <= dwpe.shape[0] and self._max_token < dwte.shape[0]
-        assert dout.is_contiguous() and dout.shape == (B, T, C)
-        assert dwte.device == dwpe.device == dout.device == self.tables.device
-        _encoder_backward_kernel[(T, triton.cdiv(C, self.dwpe_block_c))](
-            dwte, dwpe, dout, self.rows, B, T, C, BLOCK_C=self.dwpe_block_c, DWTE=False, num_warps=2)
+        assert dwte.dtype == torch.float32 and dwte.is_contiguous() and dwte.shape[1] == C
+        assert self._max_token < dwte.shape[0]
+        assert dout.is_contiguous() and dout.shape == (B, T, C) and dwte.device == dout.device == self.tables.device
+        if dwpe is not None:
+            assert dwpe.dtype == torch.float32 and dwpe.is_contiguous() and dwpe.shape[1] == C and T <= dwpe.shape[0]
+            _encoder_backward_kernel[(T, triton.cdiv(C, self.dwpe_block_c))](
+                dwte, dwpe, dout, self.rows, B, T, C, BLOCK_C=self.dwpe_block_c, DWTE=False, DWPE=True, num_warps=2)
         _segment_sums_kernel[self.segment_grid](
             dwte, self.scratch, dout, self.header, self.rows, self.segments, C,
             BLOCK_C=self.segment_block_c, num_warps=max(1, min(8, self.segment_block_c // 128)))

@@ -71,16 +71,16 @@ def make_inputs(B, T, NH, HS, dtype, device, seed, channel_padding=0, KV=None):
 
 
 def run_kernels(qkv, dout, NH, cudnn=False, KV=None):
-    """Forward then backward, ours or cuDNN's (KV None only), every output poisoned with NaN first so an element left
-    unwritten fails."""
+    """Forward then backward, ours or cuDNN's, every output poisoned with NaN first so an element left unwritten
+    fails."""
     B, T, width = qkv.shape
     C = dout.shape[2]
     out = torch.full((B, T, C), float("nan"), dtype=qkv.dtype, device=qkv.device)
     lse = torch.full((B, NH, T), float("nan"), dtype=torch.float32, device=qkv.device)
     dqkv = torch.full_like(out.new_empty(B, T, width), float("nan"))
     if cudnn:
-        vendor.cudnn_attention_forward(out, lse, qkv, NH)
-        vendor.cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH)
+        vendor.cudnn_attention_forward(out, lse, qkv, NH, KV=KV)
+        vendor.cudnn_attention_backward(dqkv, dout, qkv, out, lse, NH, KV=KV)
     else:
         attention_forward(out, lse, qkv, NH, KV=KV)
         attention_backward(dqkv, dout, qkv, out, lse, NH, torch.full_like(lse, float("nan")), KV=KV)
@@ -146,10 +146,11 @@ def gradient_parts(dqkv, NH, KV, HS):
     return dqkv.split((NH * HS, KV * HS, KV * HS), dim=2)
 
 
+@pytest.mark.parametrize("cudnn", [False, True], ids=["ours", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("B,T,HS", [(2, 67, 16), (2, 45, 32)])
 @pytest.mark.parametrize("NH,KV", [(4, 2), (4, 1), (4, 4)])
-def test_grouped_query_attention_matches_float64_reference(device, NH, KV, B, T, HS, dtype):
+def test_grouped_query_attention_matches_float64_reference(device, NH, KV, B, T, HS, dtype, cudnn):
     """Grouped-query attention (Llama 3): qkv (B, T, (NH + 2 KV) * HS) = [NH query heads | KV key heads | KV value
     heads], query head h reading key/value head h // (NH / KV). Against reference_attention's float64 autograd with
     k and v repeated for each group's query heads (train_llama3_torch.py's CausalSelfAttention), on out, lse, dq and
@@ -160,9 +161,16 @@ def test_grouped_query_attention_matches_float64_reference(device, NH, KV, B, T,
     tolerance); bf16 1e-2 relative in the norm for out, dq, dk, dv (about 2e-3 under the interpreter, where only the
     outputs are rounded) and absolute 1e-4 for lse. T = 45, 67 are not multiples of the blocks (16, 32), B = 2 puts the
     key/value heads of a second batch row behind the first, and qkv and dout are views with 3 spare columns per row,
-    so the k and v columns must come from the head layout and the row strides."""
-    qkv, dout = make_inputs(B, T, NH, HS, dtype, device, seed=100 * KV + T, channel_padding=3, KV=KV)
-    out, lse, dqkv = run_kernels(qkv, dout, NH, KV=KV)
+    so the k and v columns must come from the head layout and the row strides. cuDNN's (bf16, GPU) takes the same
+    views of qkv and dqkv (vendor.qkv_heads) and the bf16 tolerances; its rows must start 16 bytes apart, so its
+    spare columns are 8."""
+    if cudnn:
+        cudnn_or_skip(device)
+        if dtype == torch.float32:
+            pytest.skip("cuDNN's flash attention is bf16")
+    padding = 8 if cudnn else 3
+    qkv, dout = make_inputs(B, T, NH, HS, dtype, device, seed=100 * KV + T, channel_padding=padding, KV=KV)
+    out, lse, dqkv = run_kernels(qkv, dout, NH, cudnn, KV=KV)
     ref_out, ref_lse, ref_dqkv = reference_attention(qkv, dout, NH, KV)
     parts = zip(("dq", "dk", "dv"), gradient_parts(dqkv, NH, KV, HS), gradient_parts(ref_dqkv, NH, KV, HS))
     if dtype == torch.float32:

@@ -9,6 +9,8 @@ so the comparison has a tolerance that allows any order: each dwte row sums at m
 in fp32 (error < 40 * 2^-24 * sum|dout| ~ 1e-5 worst case), hence rtol 1e-5, atol 1e-5. Tokens come from a small
 vocabulary (V = 7, so rows repeat a token ~6 times each and the atomics collide); wte has padding rows (Vp = 9) that
 no token selects, and their gradient must stay exactly as it was, like dwpe's rows past T.
+Without positions (wpe None, Llama 3): out = wte[tokens] bit for bit, and the backwards change dwte alone, by the same
+sums.
 DeterministicEncoderBackward: the same against float64, with token patterns that take each of its paths (every
 token once; one token in every row, its run cut into several segments; a mix), the same bits on a second call and
 from an instance reused for other batches as from a fresh one, and (on a GPU) from a CUDA graph replayed for other
@@ -76,6 +78,32 @@ def test_backward_accumulates_embedding_gradients(device, B, T, C, dtype):
     torch.testing.assert_close(dwpe.double(), expected_dwpe, **TOLERANCE)
     assert torch.equal(dwte[V:].double(), expected_dwte[V:])  # padding rows untouched
     assert torch.equal(dwpe[T:].double(), expected_dwpe[T:])  # positions past T untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_positions_forward_gathers_and_backward_scatters(device, dtype):
+    """wpe None (Llama 3): out = wte[tokens] exactly (one fp32 value rounded to its own dtype is itself); dwte gets
+    the same per-token sums as with positions, atomics and the deterministic backward alike."""
+    B, T, C = 3, 8, 80
+    generator = torch.Generator().manual_seed(11)
+    tokens = random_tokens(B, T, device, generator)
+    wte = torch.randn(VP, C, generator=generator).to(device=device, dtype=dtype)
+    out = torch.full((B, T, C), float("nan"), device=device, dtype=dtype)
+    encoder_forward(out, tokens, wte, None)
+    assert torch.equal(out, wte[tokens.long()])
+
+    dout = torch.randn(B, T, C, generator=generator).to(device=device, dtype=dtype)
+    dwte0 = torch.randn(VP, C, generator=generator).to(device)
+    expected = dwte0.double().index_add_(0, tokens.flatten().long(), dout.reshape(-1, C).double())
+    dwte = dwte0.clone()
+    encoder_backward(dwte, None, dout, tokens)
+    torch.testing.assert_close(dwte.double(), expected, **TOLERANCE)
+    ordered = DeterministicEncoderBackward(B, T, C, device, max_segment_rows=2)
+    ordered.prepare(tokens.cpu())
+    dwte = dwte0.clone()
+    ordered(dwte, None, dout)
+    torch.testing.assert_close(dwte.double(), expected, **TOLERANCE)
+    assert torch.equal(dwte[V:], dwte0[V:])  # padding rows untouched
 
 
 # The deterministic backward (DeterministicEncoderBackward). Segments of at most R = 4 rows, so that a batch of 24
