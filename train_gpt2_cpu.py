@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402 (after the environment variable above)
 
 from llmpy import cli
 from llmpy.configs.gpt2 import (GPT2_EOT, config_from_descriptor, gpt2_init, is_descriptor, num_parameters, param_table,
-                          split_params)
+                                split_params)
 from llmpy.data import DataLoader
 from llmpy.formats import FormatError, read_model
 from llmpy.hf import is_hf_source, load_hf

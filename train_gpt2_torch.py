@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llmpy import cli, formats, hf
 from llmpy.configs.gpt2 import (DESCRIPTORS_HELP, GPT2_EOT, config_from_descriptor, descriptor_of, file_prefix,
-                          num_parameters, param_shapes)
+                                num_parameters, param_shapes)
 from llmpy.params import split_flat
 from llmpy.data import DataLoader
 from llmpy.logger import Logger
@@ -105,7 +105,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 for a llmpy.configs.gpt2.GPT2Config. flash: F.scaled_dot_product_attention, else the explicit masked softmax."""
+    """GPT-2 for a llmpy.configs.gpt2.GPT2Config. flash: F.scaled_dot_product_attention, else the explicit masked
+    softmax."""
 
     # llm.c's name of each per-layer tensor -> its path inside a Block; the rest are whole-model tensors
     LAYER_TENSORS = {

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import formats
-from .configs.gpt2 import num_parameters, param_shapes
+from . import families, formats
+from .params import param_shapes
 from .data import LoaderState
 from .rand import MT_STATE_BYTES
 
@@ -172,12 +172,15 @@ def _file_size(path):
 # ----------------------------------------------------------------------------- shards of the flat buffer
 
 
+_WHOLE_MODEL_TENSORS = ("wte", "wpe", "lnfw", "lnfb", "lmhead")  # llm.c's tensors with no layer axis
+
+
 def llmc_zero_blocks(config):
     """llm.c's ZeRO-1 unit: each layer of each per-layer tensor, and each whole-model tensor, as (start, size) in the
     flat buffer, in order. Rank r's shard is the r-th 1/W of every block, the blocks' pieces one after another."""
     blocks, offset = [], 0
-    for name, shape in param_shapes(config).items():
-        per_layer = name not in ("wte", "wpe", "lnfw", "lnfb")
+    for name, shape in param_shapes(families.of_config(config).param_table(config)).items():
+        per_layer = name not in _WHOLE_MODEL_TENSORS
         count, size = (shape[0], int(np.prod(shape[1:]))) if per_layer else (1, int(np.prod(shape)))
         blocks += [(offset + i * size, size) for i in range(count)]
         offset += count * size
@@ -186,7 +189,7 @@ def llmc_zero_blocks(config):
 
 def _coverage(state, config, world_size):
     """[(flat start, flat stop, offset in the file's arrays)] that a state file's arrays cover."""
-    P = num_parameters(config)
+    P = families.of_config(config).num_parameters(config)
     n = len(state.m)
     if state.extension is not None:
         start, stop = state.extension["shard"]
@@ -205,7 +208,7 @@ def assemble_shard(states, config, start, stop):
     """This rank's new shard [start, stop) of the padded flat buffer, as (m, v, master or None) float32 arrays,
     from the pieces of the old ranks' state files (any ZeRO stage, any number of ranks). Past the parameters (the
     padding) it is zero. Reads only the pieces it needs."""
-    P = num_parameters(config)
+    P = families.of_config(config).num_parameters(config)
     has_master = states[0].master is not None
     out = [np.zeros(stop - start, dtype=np.float32) for _ in range(3 if has_master else 2)]
     covered = np.zeros(stop - start, dtype=bool)
@@ -252,8 +255,9 @@ def open_checkpoint(folder, step):
     """The checkpoint of step in folder, checked whole (the model file's header and length, every rank's state file
     there and consistent); raises FormatError naming the file that is wrong."""
     path = model_path(folder, step)
-    config, _, version = formats.read_model_header(path, check_length=True)
-    P = num_parameters(config)
+    family = families.of_file(path)
+    config, _ = family.read_model_header(path)
+    P = family.num_parameters(config)
     first = state_path(folder, step, 0)
     if not os.path.exists(first):
         raise formats.FormatError(first, "missing (the checkpoint's DONE marker is there, its rank 0 state is not)")
@@ -368,7 +372,7 @@ class CheckpointWriter:
         written = 0
         if "params" in host:
             params = host["params"]
-            formats.write_file_atomic(model_path(self.folder, step), formats.model_file_chunks(
+            formats.write_file_atomic(model_path(self.folder, step), families.of_config(config).model_file_chunks(
                 config, params, "bfloat16" if params.dtype == np.uint16 else "float32"))
             written += params.nbytes
             time.sleep(_SLOW_WRITE_S)

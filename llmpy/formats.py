@@ -323,8 +323,15 @@ def _llama3_exact_fields(path, config_fields, ffn_int, eps_int):
                             f"known Llama 3 size ({', '.join(llama3.DESCRIPTORS)}): the model cannot be rebuilt")
 
 
-def read_llama3_model_header(path):
-    """A Llama 3 model file's header -> (Llama3Config, its version: 3 fp32 or 5 bf16), without the weights."""
+def read_magic(path):
+    """The first int32 of a file, which says what llm.c file it is (None for a file of under 4 bytes)."""
+    data = _read_bytes(path, 4)
+    return int(np.frombuffer(data, dtype="<i4")[0]) if len(data) == 4 else None
+
+
+def read_llama3_model_header(path, check_length=False):
+    """A Llama 3 model file's header -> (Llama3Config, its version: 3 fp32 or 5 bf16), without the weights;
+    check_length also checks the file's size against it."""
     header = _read_header(path, _read_bytes(path, HEADER_BYTES), LLAMA3_MAGIC, tuple(_LLAMA3_VERSIONS.values()),
                           "Llama 3 model")
     maxT, V, L, NH, KV, C, ffn_int, multiple_of, eps_int, theta_int, scaled = (int(v) for v in header[2:13])
@@ -351,7 +358,11 @@ def read_llama3_model_header(path):
             use_scaled_rope=bool(scaled), tied_embeddings=bool(tied), llama_version=(major, minor))
     except ValueError as e:
         raise FormatError(path, f"nonsense Llama 3 model header: {e}") from None
-    return config, int(header[1])
+    version = int(header[1])
+    if check_length:
+        _check_length(path, b"", HEADER_BYTES + _file_count(config) * (2 if version == MODEL_VERSION_BF16 else 4),
+                      "Llama 3 model", size=os.path.getsize(path))
+    return config, version
 
 
 def _file_count(config):
@@ -372,9 +383,8 @@ def _untie(path, config, flat, what):
 def read_llama3_model(path):
     """A Llama 3 model file (llm.c's or ours, fp32 or bf16) -> (Llama3Config, flat float32 parameters in
     llmpy.configs.llama3's layout). The weights are read straight into their array (an 8B model is 32 GB in fp32)."""
-    config, version = read_llama3_model_header(path)
+    config, version = read_llama3_model_header(path, check_length=True)
     n, bf16 = _file_count(config), version == MODEL_VERSION_BF16
-    _check_length(path, b"", HEADER_BYTES + n * (2 if bf16 else 4), "Llama 3 model", size=os.path.getsize(path))
     try:
         payload = np.fromfile(path, dtype="<u2" if bf16 else "<f4", count=n, offset=HEADER_BYTES)
     except OSError as e:
@@ -400,6 +410,15 @@ def _with_lmhead(config, flat):
     return [flat, llama3.split_params(config, flat)["wte"]]
 
 
+def llama3_model_file_chunks(config, payload, dtype):
+    """A Llama 3 model file's header and payload, for write_file_atomic (model_file_chunks' contract)."""
+    expected = np.dtype("<f4" if dtype == "float32" else "<u2")
+    if payload.shape != (llama3.num_parameters(config),) or payload.dtype != expected:
+        raise ValueError(f"a {dtype} Llama 3 model file needs {expected} parameters of shape "
+                         f"({llama3.num_parameters(config)},), got {payload.dtype} {payload.shape}")
+    return [_llama3_header(config, _LLAMA3_VERSIONS[dtype])] + _with_lmhead(config, payload)
+
+
 def write_llama3_model(path, config, flat_params, dtype="float32"):
     """Writes flat float32 parameters (llmpy.configs.llama3's layout) as a Llama 3 model file, fp32 (v3) or bf16
     (v5), in llm.c's layout with our header extension."""
@@ -410,7 +429,7 @@ def write_llama3_model(path, config, flat_params, dtype="float32"):
         raise ValueError(f"{path}: parameters have shape {flat.shape}, the config needs "
                          f"({llama3.num_parameters(config)},)")
     payload = flat if dtype == "float32" else float32_to_bfloat16_bits(flat).astype("<u2", copy=False)
-    write_file_atomic(path, [_llama3_header(config, _LLAMA3_VERSIONS[dtype])] + _with_lmhead(config, payload))
+    write_file_atomic(path, llama3_model_file_chunks(config, payload, dtype))
 
 
 def read_llama3_debug_state(path, config):

@@ -12,13 +12,17 @@ FLOPs per token, the PaLM paper's formula (Chowdhury et al. 2022, appendix B), a
 - 12 * L * C * T, attention: per layer and token, q @ k^T and att @ v are 2 * C * T FLOPs each in the forward,
   twice that in the backward. Like PaLM we count the full T x T score matrix, not the causal half.
 
+  Llama 3 (no position embedding, no padding): every parameter, less wte when the LM head is a matrix of its own
+  (lmhead is the matmul then, wte only a lookup); L C T counts the query heads' width C, whatever the KV heads.
+
 For GPT-2 124M (d12) at T = 1024: N = 123,653,376, 8.55e8 FLOPs a token, 5.6e13 for a step of 65,536 tokens.
 MFU = flops_per_token * tokens per second / the GPU's peak for the run's matmul precision: bf16 tensor cores
 for --dtype bfloat16, TF32 tensor cores for float32 with TF32 allowed, else plain fp32 (no tensor cores).
 The peaks are the datasheets' dense (no sparsity) numbers; unknown GPUs (and the CPU) have none: MFU "n/a".
 """
 
-from .configs.gpt2 import num_parameters
+from . import families
+from .configs.llama3 import Llama3Config
 
 # GPU name substring -> peak FLOP/s for (bf16, tf32, fp32), dense; the first match wins, so PCIe before SXM
 PEAK_FLOPS = (
@@ -32,7 +36,11 @@ PEAK_FLOPS = (
 def flops_per_token(config, T):
     """Training FLOPs (forward + backward) per token of a sequence of length T: 6N + 12 L C T (module docstring)."""
     C = config.channels
-    N = num_parameters(config) - config.max_seq_len * C - (config.padded_vocab_size - config.vocab_size) * C
+    N = families.of_config(config).num_parameters(config)
+    if isinstance(config, Llama3Config):
+        N -= 0 if config.tied_embeddings else config.vocab_size * C
+    else:
+        N -= config.max_seq_len * C + (config.padded_vocab_size - config.vocab_size) * C
     return 6 * N + 12 * config.num_layers * C * T
 
 

@@ -8,19 +8,21 @@ mismatches that are not there. So the losses file must be of the debug state's b
 and the debug state's loss. NumPy only.
 """
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 
-from .configs.gpt2 import config_from_descriptor
-from .formats import FormatError, read_debug_state, read_model
+from . import families
+from .formats import FormatError
 
 HYPERPARAMETERS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip")
 
 
-def read_reference_files(directory, prefix, command):
-    """(config, flat params, DebugState, the losses file's dict) of the files {prefix}* in directory; the dict has
+def read_reference_files(directory, prefix, command, family=families.GPT2):
+    """(config, flat params, DebugState, the losses file's dict) of the files {prefix}* in directory, written by
+    family's PyTorch reference (train_gpt2_torch.py or train_llama3_torch.py); the dict has
     "model", "B", "T", the HYPERPARAMETERS as floats and "losses", a list of floats. FormatError, one line
     naming the file: missing, unreadable, or of another run than the others; command (the reference's command line
     that writes them) says how to fix it."""
@@ -29,18 +31,20 @@ def read_reference_files(directory, prefix, command):
     for path in (model_path, state_path, losses_path):
         if not os.path.isfile(path):
             raise FormatError(path, f"file not found: write the reference files with `{command}`")
-    config, params = read_model(model_path)
-    state = read_debug_state(state_path, config)
+    config, params = family.read_model(model_path)
+    state = family.read_debug_state(state_path, config)
     try:
         with open(losses_path) as f:
             reference = json.load(f)
         reference.update({k: float(reference[k]) for k in HYPERPARAMETERS},
                          losses=[float(v) for v in reference["losses"]])
         batch = (int(reference["B"]), int(reference["T"]))
-        model_config, first_loss = config_from_descriptor(reference["model"]), reference["losses"][0]
+        model_config, first_loss = family.config_from_descriptor(reference["model"]), reference["losses"][0]
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise FormatError(losses_path, f"not a debug losses file ({type(e).__name__}: {e})") from None
 
+    if getattr(config, "tied_embeddings", None) is not None:  # Llama 3's --tied_embeddings overrides the descriptor
+        model_config = dataclasses.replace(model_config, tied_embeddings=config.tied_embeddings)
     if batch != state.x.shape:
         other_run = f"{state_path} holds B={state.x.shape[0]}, T={state.x.shape[1]}"
     elif model_config != config:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import train_gpt2_cpu as cpu
 from llmpy import formats
 from llmpy.configs.gpt2 import (GPT2Config, config_from_descriptor, decayed_param_names, file_prefix, gpt2_init,
-                          split_params)
+                                split_params)
 
 REPO = Path(__file__).resolve().parents[1]
 # float64 against float64: only the summation order differs

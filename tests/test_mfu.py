@@ -5,14 +5,27 @@ without the position embedding (1024 x 768) that is N = 123,653,376, so at T = 1
 6 N + 12 L C T = 741,920,256 + 113,246,208 = 855,166,464 FLOPs a token. Integers: compared exactly.
 """
 
+import dataclasses
+
 import pytest
 
+from llmpy.configs import llama3
 from llmpy.configs.gpt2 import config_from_descriptor
 from llmpy.mfu import flops_per_token, mfu, peak_flops
 
 
 def test_flops_per_token_of_gpt2_124m():
     assert flops_per_token(config_from_descriptor("d12"), 1024) == 855_166_464
+
+
+def test_flops_per_token_of_llama3_2_1b():
+    """Meta's 1,235,814,400 parameters, tied (wte is the LM head's matmul): 6 N + 12 L C T at T = 2048 is
+    7,414,886,400 + 12 * 16 * 2048 * 2048 = 8,220,192,768. Untied, wte is a lookup: 6 V C fewer."""
+    config = llama3.DESCRIPTORS["llama3.2-1b"]
+    assert flops_per_token(config, 2048) == 8_220_192_768
+    untied = dataclasses.replace(config, tied_embeddings=False)
+    assert flops_per_token(untied, 2048) == 8_220_192_768 + 6 * (llama3.num_parameters(untied) - 1_235_814_400) \
+        - 6 * 128256 * 2048
 
 
 def test_attention_term_grows_with_T():

@@ -5,14 +5,15 @@ gradients the backward relies on, and the init the trainers have always used; th
 tile the buffer. The named sizes (descriptors) give llm.c's shapes.
 """
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from llmpy import params
-from llmpy.configs.gpt2 import (GPT2Config, config_from_descriptor, descriptor_of, file_prefix, gpt2_init, num_parameters,
-                          param_table)
+from llmpy.configs.gpt2 import (GPT2Config, config_from_descriptor, descriptor_of, file_prefix, gpt2_init,
+                                num_parameters, param_table)
 from llmpy.configs import llama3
 from llmpy.params import ParamSpec
 
@@ -67,6 +68,16 @@ def test_llama3_norm_gains_start_at_one():
     for name in ("ln1w", "ln2w", "lnfw"):
         assert np.all(views[name] == 1.0), name
     assert np.std(views["qkvw"]) > 0.01
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama3_gradients_written_by_a_matmul(tied):
+    """The matrices' gradients are written by the backward's matmuls; wte's only when it is the LM head too (untied,
+    the encoder's backward adds to it, so the step zeroes it first); the RMSNorm gains' never."""
+    config = dataclasses.replace(llama3.DESCRIPTORS["tiny"], tied_embeddings=tied)
+    written = [spec.name for spec in llama3.param_table(config) if spec.matmul_grad]
+    matrices = ["qkvw", "attprojw", "fcw", "fc2w", "fcprojw"]
+    assert written == (["wte"] + matrices if tied else matrices + ["lmhead"])
 
 
 # llm.c's gpt3_set_hyperparameters (train_gpt2.cu), written out: channels -> (layers, head size); every one 2048

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import train_gpt2_torch as ref
 from llmpy import formats
 from llmpy.configs.gpt2 import (GPT2Config, config_from_descriptor, decayed_param_names, num_parameters, param_shapes,
-                          split_params)
+                                split_params)
 from llmpy.logger import read_main_log
 
 REPO = Path(__file__).resolve().parents[1]

@@ -128,17 +128,26 @@ def _llmc_table(config):
     # the two projections that add into the residual stream get std / sqrt(2L), as GPT-2's: the stream's variance
     # then does not grow with depth (two additions a layer)
     std, residual_std = 0.02, 0.02 / math.sqrt(2 * L)
+
+    def matrix(name, shape, init_std, matmul_grad=True):
+        return ParamSpec(name, shape, decay=True, init_std=init_std, matmul_grad=matmul_grad)
+
+    def gain(name, shape):  # an RMSNorm's weight
+        return ParamSpec(name, shape, decay=False, init_std=0.0, init_value=1.0)
+
     return [
-        ParamSpec("wte", (V, C), True, std),
-        ParamSpec("ln1w", (L, C), False, 0.0, init_value=1.0),
-        ParamSpec("qkvw", (L, config.qkv_channels, C), True, std),
-        ParamSpec("attprojw", (L, C, C), True, residual_std),
-        ParamSpec("ln2w", (L, C), False, 0.0, init_value=1.0),
-        ParamSpec("fcw", (L, H, C), True, std),
-        ParamSpec("fc2w", (L, H, C), True, std),
-        ParamSpec("fcprojw", (L, C, H), True, residual_std),
-        ParamSpec("lnfw", (C,), False, 0.0, init_value=1.0),
-        ParamSpec("lmhead", (V, C), True, std),
+        # the embedding's gradient is written by the LM head's matmul when the head is wte (the encoder's backward
+        # then adds to it); untied, only the encoder's backward adds to it, so a step starts it from zero
+        matrix("wte", (V, C), std, matmul_grad=config.tied_embeddings),
+        gain("ln1w", (L, C)),
+        matrix("qkvw", (L, config.qkv_channels, C), std),
+        matrix("attprojw", (L, C, C), residual_std),
+        gain("ln2w", (L, C)),
+        matrix("fcw", (L, H, C), std),
+        matrix("fc2w", (L, H, C), std),
+        matrix("fcprojw", (L, C, H), residual_std),
+        gain("lnfw", (C,)),
+        matrix("lmhead", (V, C), std),
     ]
 
 

@@ -15,8 +15,10 @@ import torch
 
 from .. import vendor
 from ..configs.gpt2 import gpt2_init, param_table
-from ..kernels import attention, bias, classifier, encoder, gelu, layernorm, reduce
+from ..kernels import attention, bias, classifier, encoder, gelu, layernorm
 from ..runtime import Runtime
+from .attention import Attention, choose_attention
+from .base import Model
 
 
 class LayerActivations(NamedTuple):
@@ -90,10 +92,8 @@ class Activations:
         self.dqkv = torch.empty(N, 3 * C, **act)
 
 
-class Attention:
-    """GPT-2's causal self-attention in the training step: cuDNN's flash attention or ours (Triton, any GPU or the
-    interpreter), with what each keeps from the forward for the backward and how each gets the qkv bias's gradient
-    (dqkv's column sums):
+class GPT2Attention(Attention):
+    """GPT-2's attention (multi-head), and how it gets the qkv bias's gradient (dqkv's column sums):
     - ours sums it in its backward kernels, per block of tokens, into a scratch of its own;
     - cuDNN writes dqkv only. Of its three column blocks only dq's needs summing: sum_query_bias, beside the chain of
       input gradients, into partial sums added up by finish_backward. Keys: a bias b on every key adds q_i . b to
@@ -105,33 +105,21 @@ class Attention:
 
     def __init__(self, impl, config, B, T, runtime):
         L, C, NH = config.num_layers, config.channels, config.num_heads
-        f32 = dict(dtype=torch.float32, device=runtime.device)
-        self.impl, self.B, self.T, self.C, self.NH = impl, B, T, C, NH
-        self.p, self.g = runtime.p, runtime.g
-        self.lse = torch.empty(L, B, NH, T, **f32)  # each query's softmax log-sum-exp, for the backward
+        super().__init__(impl, L, B, T, NH, NH, runtime.device)
+        self.C, self.p, self.g = C, runtime.p, runtime.g
         if impl == "cudnn":
             self.query_bias = bias.PartialSums(runtime.grads, [qkvb[:C] for qkvb in self.g["qkvb"]],
                                                bias.bias_backward_groups(B * T, C), C)
         else:
-            self.delta = torch.empty(B, NH, T, **f32)  # rowsum(dout * out) per head, the backward's scratch
             self.bias_scratch = attention.backward_bias_scratch(B, T, C, NH, runtime.dtype, runtime.device)
-
-    def forward(self, l, qkv, atty):
-        """Layer l: atty (N, C) from qkv (N, 3C), and the layer's lse."""
-        B, T = self.B, self.T
-        forward = vendor.cudnn_attention_forward if self.impl == "cudnn" else attention.attention_forward
-        forward(atty.view(B, T, -1), self.lse[l], qkv.view(B, T, -1), self.NH)
 
     def backward(self, l, dqkv, datty, qkv, atty):
         """Layer l: writes dqkv (N, 3C) from datty (N, C) and the forward's qkv and atty; ours also adds the qkv
         bias's gradient."""
-        B, T = self.B, self.T
-        dqkv, datty, qkv, atty = (x.view(B, T, -1) for x in (dqkv, datty, qkv, atty))
         if self.impl == "cudnn":
-            vendor.cudnn_attention_backward(dqkv, datty, qkv, atty, self.lse[l], self.NH)
+            super().backward(l, dqkv, datty, qkv, atty)
         else:
-            attention.attention_backward(dqkv, datty, qkv, atty, self.lse[l], self.NH, self.delta,
-                                         self.g["qkvb"][l], self.bias_scratch)
+            super().backward(l, dqkv, datty, qkv, atty, self.g["qkvb"][l], self.bias_scratch)
 
     def sum_query_bias(self, l, dqkv):
         """cuDNN: stage 1 of layer l's query bias gradient from dqkv (N, 3C) (ours has summed it already)."""
@@ -146,49 +134,26 @@ class Attention:
             bias.value_bias_backward(self.g["qkvb"][:, 2 * self.C:], self.g["attprojb"], self.p["attprojw"])
 
 
-def choose_attention(config, T, attention_impl, dtype, device):
-    """The attention that will run, "cudnn" or "triton" (cuDNN's flash attention is bf16 on the GPU only: elsewhere
-    ours runs), once the model is checked to fit it: T within the model's positions, a head size it supports.
-    ValueError, one line. Cheap: call it before allocating anything."""
-    if T > config.max_seq_len:
-        raise ValueError(f"-t {T} is longer than the model's max_seq_len {config.max_seq_len}")
-    if attention_impl not in ("cudnn", "triton"):
-        raise ValueError(f"--attention must be cudnn or triton, not {attention_impl!r}")
-    if attention_impl == "cudnn" and (dtype != torch.bfloat16 or torch.device(device).type != "cuda"):
-        attention_impl = "triton"
-    head_size = config.channels // config.num_heads
-    if attention_impl == "triton" and head_size not in attention.SUPPORTED_HEAD_SIZES:
-        raise ValueError(f"our attention (--attention triton, and every run not in bf16 on the GPU) takes head sizes "
-                         f"{', '.join(map(str, attention.SUPPORTED_HEAD_SIZES))}; this model's is {head_size}: "
-                         f"run it in bf16 on the GPU with --attention cudnn")
-    if attention_impl == "cudnn":
-        vendor.cudnn_frontend()  # now, not at the first step: says what to install where it is missing
-    return attention_impl
-
-
-class GPT2:
+class GPT2(Model):
     def __init__(self, config, B, T, runtime, recompute=0, attention_impl="cudnn", gelu_fusion=0,
                  deterministic=False):
         """GPT-2 of this config for micro-batches of (B, T) tokens, on runtime's buffers (made from
         param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" or "triton" (choose_attention).
         gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on Hopper and newer,
         where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues slower.
-        deterministic: the embedding's backward sums each token's rows in an order fixed by the tokens
-        (encoder.DeterministicEncoderBackward, from tables made on the host) instead of with float atomics."""
+        deterministic: the embedding's backward in a fixed order (Model)."""
         if gelu_fusion not in (-1, 0, 1):
             raise ValueError(f"-ge/--gelu_fusion must be -1, 0 or 1, not {gelu_fusion}")
         device, dtype = runtime.device, runtime.dtype
         attention_impl = choose_attention(config, T, attention_impl, dtype, device)
         if gelu_fusion == -1:
             gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
-        self.config, self.B, self.T, self.runtime = config, B, T, runtime
+        super().__init__(config, B, T, runtime, deterministic)
         self.recompute, self.attention_impl = recompute, attention_impl
         self.gelu_fusion = gelu_fusion if device.type == "cuda" else 0
-        self.p, self.g = runtime.p, runtime.g
         self.acts = Activations(config, B, T, dtype, device, recompute)
-        self.attention = Attention(attention_impl, config, B, T, runtime)
+        self.attention = GPT2Attention(attention_impl, config, B, T, runtime)
         C, N, L, g = config.channels, B * T, config.num_layers, self.g
-        self.ordered_encoder_backward = encoder.DeterministicEncoderBackward(B, T, C, device) if deterministic else None
         # The bias and layernorm gradients are column sums, taken in two stages (llmpy.kernels.bias): stage 1 in the
         # kernel that writes the summed gradient, into partial sums of its own per layer, and stage 2 once, at the
         # end of backward, for all of them (bias.PartialSums). A layernorm's slots: its weight, its bias, and the
@@ -208,32 +173,12 @@ class GPT2:
         self.layernorm_sums = bias.PartialSums(runtime.grads, targets, layernorm.layernorm_backward_groups(N, C), C)
         self.fc_bias_sums = bias.PartialSums(runtime.grads, list(g["fcb"]), bias.bias_backward_groups(N, 4 * C),
                                              4 * C)
-        self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
-        self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
 
     def init_weights(self, seed):
         """GPT-2's seeded random initialisation (llmpy.configs.gpt2.gpt2_init)."""
         self.runtime.load_weights(gpt2_init(self.config, seed))
 
     # ------------------------------------------------------------------------- forward
-
-    def forward(self, inputs, targets=None, dloss=None, train=True):
-        """inputs, targets: (B, T) integer tensors (host or device). Fills acts.logits (N, Vp) and, given targets,
-        acts.losses (N,) and overwrites the logits with dlogits scaled by dloss (default 1/N), ready for backward.
-        train=False (validation) computes the losses only and leaves the logits as they are.
-        """
-        self._load_batch(inputs, targets, backward=train and targets is not None)
-        dloss = 1.0 / (self.B * self.T) if dloss is None else dloss
-        self._forward(targets is not None, dloss, train)
-
-    def _load_batch(self, inputs, targets, backward):
-        """Copies the batch into the device buffers the step reads (and a graph replays); a batch a backward will
-        follow also gets the deterministic embedding backward's tables, made on the host from the host's tokens."""
-        self.inputs.copy_(inputs, non_blocking=True)
-        if targets is not None:
-            self.targets.copy_(targets, non_blocking=True)
-        if backward and self.ordered_encoder_backward is not None:
-            self.ordered_encoder_backward.prepare(inputs)
 
     def _forward(self, has_targets, dloss, train):
         """The forward of the batch in self.inputs (and self.targets): no host work but launches."""
@@ -251,23 +196,6 @@ class GPT2:
 
     def _attend(self, l, acts):
         self.attention.forward(l, acts.qkv, acts.atty)
-
-    def train_micro_batch(self, inputs, targets, dloss, loss_sum, first):
-        """One micro-batch of a training step: forward with targets (dlogits scaled by dloss), loss_sum (fp32 (1,))
-        += dloss * the sum of the losses, then backward. first: the step's first micro-batch, whose backward starts
-        the gradients; the others add to them.
-
-        Under cuda_graphs the micro-batch, about 30 launches a layer, is replayed from a CUDA graph (runtime.replay):
-        one graph for each (dloss, loss_sum, first), as the first micro-batch launches differently (it zeroes
-        gradients and writes the matmul weights' rather than adding to them).
-        """
-        self._load_batch(inputs, targets, backward=True)
-        self.runtime.replay((dloss, loss_sum.data_ptr(), first), lambda: self._micro_batch(dloss, loss_sum, first))
-
-    def _micro_batch(self, dloss, loss_sum, first):
-        self._forward(True, dloss, train=True)
-        reduce.sum_into(loss_sum, self.acts.losses, scale=dloss)
-        self.backward(first)
 
     def _ln1(self, l):
         return self.acts.ln1[0 if self.recompute >= 2 else l]
@@ -293,7 +221,7 @@ class GPT2:
 
         The bias gradients (column sums of an output gradient) are summed by the kernel that writes that gradient:
         a projection's output gradient is the residual stream's gradient, written by the next layernorm's backward;
-        fc's is written by the GELU backward; qkv's by the attention backward (Attention says how). Those kernels
+        fc's is written by the GELU backward; qkv's by the attention backward (GPT2Attention says how). Those kernels
         leave partial sums, which, with the layernorms' own, are added up for all layers at once at the end
         (__init__).
 
@@ -302,7 +230,7 @@ class GPT2:
         one only before it overwrites what that one reads (fc_read etc. below). BENCHMARKS.md has what this gained.
         """
         cfg, a, p, g, rt = self.config, self.acts, self.p, self.g, self.runtime
-        B, T, L = self.B, self.T, cfg.num_layers
+        L = cfg.num_layers
         accumulate = not first
         if first:
             rt.start_gradients()
@@ -352,10 +280,7 @@ class GPT2:
             layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, residual, p["ln1w"][l], a.ln1_mean[l],
                                          a.ln1_rstd[l], self._layernorm_partials(("ln1", l)))
         rt.wait_for_side_stream()  # the encoder's gradient adds to wte's
-        if self.ordered_encoder_backward is not None:
-            self.ordered_encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1))
-        else:
-            encoder.encoder_backward(g["wte"], g["wpe"], a.dresidual.view(B, T, -1), self.inputs)
+        self.encoder_backward(g["wte"], g["wpe"], a.dresidual)
         # stage 2 of every bias and layernorm gradient (__init__); the attention's last, as cuDNN's value bias
         # gradient is computed from the attention projection's, which the layernorm sums complete
         self.layernorm_sums.add_to_targets()

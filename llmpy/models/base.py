@@ -1,0 +1,67 @@
+"""What every family's mainline model does alike around its own forward and backward: the device buffers of a
+micro-batch's tokens, the forward with or without the backward's dlogits, a training micro-batch replayed from a
+CUDA graph, and the embedding's backward (float atomics, or the deterministic order). A family (gpt2.py, llama3.py)
+subclasses Model and writes _forward, backward and init_weights.
+"""
+
+import torch
+
+from ..kernels import encoder, reduce
+
+
+class Model:
+    def __init__(self, config, B, T, runtime, deterministic):
+        """For micro-batches of (B, T) tokens on runtime's buffers. deterministic: the embedding's backward sums each
+        token's rows in an order fixed by the tokens (encoder.DeterministicEncoderBackward, from tables made on the
+        host) instead of with float atomics."""
+        device = runtime.device
+        self.config, self.B, self.T, self.runtime = config, B, T, runtime
+        self.p, self.g = runtime.p, runtime.g
+        self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
+        self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
+        self.ordered_encoder_backward = (encoder.DeterministicEncoderBackward(B, T, config.channels, device)
+                                         if deterministic else None)
+
+    def forward(self, inputs, targets=None, dloss=None, train=True):
+        """inputs, targets: (B, T) integer tensors (host or device). Fills acts.logits (N, Vp) and, given targets,
+        acts.losses (N,) and overwrites the logits with dlogits scaled by dloss (default 1/N), ready for backward.
+        train=False (validation) computes the losses only and leaves the logits as they are.
+        """
+        self._load_batch(inputs, targets, backward=train and targets is not None)
+        dloss = 1.0 / (self.B * self.T) if dloss is None else dloss
+        self._forward(targets is not None, dloss, train)
+
+    def _load_batch(self, inputs, targets, backward):
+        """Copies the batch into the device buffers the step reads (and a graph replays); a batch a backward will
+        follow also gets the deterministic embedding backward's tables, made on the host from the host's tokens."""
+        self.inputs.copy_(inputs, non_blocking=True)
+        if targets is not None:
+            self.targets.copy_(targets, non_blocking=True)
+        if backward and self.ordered_encoder_backward is not None:
+            self.ordered_encoder_backward.prepare(inputs)
+
+    def train_micro_batch(self, inputs, targets, dloss, loss_sum, first):
+        """One micro-batch of a training step: forward with targets (dlogits scaled by dloss), loss_sum (fp32 (1,))
+        += dloss * the sum of the losses, then backward. first: the step's first micro-batch, whose backward starts
+        the gradients; the others add to them.
+
+        Under cuda_graphs the micro-batch, some 30 launches a layer, is replayed from a CUDA graph (runtime.replay):
+        one graph for each (dloss, loss_sum, first), as the first micro-batch launches differently (it zeroes
+        gradients and writes the matmul weights' rather than adding to them).
+        """
+        self._load_batch(inputs, targets, backward=True)
+        self.runtime.replay((dloss, loss_sum.data_ptr(), first), lambda: self._micro_batch(dloss, loss_sum, first))
+
+    def _micro_batch(self, dloss, loss_sum, first):
+        self._forward(True, dloss, train=True)
+        reduce.sum_into(loss_sum, self.acts.losses, scale=dloss)
+        self.backward(first)
+
+    def encoder_backward(self, dwte, dwpe, dresidual):
+        """The embedding's gradients from the residual stream's, dresidual (N, C): dwte += per-token sums, dwpe (None
+        without a position embedding) += per-position sums; in the deterministic order if the model was built so."""
+        dresidual = dresidual.view(self.B, self.T, -1)
+        if self.ordered_encoder_backward is not None:
+            self.ordered_encoder_backward(dwte, dwpe, dresidual)
+        else:
+            encoder.encoder_backward(dwte, dwpe, dresidual, self.inputs)
