@@ -1,4 +1,5 @@
 """The mainline's match test (llm.c's test_gpt2cu): our GPU GPT-2 against the PyTorch reference, tensor by tensor.
+(test_llama3.py runs the same for Llama 3.)
 
 First write the reference files (fp32, on any device):
     python train_gpt2_torch.py --model d12 --write_tensors 1
@@ -28,7 +29,7 @@ import sys
 
 import numpy as np
 
-from llmpy.configs.gpt2 import file_prefix, split_params
+from llmpy import families
 from llmpy.formats import FormatError
 from llmpy.reference_files import read_reference_files
 
@@ -52,9 +53,12 @@ def check(name, ours, ref, tol):
     return ok
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Match the GPU mainline against the PyTorch reference's debug state.")
-    p.add_argument("--model", default="d12", help="descriptor whose reference files to load (d12 -> gpt2_124M.*)")
+def parse_args(argv=None, family=families.GPT2):
+    p = argparse.ArgumentParser(description=f"Match the {family.name} mainline against the PyTorch reference's debug "
+                                            "state.")
+    default = "d12" if family is families.GPT2 else "tiny"
+    p.add_argument("--model", default=default, help=f"descriptor whose reference files to load ({default} -> "
+                                                    f"{family.file_prefix(default)}.*)")
     p.add_argument("--dir", default=".", help="folder holding the reference files")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10, help="AdamW steps whose losses are compared (at most the "
@@ -64,47 +68,53 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (tests)")
     p.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1],
                    help="replay the training steps from a CUDA graph, as train_gpt2.py does")
-    p.add_argument("--gelu_fusion", "-ge", type=int, default=-1, choices=[-1, 0, 1],
-                   help="GELU in the fc matmul's cuBLASLt epilogue, as train_gpt2.py's -ge")
+    if family is families.GPT2:
+        p.add_argument("--gelu_fusion", "-ge", type=int, default=-1, choices=[-1, 0, 1],
+                       help="GELU in the fc matmul's cuBLASLt epilogue, as train_gpt2.py's -ge")
     args = p.parse_args(argv)
     if args.steps < 0:
         p.error(f"--steps must be >= 0, got {args.steps}")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, family=families.GPT2, tolerances=TOLERANCES):
+    args = parse_args(argv, family)
+    prog = os.path.basename(sys.argv[0])
+    reference_trainer = "train_gpt2_torch.py" if family is families.GPT2 else "train_llama3_torch.py"
     # the reference files first, before torch and the device: a missing or stale set is told at once, on any machine
-    command = f"python train_gpt2_torch.py --model {args.model} --write_tensors 1 --write_dir {args.dir}"
+    command = f"python {reference_trainer} --model {args.model} --write_tensors 1 --write_dir {args.dir}"
     try:
-        config, weights, state, reference = read_reference_files(args.dir, file_prefix(args.model), command)
+        config, weights, state, reference = read_reference_files(args.dir, family.file_prefix(args.model), command,
+                                                                 family)
     except FormatError as e:
-        sys.exit(f"test_gpt2.py: error: {e}")
+        sys.exit(f"{prog}: error: {e}")
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: our kernels run on CPU tensors
     import torch
 
-    from llmpy.models import gpt2
+    from llmpy.models import gpt2, llama3
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("test_gpt2.py: no CUDA device; run with --device cpu for the Triton interpreter")
+        sys.exit(f"{prog}: no CUDA device; run with --device cpu for the Triton interpreter")
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
     torch.backends.cudnn.allow_tf32 = False
 
     B, T = state.x.shape
     V = config.vocab_size
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    options = dict(gelu_fusion=args.gelu_fusion) if family is families.GPT2 else {}
+    build = gpt2.build if family is families.GPT2 else llama3.build
     try:
-        model = gpt2.build(config, B, T, dtype=dtype, device=args.device, cuda_graphs=bool(args.cuda_graphs),
-                           recompute=args.recompute, attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
+        model = build(config, B, T, dtype=dtype, device=args.device, cuda_graphs=bool(args.cuda_graphs),
+                      recompute=args.recompute, attention_impl=args.attention, **options)
     except ValueError as e:  # e.g. --attention cudnn without the cuDNN frontend installed
-        sys.exit(f"test_gpt2.py: {e}")
+        sys.exit(f"{prog}: {e}")
     runtime = model.runtime
     runtime.load_weights(weights)
-    print(f"[test_gpt2] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
-          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(runtime.cuda_graphs)} "
-          f"gelu_fusion={model.gelu_fusion}")
-    tol_logits, tol_grads, tol_loss = TOLERANCES[args.dtype]
+    print(f"[{prog}] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
+          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(runtime.cuda_graphs)}"
+          + "".join(f" {k}={getattr(model, k)}" for k in options))
+    tol_logits, tol_grads, tol_loss = tolerances[args.dtype]
     x, y = torch.from_numpy(state.x), torch.from_numpy(state.y)
     ok = True
 
@@ -117,7 +127,7 @@ def main(argv=None):
     loss = model.acts.losses.double().mean().item()
     ok &= check("loss", np.array([loss]), np.array([state.loss]), tol_logits)
     model.backward(first=True)
-    ref_grads = split_params(config, state.grads)
+    ref_grads = family.split_params(config, state.grads)
     for name, grad in model.g.items():
         ok &= check(name, grad.cpu().numpy(), ref_grads[name], tol_grads)
 

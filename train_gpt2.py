@@ -3,7 +3,8 @@
 The mainline's training program, in the shape of llm.c's train_gpt2.cu: the same flags (long names, and llm.c's
 short ones), the same loop (validation, sampling, one optimizer step of one or more micro-batches), the same log.
 The model itself is llmpy.models.gpt2.GPT2, over llmpy.runtime.Runtime (its buffers, AdamW, the ranks, CUDA
-graphs); torch is only what runs it (memory, cuBLAS, cuDNN).
+graphs); torch is only what runs it (memory, cuBLAS, cuDNN). The loop serves any family (a Trainer record says
+what differs): train_llama3.py runs it for Llama 3.
 
     python dev/data/tinyshakespeare.py          # the token shards, once
     python train_gpt2.py                         # GPT-2 124M (d12) from random init on tiny Shakespeare
@@ -37,8 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmpy import checkpoint, cli, evals, formats, hf
-from llmpy.configs.gpt2 import DESCRIPTORS_HELP, config_from_descriptor, num_parameters, param_table
+from llmpy import checkpoint, cli, evals, families, formats, hf
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
 from llmpy.kernels import INTERPRET
@@ -46,6 +46,7 @@ from llmpy.kernels.reduce import sum_into
 from llmpy.logger import Logger
 from llmpy.mfu import flops_per_token, mfu, peak_flops
 from llmpy.models import gpt2
+from llmpy.models.attention import choose_attention
 from llmpy.outlier import OutlierGuard
 from llmpy.rand import Xorshift
 from llmpy.runtime import Runtime
@@ -55,6 +56,34 @@ from llmpy.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 TIMING_WARMUP_STEPS = 1  # the first step compiles the Triton kernels: the averages leave it out
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """What this program's loop needs to know of a model family: GPT2_TRAINER here, train_llama3.py's for Llama 3."""
+    family: families.Family  # its descriptors, parameter table and files
+    build_model: object  # (config, B, T, runtime, args) -> the mainline model (llmpy/models/)
+    default_init: str  # -e's default
+    train_data: str  # -i's default
+    val_data: str  # -j's default
+    tokenizer_file: str  # --tokenizer's default: llm.c's tokenizer file, for decoding samples
+    start_token: object  # samples start from it, the token the data puts before every document; None: the EOT of
+    # the tokenizer file (llm.c's rule for GPT-2)
+    init_help: str  # what -e takes
+    hellaswag: bool  # -h 1 (llm.c's eval files are GPT-2 tokens)
+
+
+def build_gpt2(config, B, T, runtime, args):
+    return gpt2.GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
+                     gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic))
+
+
+GPT2_TRAINER = Trainer(
+    families.GPT2, build_gpt2, "d12", "dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
+    "dev/data/tinyshakespeare/tiny_shakespeare_val.bin", "gpt2_tokenizer.bin", None,
+    "an llm.c model file (.bin, fp32 or bf16) to start from; gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI's weights "
+    "from the Hugging Face hub, downloaded once) or a Hugging Face GPT-2 folder; or a descriptor for a random init "
+    f"with --seed: {families.GPT2.descriptors_help}", hellaswag=True)
 
 
 class HellaSwagOrHelp(argparse.Action):
@@ -70,19 +99,15 @@ class HellaSwagOrHelp(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-def parse_args(argv=None):
-    p = cli.OneLineArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
+def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
+    p = cli.OneLineArgumentParser(description=(description or __doc__).split("\n\n")[0], add_help=False,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--help", action="help", help="print this help and exit (so does -h alone)")
-    add("-i", "--input_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
-        help="training token shards (a glob pattern)")
-    add("-j", "--input_val_bin", default="dev/data/tinyshakespeare/tiny_shakespeare_val.bin",
+    add("-i", "--input_bin", default=trainer.train_data, help="training token shards (a glob pattern)")
+    add("-j", "--input_val_bin", default=trainer.val_data,
         help="validation token shards (a glob pattern); '' disables validation")
-    add("-e", "--init", default="d12",
-        help="an llm.c model file (.bin, fp32 or bf16) to start from; gpt2|gpt2-medium|gpt2-large|gpt2-xl "
-             "(OpenAI's weights from the Hugging Face hub, downloaded once) or a Hugging Face GPT-2 folder; or a "
-             f"descriptor for a random init with --seed: {DESCRIPTORS_HELP}")
+    add("-e", "--init", default=trainer.default_init, help=trainer.init_help)
     add("-b", "--batch_size", type=int, default=4, help="micro-batch size B")
     add("-t", "--sequence_length", type=int, default=1024, help="sequence length T")
     add("-d", "--total_batch_size", type=int, default=-1,
@@ -103,7 +128,8 @@ def parse_args(argv=None):
     add("-g", "--gen_tokens", type=int, default=64, help="tokens per sample (at most T)")
     add("-h", "--hellaswag", type=int, nargs="?", default=0, action=HellaSwagOrHelp, metavar="0|1",
         help="1: score HellaSwag as llm.c does, at every validation step (-v) after step 0 and at the end, so "
-             "-x 0 scores the -e model; needs -b a multiple of 4. -h alone prints this help")
+             "-x 0 scores the -e model; needs -b a multiple of 4 (GPT-2 only: the eval files are GPT-2 tokens). "
+             "-h alone prints this help")
     add("--hellaswag_file", default="dev/data/hellaswag/hellaswag_val.bin",
         help="the llm.c eval file -h 1 scores (python dev/data/hellaswag.py writes it)")
     add("-o", "--output_log_dir", default=None,
@@ -136,16 +162,17 @@ def parse_args(argv=None):
         "weights and optimizer state are fp32 either way)")
     add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
     add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
-        help="activation memory: 1 recomputes GELU in the backward, 2 also the layernorms")
+        help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms")
     add("--attention", default="cudnn", choices=("cudnn", "triton"),
         help="cuDNN's flash attention or ours (float32 and CPU runs always use ours)")
     add("--cuda_graphs", type=int, default=1, choices=(0, 1),
         help="replay each micro-batch's forward and backward from a CUDA graph (GPU only)")
-    add("-ge", "--gelu_fusion", type=int, default=-1, choices=(-1, 0, 1),
-        help="1: the forward's GELU in the fc matmul's cuBLASLt epilogue; 0: our GELU kernel; -1: 1 on Hopper and "
-             "newer GPUs, else 0 (llm.c's -ge 2, the backward's too, is slower on an H100: BENCHMARKS.md)")
+    if trainer.family is families.GPT2:
+        add("-ge", "--gelu_fusion", type=int, default=-1, choices=(-1, 0, 1),
+            help="1: the forward's GELU in the fc matmul's cuBLASLt epilogue; 0: our GELU kernel; -1: 1 on Hopper and "
+                 "newer GPUs, else 0 (llm.c's -ge 2, the backward's too, is slower on an H100: BENCHMARKS.md)")
     add("--device", default="cuda", help="cuda, cuda:N or auto; cpu only under TRITON_INTERPRET=1 (tests)")
-    add("--tokenizer", default="gpt2_tokenizer.bin", help="llm.c tokenizer file for decoding samples")
+    add("--tokenizer", default=trainer.tokenizer_file, help="llm.c tokenizer file for decoding samples")
     add("--write_model", default=None, metavar="FILE", help="write the final weights as an llm.c model file (fp32)")
     add("-z", "--zero_stage", type=int, default=0, choices=(0, 1),
         help="several processes: 0 every rank updates all weights; 1 ZeRO stage 1, each rank updates its shard of "
@@ -167,8 +194,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args):
+def check_args(args, trainer):
     """Nonsense values -> ValueError, one line naming the flag."""
+    if args.hellaswag and not trainer.hellaswag:
+        raise ValueError(f"-h 1: llm.c's HellaSwag files are GPT-2 tokens, not {trainer.family.name}'s")
     positive = {"-b/--batch_size": args.batch_size, "-t/--sequence_length": args.sequence_length,
                 "-m/--val_max_steps": args.val_max_steps, "-g/--gen_tokens": args.gen_tokens}
     non_negative = {"-u/--warmup_iters": args.warmup_iters, "-v/--val_loss_every": args.val_loss_every,
@@ -210,15 +239,18 @@ def pick_device(name):
     return device
 
 
-def init_config(init):
+def init_config(init, family):
     """-e: the model's config, from a Hugging Face folder's config.json (init_source resolved a pretrained name to its
-    folder), an llm.c model file's header, or a random-init descriptor."""
-    if hf.is_hf_source(init):
+    folder), an llm.c model file's header (of the family's magic), or a random-init descriptor."""
+    if family is families.GPT2 and hf.is_hf_source(init):
         return hf.read_hf_config(init)
     if os.path.exists(init) or init.endswith(".bin"):
-        return formats.read_model_header(init)[0]
+        found = families.of_file(init)
+        if found is not family:
+            raise ValueError(f"-e/--init {init}: holds a {found.name} model; this program trains {family.name}")
+        return family.read_model_header(init)[0]
     try:
-        return config_from_descriptor(init)
+        return family.config_from_descriptor(init)
     except ValueError as e:
         raise ValueError(f"-e/--init {init}: no such model file, and {e}") from None
 
@@ -323,13 +355,14 @@ def sample_softmax(logits, coin):
     return min(int(np.searchsorted(cdf, coin * cdf[-1], side="right")), len(logits) - 1)
 
 
-def generate(model, tokenizer, num_tokens, rng):
-    """Samples num_tokens - 1 tokens after an EOT, as llm.c: the (B, T) batch starts all EOT and position t of
-    row 0 is drawn from the logits at t - 1 (a full forward per token: no KV cache, the buffers are (B, T)), with
-    coins from llm.c's xorshift generator rng (llmpy.rand.Xorshift; a checkpoint saves its state)."""
-    B, T, V, Vp = model.B, model.T, model.config.vocab_size, model.config.padded_vocab_size
+def generate(model, tokenizer, start_token, num_tokens, rng):
+    """Samples num_tokens - 1 tokens after start_token (GPT-2's EOT, Llama 3's <|begin_of_text|>), as llm.c: the
+    (B, T) batch starts all start_token and position t of row 0 is drawn from the logits at t - 1 (a full forward per
+    token: no KV cache, the buffers are (B, T)), with coins from llm.c's xorshift generator rng
+    (llmpy.rand.Xorshift; a checkpoint saves its state)."""
+    B, T, V, Vp = model.B, model.T, model.config.vocab_size, model.acts.logits.shape[-1]
     num_tokens = min(num_tokens, T)
-    tokens = np.full((B, T), tokenizer.eot, dtype=np.int32)
+    tokens = np.full((B, T), start_token, dtype=np.int32)
     for t in range(1, num_tokens):
         model.forward(torch.from_numpy(tokens))
         logits = model.acts.logits.view(B, T, Vp)[0, t - 1, :V].float().cpu().numpy()
@@ -355,13 +388,13 @@ class Stopped(Exception):
         self.signum = signum
 
 
-def train(args):
-    check_args(args)
+def train(args, trainer):
+    check_args(args, trainer)
     device = pick_device(args.device)
     dist = init_distributed(args.init_method, args.server_ip, args.fs_path, args.num_processes, args.process_rank,
                             args.gpus_per_node, device, args.dist_timeout)
     try:
-        train_on(args, dist)
+        train_on(args, dist, trainer)
     finally:
         dist.destroy()
 
@@ -397,7 +430,7 @@ def restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags,
     file, the optimizer state of this rank's shard assembled from the old ranks' files, whatever their number).
     Returns the sampling RNG."""
     runtime, dist = model.runtime, model.runtime.dist
-    _, weights = formats.read_model(resume.model_path)
+    _, weights = families.of_config(model.config).read_model(resume.model_path)
     runtime.load_weights(weights)
     runtime.load_optimizer_state(*checkpoint.assemble_shard(resume.states, model.config, runtime.shard.start,
                                                             runtime.shard.stop))
@@ -442,8 +475,9 @@ def save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_fl
 @dataclass
 class Run:
     """Everything a run's loop works with, made by setup_run before the first step."""
+    trainer: Trainer
     config: object
-    model: gpt2.GPT2
+    model: object  # the family's mainline model (llmpy/models/)
     train_loader: DataLoader
     val_loader: object  # DataLoader or None (no validation)
     val_batches: int  # this rank's validation batches
@@ -464,24 +498,26 @@ class Run:
     peak: object  # the GPU's peak FLOP/s, or None (unknown, CPU)
 
 
-def train_on(args, dist):
+def train_on(args, dist, trainer):
     """The run of this rank; only rank 0 (dist.is_main) prints, logs, samples and writes files."""
     say = print if dist.is_main else lambda *_, **__: None
-    run = setup_run(args, dist, say)
+    run = setup_run(args, dist, say, trainer)
     describe_run(args, run, dist, say)
     timed_ms = run_loop(args, run, dist, say)
     finish_run(args, run, dist, say, timed_ms)
 
 
-def setup_run(args, dist, say):
+def setup_run(args, dist, say, trainer):
     """Checks what the flags ask for, then builds the run: the model, its data and outputs, its starting weights (or
     the checkpoint it resumes). Everything that can be refused is refused here, before the first step."""
     device, world = dist.device, dist.world_size
     dtype = DTYPES[args.dtype]
     B, T = args.batch_size, args.sequence_length
     # -e resolved once: a pretrained GPT-2's name becomes its folder (downloaded, or from the cache)
-    init = hf.hf_folder(args.init) if hf.is_hf_source(args.init) else args.init
-    config = init_config(init)
+    family = trainer.family
+    from_hf = family is families.GPT2 and hf.is_hf_source(args.init)
+    init = hf.hf_folder(args.init) if from_hf else args.init
+    config = init_config(init, family)
     if T > config.max_seq_len:
         raise ValueError(f"-t/--sequence_length {T} is longer than the model's max_seq_len {config.max_seq_len}")
     tokens_per_micro_batch = B * T * world  # one micro-batch on every rank
@@ -517,13 +553,12 @@ def setup_run(args, dist, say):
     if device.index is not None:
         torch.cuda.set_device(device)
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
-    # the runtime (buffers, optimizer, ranks, graphs) from GPT-2's parameter table, and the model over it; a model
-    # that cannot run is refused before anything is allocated
-    gpt2.choose_attention(config, T, args.attention, dtype, device)
-    runtime = Runtime(param_table(config), dtype=dtype, device=device, dist=dist, zero_stage=args.zero_stage,
+    # the runtime (buffers, optimizer, ranks, graphs) from the family's parameter table, and the model over it; a
+    # model that cannot run is refused before anything is allocated
+    choose_attention(config, T, args.attention, dtype, device)
+    runtime = Runtime(family.param_table(config), dtype=dtype, device=device, dist=dist, zero_stage=args.zero_stage,
                       cuda_graphs=bool(args.cuda_graphs), deterministic=bool(args.deterministic))
-    model = gpt2.GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
-                 gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic))
+    model = trainer.build_model(config, B, T, runtime, args)
     run_flags = {**{k: getattr(args, k) for k in RUN_FLAGS}, "total_batch_size": total_batch_size,
                  "max_steps": max_steps, "shuffle": int(shuffle)}
     guard = OutlierGuard(args.skip_update_lossz, args.skip_update_gradz)
@@ -531,10 +566,10 @@ def setup_run(args, dist, say):
         sample_rng = restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags, say)
     else:
         sample_rng = Xorshift(args.seed)
-        if hf.is_hf_source(init):
+        if from_hf:
             runtime.load_weights(hf.read_hf_weights(init, config))
         elif os.path.exists(args.init) or args.init.endswith(".bin"):
-            runtime.load_weights(formats.read_model(args.init)[1])
+            runtime.load_weights(family.read_model(args.init)[1])
         else:
             model.init_weights(args.seed)
 
@@ -546,7 +581,7 @@ def setup_run(args, dist, say):
             writer.reserve(*checkpoint_tensors(model))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, args.dtype, args.tf32) if device.type == "cuda" else None
-    return Run(config=config, model=model, train_loader=train_loader, val_loader=val_loader, val_batches=val_batches,
+    return Run(trainer=trainer, config=config, model=model, train_loader=train_loader, val_loader=val_loader, val_batches=val_batches,
                hellaswag=hellaswag, tokenizer=tokenizer, grad_accum_steps=grad_accum_steps,
                total_batch_size=total_batch_size, max_steps=max_steps,
                step0=resume.step if resume is not None else 0, resumed=resume is not None, shuffle=shuffle,
@@ -556,10 +591,13 @@ def setup_run(args, dist, say):
 
 def describe_run(args, run, dist, say):
     """The run's summary, printed before its first step."""
-    config, world = run.config, dist.world_size
-    say(f"model {args.init}: L={config.num_layers} C={config.channels} NH={config.num_heads} "
-        f"maxT={config.max_seq_len} V={config.vocab_size} (padded {config.padded_vocab_size}), "
-        f"{num_parameters(config):,} parameters")
+    config, world, family = run.config, dist.world_size, run.trainer.family
+    shape = (f"{family.name} L={config.num_layers} C={config.channels} NH={config.num_heads}"
+             + (f" KV={config.num_kv_heads} H={config.ffn_hidden}" if family is families.LLAMA3 else "")
+             + f" maxT={config.max_seq_len} V={config.vocab_size}"
+             + (f" (padded {config.padded_vocab_size})" if family is families.GPT2 else "")
+             + (", tied head" if getattr(config, "tied_embeddings", True) else ", untied head"))
+    say(f"model {args.init}: {shape}, {family.num_parameters(config):,} parameters")
     say(f"device {run.device_name}, dtype {args.dtype}, attention {run.model.attention_impl}, "
         f"recompute {args.recompute}{', deterministic' if args.deterministic else ''}")
     say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
@@ -615,7 +653,9 @@ def run_loop(args, run, dist, say):
                 say(f"HellaSwag: {correct}/{run.hellaswag.num_examples} = {correct / run.hellaswag.num_examples:f}")
                 logger.log_eval(step, correct / run.hellaswag.num_examples)
             if run.tokenizer and ((step > 0 and step % args.sample_every == 0) or last_step):
-                say(f"generating:\n---\n{generate(model, run.tokenizer, args.gen_tokens, run.sample_rng)}\n---")
+                start = run.tokenizer.eot if run.trainer.start_token is None else run.trainer.start_token
+                text = generate(model, run.tokenizer, start, args.gen_tokens, run.sample_rng)
+                say(f"generating:\n---\n{text}\n---")
             if last_step:
                 break
 
@@ -673,7 +713,7 @@ def finish_run(args, run, dist, say, timed_ms):
     if args.write_model:
         weights = run.model.runtime.weights_fp32()  # under -z 1 a collective: every rank takes part
         if dist.is_main:
-            formats.write_model(args.write_model, run.config, weights, dtype="float32")
+            run.trainer.family.write_model(args.write_model, run.config, weights, dtype="float32")
             say(f"wrote {args.write_model}")
 
 
@@ -691,12 +731,12 @@ def stop_with_checkpoint(signum, writer, logger, step, model, train_loader, samp
                            f"{writer.folder}: continue with the same command and -y 1")
 
 
-def main(argv=None):
+def main(argv=None, trainer=GPT2_TRAINER, description=None):
     prog = os.path.basename(sys.argv[0])
     with exit_quietly(prog):  # a signal before the training loop: one line (the loop stops at a step's end)
-        args = parse_args(argv)
+        args = parse_args(argv, trainer, description)
         try:
-            train(args)
+            train(args, trainer)
         except torch.cuda.OutOfMemoryError:
             fail(f"CUDA out of memory with -b {args.batch_size} -t {args.sequence_length} -r {args.recompute}: use "
                  f"a smaller -b (with -d to keep the tokens a step) or -r 1 / -r 2 to recompute activations")

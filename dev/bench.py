@@ -5,12 +5,16 @@
     python dev/bench.py --contenders mainline,compile --attention triton
     python dev/bench.py --contenders mainline,ddp,zero1   # data parallel's overhead at world size 1
 
-Every contender trains the same GPT-2 from the same weights (llmpy.configs.gpt2.gpt2_init with --seed) on the same
-batches of tiny Shakespeare (or random tokens when the shards are missing), with the same hyperparameters (AdamW
+    python dev/bench.py --model llama3.2-1b -b 8 -t 2048 --contenders mainline,compile   # Llama 3's mainline
+
+Every contender trains the same model (GPT-2, or Llama 3 for a Llama 3 descriptor) from the same weights (its
+family's seeded init with --seed) on the same batches of tiny Shakespeare in the family's tokens (or random tokens
+when the shards are missing), with the same hyperparameters (AdamW
 lr 3e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1, grad clip 1.0), each in its own process so that one's
 memory and compiled state cannot help or hurt another:
   mainline   train_gpt2.py's training step: our kernels, cuBLAS, cuDNN attention (or ours with --attention triton)
-  eager      train_gpt2_torch.py's model, flash SDPA, bf16 autocast, fused AdamW; B/2 x 2 micro-batches by
+  eager      the PyTorch reference's model (train_gpt2_torch.py, train_llama3_torch.py), flash SDPA, bf16 autocast,
+             fused AdamW; B/2 x 2 micro-batches by
              default (--eager_micro 0 for none), since eager at B=64 needs more memory than the GPU has
   compile    the same under torch.compile: the baseline to beat
   deterministic  the mainline with --deterministic 1 (bit-identical run to run: llmpy.vendor.set_deterministic, the
@@ -43,18 +47,25 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmpy.configs.gpt2 import config_from_descriptor, gpt2_init  # noqa: E402
+from llmpy import families  # noqa: E402
+from llmpy.configs import llama3  # noqa: E402
 from llmpy.data import DataLoader  # noqa: E402
 from llmpy.mfu import flops_per_token, mfu, peak_flops  # noqa: E402
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
-SHARD = os.path.join(ROOT, "dev/data/tinyshakespeare/tiny_shakespeare_train.bin")
+SHARDS = {families.GPT2: "dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
+          families.LLAMA3: "dev/data/tinyshakespeare/tiny_shakespeare_llama3_train.bin"}
+
+
+def family_of(descriptor):
+    return families.LLAMA3 if descriptor in llama3.DESCRIPTORS else families.GPT2
 
 
 def batches(config, B, T, seed):
     """An endless stream of (x, y) int32 (B, T): tiny Shakespeare's training batches, or random tokens."""
-    if os.path.exists(SHARD):
-        loader = DataLoader(SHARD, B, T)
+    shard = os.path.join(ROOT, SHARDS[families.of_config(config)])
+    if os.path.exists(shard):
+        loader = DataLoader(shard, B, T)
         while True:
             yield loader.next_batch()
     rng = np.random.default_rng(seed)
@@ -68,14 +79,18 @@ def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=Fa
     dist, zero_stage, deterministic: as train_gpt2.py's (ddp, zero1 and deterministic)."""
     import torch
 
-    from llmpy.models import gpt2
+    from llmpy.models import gpt2, llama3 as llama3_model
     from llmpy.outlier import OutlierGuard
     from train_gpt2 import train_step
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    model = gpt2.build(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda", dist=dist,
-                       zero_stage=zero_stage, cuda_graphs=bool(args.cuda_graphs), deterministic=deterministic,
-                       recompute=args.recompute, attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
+    if families.of_config(config) is families.GPT2:
+        build, options = gpt2.build, dict(gelu_fusion=args.gelu_fusion)
+    else:
+        build, options = llama3_model.build, {}
+    model = build(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda", dist=dist,
+                  zero_stage=zero_stage, cuda_graphs=bool(args.cuda_graphs), deterministic=deterministic,
+                  recompute=args.recompute, attention_impl=args.attention, **options)
     model.runtime.load_weights(flat)
     loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
     hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
@@ -92,7 +107,11 @@ def torch_steps(config, flat, args, compile):
     """Yields after each training step of the PyTorch reference (eager or compiled)."""
     import torch
 
-    from train_gpt2_torch import configure_optimizer, model_from_flat, train_step
+    from train_gpt2_torch import configure_optimizer, train_step
+    if families.of_config(config) is families.GPT2:
+        from train_gpt2_torch import model_from_flat
+    else:
+        from train_llama3_torch import model_from_flat
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -169,8 +188,9 @@ def worker(args):
     """Times one contender in this process and prints its results as one JSON line."""
     import torch
 
-    config = config_from_descriptor(args.model)
-    flat = gpt2_init(config, args.seed)
+    family = family_of(args.model)
+    config = family.config_from_descriptor(args.model)
+    flat = family.init_params(config, args.seed)
     dist = None
     if args.worker in ("mainline", "deterministic"):
         steps = mainline_steps(config, flat, args, deterministic=args.worker == "deterministic")
@@ -207,7 +227,8 @@ def worker(args):
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="d12", help="model descriptor: d12, d24, d36, d48, gpt3:c768, ...")
+    ap.add_argument("--model", default="d12", help="model descriptor: d12, d24, d36, d48, gpt3:c768, ... (GPT-2), "
+                    f"{', '.join(llama3.DESCRIPTORS)} (Llama 3)")
     ap.add_argument("-b", "--batch_size", type=int, default=64)
     ap.add_argument("-t", "--sequence_length", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

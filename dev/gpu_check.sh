@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
-#                         [hellaswag] [matmul_algos] [bench_large]          (none: all but the last two)
-# Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py) and, for the reference's tokenizer file,
-# LLMPY_TIKTOKEN_FILE; hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
+#                         [hellaswag] [llama] [llama_bench] [matmul_algos] [bench_large]   (none: all but the last two)
+# Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py, and -m llama-3 for the llama steps) and, for
+# the references' tokenizer files, LLMPY_TIKTOKEN_FILE (and LLMPY_LLAMA3_TOKENIZER_FILE for the llama steps); hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs sample hellaswag)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs sample hellaswag llama
+                                 llama_bench)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -151,6 +152,22 @@ print(f"hellaswag: {len(cpu)} examples, mainline fp32 vs NumPy: max |mean loss d
 sys.exit(0 if len(cpu) == 48 and diff <= 1e-4 and same else 1)
 PY
         ;;
+    llama)
+        # Llama 3's mainline against its PyTorch reference at Llama 3.2 1B's shape (16 layers, 2048 channels, 32 query
+        # and 8 key/value heads, the 128,256 vocab, tied), B=4, T=64: bf16 on both attentions with and without
+        # recompute, and fp32; the first 6 of the reference's steps (test_llama3.py says why)
+        [ -f llama3.2_1B_debug_state.bin ] || run python3 train_llama3_torch.py --model llama3.2-1b --write_tensors 1 \
+            --device cuda -b 4 -t 64
+        for attention in cudnn triton; do
+            for r in 0 2; do
+                run python3 test_llama3.py --model llama3.2-1b --dtype bfloat16 --attention "$attention" -r "$r" \
+                    --steps 6
+            done
+        done
+        run python3 test_llama3.py --model llama3.2-1b --dtype float32 --attention triton --steps 6 ;;
+    llama_bench)  # the issue's target shape: Llama 3.2 1B at T=2048, the mainline against torch.compile
+        run python3 dev/bench.py --model llama3.2-1b -b 8 -t 2048 --contenders mainline,compile --steps 10 --warmup 3 \
+            --json "${OUT:-.}/bench_llama3.2-1b.json" ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
         for model_sizes in "d24 56 48 40" "d36 32 28 24"; do
@@ -166,7 +183,7 @@ PY
         done ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample, hellaswag," \
-            "matmul_algos, bench_large)"; status=1 ;;
+            "llama, llama_bench, matmul_algos, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"
