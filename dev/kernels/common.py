@@ -32,7 +32,7 @@ if _REPOSITORY not in sys.path:  # run as `python dev/kernels/<op>.py`, llmpy is
 from llmpy.kernels import INTERPRET  # noqa: E402
 
 __all__ = ["INTERPRET", "device", "rel_error", "assert_close", "time_ms", "copy_bandwidth_gbps", "compiled", "Result",
-           "mark_bound", "print_table", "format_table"]
+           "timed", "mark_bound", "print_table", "format_table"]
 
 
 def device() -> str:
@@ -135,6 +135,12 @@ class Result:
         if self.bytes is not None:
             return f"{self.gbps:.0f} GB/s"
         return "-"
+
+
+def timed(op: str, version: str, fn, args: tuple, moved: int, **flags) -> Result:
+    """The Result of a memory-bound op's version: fn(*args) timed by time_ms, `moved` its minimal bytes; flags as
+    Result's (mainline=True)."""
+    return Result(op, version, time_ms(lambda: fn(*args)), bytes=moved, **flags)
 
 
 def mark_bound(candidates: list[Result]) -> list[Result]:
