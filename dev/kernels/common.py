@@ -31,8 +31,8 @@ if _REPOSITORY not in sys.path:  # run as `python dev/kernels/<op>.py`, llmpy is
 
 from llmpy.kernels import INTERPRET  # noqa: E402
 
-__all__ = ["INTERPRET", "device", "rel_error", "assert_close", "time_ms", "copy_bandwidth_gbps", "compiled", "Result",
-           "timed", "mark_bound", "print_table", "format_table"]
+__all__ = ["INTERPRET", "device", "rel_error", "assert_close", "compare", "time_ms", "copy_bandwidth_gbps", "compiled",
+           "Result", "timed", "mark_bound", "print_table", "format_table"]
 
 
 def device() -> str:
@@ -66,6 +66,13 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) ->
     if not err <= tol:
         raise AssertionError(f"{name}: rel error {err:.3e} > tol {tol:.0e}")
     return err
+
+
+def compare(what: str, **outputs: tuple[torch.Tensor, torch.Tensor, float]) -> str:
+    """assert_close of every output, given by name as (got, reference, tol): the first out of tolerance raises,
+    named 'what name'; else the check's line for them all, 'what: name rel error X, name rel error Y'."""
+    errors = {name: assert_close(f"{what} {name}", got, ref, tol) for name, (got, ref, tol) in outputs.items()}
+    return f"{what}: " + ", ".join(f"{name} rel error {err:.1e}" for name, err in errors.items())
 
 
 def time_ms(fn, warmup: int = 10, rep: int = 50) -> float:

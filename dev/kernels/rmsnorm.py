@@ -1,7 +1,7 @@
 """RMSNorm, Llama 3's norm, forward and backward: from one row per program to the mainline's.
 
 The op, per row x of C channels (N = B*T rows; C = 2048 for Llama 3.2 1B, 4096 for Llama 3.1 8B):
-    rstd = 1 / sqrt(sum(x^2) / C + eps),   xhat = x * rstd,   out = xhat * weight       (rstd kept, fp32, for the backward)
+    rstd = 1 / sqrt(sum(x^2) / C + eps),   xhat = x * rstd,   out = xhat * weight   (rstd kept, fp32, for the backward)
 LayerNorm (layernorm.py) without the centring and without the bias. Backward, with dnorm = dout * weight:
     dinp += rstd * (dnorm - xhat * mean(dnorm * xhat)),   dweight += sum over rows of dout * xhat
 (dinp accumulates: the norm's input is the residual stream, whose gradient also arrives through the residual
@@ -25,7 +25,7 @@ F.rms_norm and its autograd run on CUDA; the backward followed by the accumulati
 the torch code (`torch_forward`, `torch_backward`: the formulas in fp32, with our in-place accumulation).
 """
 
-from common import Result, assert_close, compiled, device, mark_bound, timed
+from common import Result, compare, compiled, device, mark_bound, timed
 
 import torch
 import triton
@@ -206,10 +206,10 @@ def check(small: bool) -> list[str]:
             out = torch.full_like(x, float("nan"))
             rstd = torch.full((N,), float("nan"), device=dev)
             fn(out, rstd, x, weight)
-            err = assert_close(f"rmsnorm forward {name} {tag} out", out, out_ref, act_tol)
-            if name != "torch eager":  # rstd is torch's own (N, 1) tensor, not written into ours
-                assert_close(f"rmsnorm forward {name} {tag} rstd", rstd, rstd_ref, FP32_TOL)
-            lines.append(f"forward {name} {tag}: out rel error {err:.1e}")
+            outputs = {"out": (out, out_ref, act_tol)}
+            if name != "torch eager":  # torch's rstd is its own (N, 1) tensor, not written into ours
+                outputs["rstd"] = (rstd, rstd_ref, FP32_TOL)
+            lines.append(compare(f"forward {name} {tag}", **outputs))
 
         rstd = rstd_ref.float()
         scratch = mainline.rmsnorm_backward_scratch(N, C, dev)
@@ -223,9 +223,8 @@ def check(small: bool) -> list[str]:
             dinp, dweight = dinp0.clone(), dweight0.clone()
             fn(dinp, dweight, dout, x, weight, rstd)
             sum_tol = EAGER_BF16_SUM_TOL if name == "torch eager" and dtype == torch.bfloat16 else SUM_TOL
-            err = assert_close(f"rmsnorm backward {name} {tag} dinp", dinp, dinp_ref, act_tol)
-            dw_err = assert_close(f"rmsnorm backward {name} {tag} dweight", dweight, dweight_ref, sum_tol)
-            lines.append(f"backward {name} {tag}: dinp rel error {err:.1e}, dweight {dw_err:.1e}")
+            lines.append(compare(f"backward {name} {tag}", dinp=(dinp, dinp_ref, act_tol),
+                                 dweight=(dweight, dweight_ref, sum_tol)))
     return lines
 
 
