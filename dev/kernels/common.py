@@ -31,8 +31,8 @@ if _REPOSITORY not in sys.path:  # run as `python dev/kernels/<op>.py`, llmpy is
 
 from llmpy.kernels import INTERPRET  # noqa: E402
 
-__all__ = ["INTERPRET", "device", "rel_error", "assert_close", "compare", "time_ms", "copy_bandwidth_gbps", "compiled",
-           "Result", "timed", "mark_bound", "print_table", "format_table"]
+__all__ = ["INTERPRET", "device", "rel_error", "assert_close", "compare", "precisions", "time_ms",
+           "copy_bandwidth_gbps", "compiled", "Result", "timed", "mark_bound", "print_table", "format_table"]
 
 
 def device() -> str:
@@ -73,6 +73,12 @@ def compare(what: str, **outputs: tuple[torch.Tensor, torch.Tensor, float]) -> s
     named 'what name'; else the check's line for them all, 'what: name rel error X, name rel error Y'."""
     errors = {name: assert_close(f"{what} {name}", got, ref, tol) for name, (got, ref, tol) in outputs.items()}
     return f"{what}: " + ", ".join(f"{name} rel error {err:.1e}" for name, err in errors.items())
+
+
+def precisions(fp32_tol: float, bf16_tol: float) -> list[tuple[torch.dtype, str, float]]:
+    """(dtype, tag, tol) of the two activation dtypes the checks run in: fp32 first, then bf16, each with the
+    tolerance of its rounded outputs."""
+    return [(torch.float32, "fp32", fp32_tol), (torch.bfloat16, "bf16", bf16_tol)]
 
 
 def time_ms(fn, warmup: int = 10, rep: int = 50) -> float:

@@ -25,7 +25,7 @@ F.rms_norm and its autograd run on CUDA; the backward followed by the accumulati
 the torch code (`torch_forward`, `torch_backward`: the formulas in fp32, with our in-place accumulation).
 """
 
-from common import Result, compare, compiled, device, mark_bound, timed
+from common import Result, compare, compiled, device, mark_bound, precisions, timed
 
 import torch
 import triton
@@ -190,9 +190,7 @@ def check(small: bool) -> list[str]:
     dev = device()
     N, C = (37, 96) if small else (8 * 1024, 2048)
     lines = []
-    for dtype in (torch.float32, torch.bfloat16):
-        act_tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-        tag = "fp32" if dtype == torch.float32 else "bf16"
+    for dtype, tag, act_tol in precisions(FP32_TOL, BF16_TOL):
         x, weight, dout, dinp0, dweight0 = _inputs(N, C, dtype, dev, seed=N + C)
         out_ref, rstd_ref = reference_forward(x.double(), weight.double())
         dx_ref, dweight_ref = reference_backward(dout, x, weight)

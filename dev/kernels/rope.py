@@ -24,7 +24,7 @@ The bound: torch has no fused RoPE kernel; the torch code (`torch_forward`, `tor
 and k in fp32, copied back into qkv) eager, a chain of elementwise kernels, and under torch.compile; the faster.
 """
 
-from common import Result, compare, compiled, device, mark_bound, timed
+from common import Result, compare, compiled, device, mark_bound, precisions, timed
 
 import dataclasses
 
@@ -103,11 +103,12 @@ def backward_v1(dqkv, cos, sin, NH, KV):
 
 def forward_v2(qkv, cos, sin, NH, KV):
     """The mainline, llmpy.kernels.rope.rope_forward: one program per (block of BLOCK_T tokens, batch row), 4 warps,
-    looping over the NH + KV heads (512 programs of 40 heads at the benchmark's size). It loads its tokens' cos and sin once and keeps them in registers for every head
-    (the heads of a token turn alike). Each head is a (BLOCK_T, hs/2, 2) tile (16 tokens at hs = 64: 1024 values, 8 a
-    thread) loaded as contiguous rows of hs channels, 16-byte vectors, split into even and odd channels in registers
-    (tl.split), turned, joined back (tl.join) and stored over itself. The same bytes as v1 in wide accesses, and the
-    tables read once a token block instead of once a head."""
+    looping over the NH + KV heads (512 programs of 40 heads at the benchmark's size). It loads its tokens' cos and
+    sin once and keeps them in registers for every head (the heads of a token turn alike). Each head is a
+    (BLOCK_T, hs/2, 2) tile (16 tokens at hs = 64: 1024 values, 8 a thread) loaded as contiguous rows of hs channels,
+    16-byte vectors, split into even and odd channels in registers (tl.split), turned, joined back (tl.join) and
+    stored over itself. The same bytes as v1 in wide accesses, and the tables read once a token block instead of once
+    a head."""
     mainline.rope_forward(qkv, cos, sin, NH, KV)
 
 
@@ -162,9 +163,7 @@ def check(small: bool) -> list[str]:
     NH, KV = config.num_heads, config.num_kv_heads
     turned = (NH + KV) * config.head_size
     lines = []
-    for dtype in (torch.float32, torch.bfloat16):
-        tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-        tag = "fp32" if dtype == torch.float32 else "bf16"
+    for dtype, tag, tol in precisions(FP32_TOL, BF16_TOL):
         qkv0, dqkv0, cos, sin = _case(config, B, T, dtype, dev, seed=T)
         forwards = {"v1": forward_v1, "v2 mainline": forward_v2, "torch eager": torch_forward}
         backwards = {"v1": backward_v1, "v2 mainline": backward_v2, "torch eager": torch_backward}

@@ -22,7 +22,7 @@ computes, each op its own kernel) and torch.compile of the torch code (`torch_fo
 formulas in fp32 writing into our outputs).
 """
 
-from common import Result, compare, compiled, device, mark_bound, timed
+from common import Result, compare, compiled, device, mark_bound, precisions, timed
 
 import torch
 import torch.nn.functional as F
@@ -191,9 +191,7 @@ def check(small: bool) -> list[str]:
     dev = device()
     N, H = (37, 200) if small else (8 * 1024, 8192)
     lines = []
-    for dtype in (torch.float32, torch.bfloat16):
-        tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-        tag = "fp32" if dtype == torch.float32 else "bf16"
+    for dtype, tag, tol in precisions(FP32_TOL, BF16_TOL):
         gate, up, dout = _inputs(N, H, dtype, dev, seed=N + H)
         out_ref = reference_forward(gate.double(), up.double())
         dgate_ref, dup_ref = reference_backward(dout, gate, up)
