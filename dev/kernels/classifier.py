@@ -1,8 +1,9 @@
-"""Cross-entropy loss and its gradient, the end of GPT-2's forward and the start of its backward: from three passes
-to the mainline's fused classifier.
+"""Cross-entropy loss and its gradient, the end of the forward and the start of the backward (GPT-2's and Llama 3's):
+from three passes to the mainline's fused classifier.
 
-The op. The LM head's logits (N, Vp) bf16, of which the first V = 50,257 columns are real, and the targets (N,)
-token ids. Per row n:
+The op. The LM head's logits (N, Vp) bf16, of which the first V columns are real, and the targets (N,) token ids.
+GPT-2's V = 50,257 is padded to Vp = 50,304 (a multiple of 128, for the matmul); Llama 3's V = 128,256 is a multiple
+of 128 already, so its logits have no padding (Vp = V) and rows 2.5x as long. Per row n:
     lse_n          = log sum_{j < V} exp(logits[n, j])
     losses[n]      = lse_n - logits[n, targets[n]]                                   (fp32)
     dlogits[n, j]  = (exp(logits[n, j] - lse_n) - [j == targets[n]]) * dloss   for j < V, 0 in the padding
@@ -10,10 +11,10 @@ where dloss = dloss/dlosses[n] is the same for every row (1 / (B*T) for the mean
 dlogits overwrites the logits in place: at d12 B=64 the logits are 6.6 GB of bf16, too much to keep twice.
 
 Bytes it must move: every logit read, every dlogit written. But a dlogit needs its row's max and sum, which need the
-whole row, and a row (100 KB of bf16) does not fit in a program's registers: a kernel reads the row once for the
-statistics and once more to write the gradient. The floor counted here is therefore read twice + write once,
-3 * N * Vp * 2 bytes (the second read is mostly served by L2, so the real HBM traffic is closer to 2x: GB/s above
-copy bandwidth are possible). The losses (4 bytes a row) and targets are negligible.
+whole row, and a row (100 KB of bf16 for GPT-2, 250 KB for Llama 3) does not fit in a program's registers: a kernel
+reads the row once for the statistics and once more to write the gradient. The floor counted here is therefore read
+twice + write once, 3 * N * Vp * 2 bytes (the second read is mostly served by L2, so the real HBM traffic is closer
+to 2x: GB/s above copy bandwidth are possible). The losses (4 bytes a row) and targets are negligible.
 
 v1, three kernels, as one would write it from the formulas: the softmax (softmax.v2 here: online max/sum, then
 normalise) into an fp32 probabilities buffer (N, Vp); a loss kernel, losses[n] = -log(probs[n, targets[n]]) (a
@@ -25,9 +26,11 @@ max and sum online, the loss comes from one scalar load of the target's logit, s
 and overwrites it with dlogits. 6 bytes per element, no extra buffer.
 The bound: PyTorch's cross-entropy forward + backward (F.cross_entropy on the fp32-cast real columns, then autograd),
 eager and under torch.compile (which fuses the forward into one kernel and the backward into another); the faster.
-Where they stand on the H100 (8,192 rows; dev/kernels/README.md has the table), in GB/s of the 3 * N * Vp * 2 bytes
-above: v2 2,941 GB/s, 100% of device-to-device copy bandwidth (2,950 GB/s), 2.4x torch.compile (1,205 GB/s, 41% of
-copy); v1 1,238 GB/s; eager 292 GB/s.
+Both vocabularies are checked and timed, on 8,192 rows each. Llama 3's walks 31.3 blocks of 4096 columns a sweep:
+its last block is partly masked, and with no padding, the mask at Vp is the mask at V.
+Where they stand on the H100 (GPT-2's 8,192 rows; dev/kernels/README.md has the table), in GB/s of the
+3 * N * Vp * 2 bytes above: v2 2,941 GB/s, 100% of device-to-device copy bandwidth (2,950 GB/s), 2.4x torch.compile
+(1,205 GB/s, 41% of copy); v1 1,238 GB/s; eager 292 GB/s.
 """
 
 # common first: without a GPU it sets TRITON_INTERPRET=1, which must precede importing triton
@@ -39,10 +42,12 @@ import triton
 import triton.language as tl
 
 import softmax
+from llmpy.configs.llama3 import LLAMA3_VOCAB_SIZE
 from llmpy.kernels import classifier as mainline
 from llmpy.kernels.rounding import round_to
 
 V, VP = softmax.V, softmax.VP
+VOCABULARIES = [(V, VP), (LLAMA3_VOCAB_SIZE, LLAMA3_VOCAB_SIZE)]  # (V, Vp): GPT-2's, padded; Llama 3's, not
 _LOSS_ROWS = 256  # rows per program of the loss kernel: one gathered value each
 
 
@@ -152,10 +157,12 @@ def _compare_dlogits(label, dlogits, ref_dlogits, targets):
 
 
 def check(small: bool) -> list[str]:
-    """v1, v2 and the torch bounds against float64. small: 6 rows of V=300 padded to 384 and 2 rows of GPT-2's
-    50,257 / 50,304; else 8,192 rows of GPT-2's (the benchmark's shape)."""
+    """v1, v2 and the torch bounds against float64. small: 6 rows of V=300 padded to 384, and 2 rows of each
+    vocabulary (the interpreter's blocks are 8192 columns for GPT-2's, 16,384 for Llama 3's: neither V is a multiple
+    of its block); else 8,192 rows of each (the benchmark's shapes)."""
     dev = device()
-    shapes = [(6, 300, 384), (2, V, VP)] if small else [(8 * 1024, V, VP)]
+    N = 2 if small else 8 * 1024
+    shapes = ([(6, 300, 384)] if small else []) + [(N, v, vp) for v, vp in VOCABULARIES]
     lines = []
     for N, v, vp in shapes:
         logits, targets = _inputs(N, v, vp, dev, seed=N)
@@ -183,29 +190,33 @@ def check(small: bool) -> list[str]:
 
 
 def benchmark() -> list[Result]:
-    """8,192 rows of GPT-2's logits (0.8 GB of bf16); bytes = read the logits twice + write dlogits once. Each call
-    overwrites the logits with dlogits, which are as good an input as any (the timing does not depend on values)."""
+    """8,192 rows of each vocabulary's logits (0.8 GB of bf16 for GPT-2, 2.1 GB for Llama 3); bytes = read the
+    logits twice + write dlogits once. Each call overwrites the logits with dlogits, which are as good an input as any
+    (the timing does not depend on values)."""
     N = 8 * 1024
-    logits, targets = _inputs(N, V, VP, "cuda", seed=N)
-    losses = torch.empty(N, dtype=torch.float32, device="cuda")
-    dloss = 1.0 / N
-    moved = 3 * N * VP * logits.element_size()
-    op = f"classifier {N}x{VP}"
-    results = [Result(op, "v1 softmax + loss + dlogits", time_ms(lambda: v1(logits, losses, targets, V, dloss)),
-                      bytes=moved),
-               Result(op, "v2 fused", time_ms(lambda: v2(logits, losses, targets, V, dloss)), bytes=moved,
-                      mainline=True)]
-    x = logits.clone().requires_grad_(True)
-    targets_long = targets.long()
-    compiled_loss = compiled(torch_loss)
-    results += mark_bound([
-        Result(op, "torch eager", time_ms(lambda: torch_forward_backward(torch_loss, x, targets_long, V, dloss)),
-               bytes=moved),
-        Result(op, "torch.compile", time_ms(lambda: torch_forward_backward(compiled_loss, x, targets_long, V, dloss)),
-               bytes=moved)])
     copy = copy_bandwidth_gbps()
-    print(f"{op}: device-to-device copy {copy:.0f} GB/s (read + write); "
-          + ", ".join(f"{r.version} {r.gbps / copy * 100:.0f}%" for r in results) + " of it")
+    results = []
+    for v, vp in VOCABULARIES:
+        logits, targets = _inputs(N, v, vp, "cuda", seed=N)
+        losses = torch.empty(N, dtype=torch.float32, device="cuda")
+        dloss = 1.0 / N
+        moved = 3 * N * vp * logits.element_size()
+        op = f"classifier {N}x{vp}"
+        ours = [Result(op, "v1 softmax + loss + dlogits", time_ms(lambda: v1(logits, losses, targets, v, dloss)),
+                       bytes=moved),
+                Result(op, "v2 fused", time_ms(lambda: v2(logits, losses, targets, v, dloss)), bytes=moved,
+                       mainline=True)]
+        x = logits.clone().requires_grad_(True)
+        targets_long = targets.long()
+        compiled_loss = compiled(torch_loss)
+        bounds = mark_bound([
+            Result(op, "torch eager", time_ms(lambda: torch_forward_backward(torch_loss, x, targets_long, v, dloss)),
+                   bytes=moved),
+            Result(op, "torch.compile",
+                   time_ms(lambda: torch_forward_backward(compiled_loss, x, targets_long, v, dloss)), bytes=moved)])
+        print(f"{op}: device-to-device copy {copy:.0f} GB/s (read + write); "
+              + ", ".join(f"{r.version} {r.gbps / copy * 100:.0f}%" for r in ours + bounds) + " of it")
+        results += ours + bounds
     return results
 
 

@@ -31,8 +31,8 @@ if _REPOSITORY not in sys.path:  # run as `python dev/kernels/<op>.py`, llmpy is
 
 from llmpy.kernels import INTERPRET  # noqa: E402
 
-__all__ = ["INTERPRET", "device", "rel_error", "assert_close", "time_ms", "copy_bandwidth_gbps", "compiled", "Result",
-           "mark_bound", "print_table", "format_table"]
+__all__ = ["INTERPRET", "device", "rel_error", "assert_close", "compare", "precisions", "time_ms",
+           "copy_bandwidth_gbps", "compiled", "Result", "timed", "mark_bound", "print_table", "format_table"]
 
 
 def device() -> str:
@@ -66,6 +66,19 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) ->
     if not err <= tol:
         raise AssertionError(f"{name}: rel error {err:.3e} > tol {tol:.0e}")
     return err
+
+
+def compare(what: str, **outputs: tuple[torch.Tensor, torch.Tensor, float]) -> str:
+    """assert_close of every output, given by name as (got, reference, tol): the first out of tolerance raises,
+    named 'what name'; else the check's line for them all, 'what: name rel error X, name rel error Y'."""
+    errors = {name: assert_close(f"{what} {name}", got, ref, tol) for name, (got, ref, tol) in outputs.items()}
+    return f"{what}: " + ", ".join(f"{name} rel error {err:.1e}" for name, err in errors.items())
+
+
+def precisions(fp32_tol: float, bf16_tol: float) -> list[tuple[torch.dtype, str, float]]:
+    """(dtype, tag, tol) of the two activation dtypes the checks run in: fp32 first, then bf16, each with the
+    tolerance of its rounded outputs."""
+    return [(torch.float32, "fp32", fp32_tol), (torch.bfloat16, "bf16", bf16_tol)]
 
 
 def time_ms(fn, warmup: int = 10, rep: int = 50) -> float:
@@ -135,6 +148,12 @@ class Result:
         if self.bytes is not None:
             return f"{self.gbps:.0f} GB/s"
         return "-"
+
+
+def timed(op: str, version: str, fn, args: tuple, moved: int, **flags) -> Result:
+    """The Result of a memory-bound op's version: fn(*args) timed by time_ms, `moved` its minimal bytes; flags as
+    Result's (mainline=True)."""
+    return Result(op, version, time_ms(lambda: fn(*args)), bytes=moved, **flags)
 
 
 def mark_bound(candidates: list[Result]) -> list[Result]:

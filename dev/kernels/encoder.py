@@ -37,7 +37,7 @@ torch.compile of the same torch code.
 
 import functools
 
-from common import Result, assert_close, compiled, device, mark_bound, time_ms
+from common import Result, assert_close, compiled, device, mark_bound, timed
 
 import torch
 import triton
@@ -235,27 +235,24 @@ def benchmark() -> list[Result]:
     forward_bytes = (2 * N + T) * C * es + 4 * N
     backward_bytes = N * C * es + 4 * N + 8 * (T + distinct) * C
 
-    def run(op, name, fn, args, moved, **flags):
-        return Result(op, name, time_ms(lambda: fn(*args)), bytes=moved, **flags)
-
     forward_args, backward_args = (out, tokens, wte, wpe), (dwte, dwpe, dout, tokens)
     results = [
-        run("encoder_forward", "v1 row per program", forward_v1, forward_args, forward_bytes),
-        run("encoder_forward", "v2 rows per program", forward_v2, forward_args, forward_bytes, mainline=True),
+        timed("encoder_forward", "v1 row per program", forward_v1, forward_args, forward_bytes),
+        timed("encoder_forward", "v2 rows per program", forward_v2, forward_args, forward_bytes, mainline=True),
     ]
     results += mark_bound([
-        run("encoder_forward", "torch eager", eager_forward, (tokens, wte, wpe), forward_bytes),
-        run("encoder_forward", "torch.compile", compiled(torch_forward), forward_args, forward_bytes),
+        timed("encoder_forward", "torch eager", eager_forward, (tokens, wte, wpe), forward_bytes),
+        timed("encoder_forward", "torch.compile", compiled(torch_forward), forward_args, forward_bytes),
     ])
     results += [
-        run("encoder_backward", "v1 atomics per row", backward_v1, backward_args, backward_bytes),
-        run("encoder_backward", "v2 dwpe in registers", backward_v2, backward_args, backward_bytes, mainline=True),
-        run("encoder_backward", "v3 deterministic", deterministic_backward(dout, tokens), (dwte, dwpe, dout),
+        timed("encoder_backward", "v1 atomics per row", backward_v1, backward_args, backward_bytes),
+        timed("encoder_backward", "v2 dwpe in registers", backward_v2, backward_args, backward_bytes, mainline=True),
+        timed("encoder_backward", "v3 deterministic", deterministic_backward(dout, tokens), (dwte, dwpe, dout),
             backward_bytes),
     ]
     results += mark_bound([
-        run("encoder_backward", "torch eager", eager_backward, backward_args, backward_bytes),
-        run("encoder_backward", "torch.compile", compiled(eager_backward), backward_args, backward_bytes),
+        timed("encoder_backward", "torch eager", eager_backward, backward_args, backward_bytes),
+        timed("encoder_backward", "torch.compile", compiled(eager_backward), backward_args, backward_bytes),
     ])
     return results
 

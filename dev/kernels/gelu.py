@@ -35,7 +35,7 @@ allocate their output; for v4, aten.gelu_backward followed by a column sum) and 
 writing into our outputs (for v4 the formula and the column sum compiled together, which inductor may fuse).
 """
 
-from common import Result, assert_close, compiled, device, mark_bound, time_ms
+from common import Result, assert_close, compiled, device, mark_bound, timed
 
 import math
 
@@ -256,34 +256,31 @@ def benchmark() -> list[Result]:
     forward_bytes = 2 * x.numel() * x.element_size()
     backward_bytes = 3 * x.numel() * x.element_size()  # also with dbias: its 4C values are nothing next to these
 
-    def run(op, name, fn, args, moved, **flags):
-        return Result(op, name, time_ms(lambda: fn(*args)), bytes=moved, **flags)
-
     results = [
-        run("gelu_forward", "v1 scalar, 128 per program", forward_v1, (out, x), forward_bytes),
-        run("gelu_forward", "v2 16-byte vectors", forward_v2, (out, x), forward_bytes, mainline=True),
+        timed("gelu_forward", "v1 scalar, 128 per program", forward_v1, (out, x), forward_bytes),
+        timed("gelu_forward", "v2 16-byte vectors", forward_v2, (out, x), forward_bytes, mainline=True),
     ]
     results += mark_bound([
-        run("gelu_forward", "torch eager", eager_forward, (x,), forward_bytes),
-        run("gelu_forward", "torch.compile", compiled(torch_forward), (out, x), forward_bytes),
+        timed("gelu_forward", "torch eager", eager_forward, (x,), forward_bytes),
+        timed("gelu_forward", "torch.compile", compiled(torch_forward), (out, x), forward_bytes),
     ])
     results += [
-        run("gelu_backward", "v1 scalar, 128 per program", backward_v1, (out, x, dout), backward_bytes),
-        run("gelu_backward", "v2 flat 16-byte vectors", backward_v2, (out, x, dout), backward_bytes),
-        run("gelu_backward", "v3 2D tiles", backward_v3, (out, x, dout), backward_bytes, mainline=True),
+        timed("gelu_backward", "v1 scalar, 128 per program", backward_v1, (out, x, dout), backward_bytes),
+        timed("gelu_backward", "v2 flat 16-byte vectors", backward_v2, (out, x, dout), backward_bytes),
+        timed("gelu_backward", "v3 2D tiles", backward_v3, (out, x, dout), backward_bytes, mainline=True),
     ]
     results += mark_bound([
-        run("gelu_backward", "torch eager", eager_backward, (x, dout), backward_bytes),
-        run("gelu_backward", "torch.compile", compiled(torch_backward), (out, x, dout), backward_bytes),
+        timed("gelu_backward", "torch eager", eager_backward, (x, dout), backward_bytes),
+        timed("gelu_backward", "torch.compile", compiled(torch_backward), (out, x, dout), backward_bytes),
     ])
     op = "gelu_backward + dbias"
     results += [
-        run(op, "v3 then bias_backward", backward_v3_then_bias, (out, dbias, x, dout, scratch), backward_bytes),
-        run(op, "v4 fused bias gradient", backward_v4, (out, dbias, x, dout, scratch), backward_bytes, mainline=True),
+        timed(op, "v3 then bias_backward", backward_v3_then_bias, (out, dbias, x, dout, scratch), backward_bytes),
+        timed(op, "v4 fused bias gradient", backward_v4, (out, dbias, x, dout, scratch), backward_bytes, mainline=True),
     ]
     results += mark_bound([
-        run(op, "torch eager", eager_backward_bias, (dbias, x, dout), backward_bytes),
-        run(op, "torch.compile", compiled(torch_backward_bias), (out, dbias, x, dout), backward_bytes),
+        timed(op, "torch eager", eager_backward_bias, (dbias, x, dout), backward_bytes),
+        timed(op, "torch.compile", compiled(torch_backward_bias), (out, dbias, x, dout), backward_bytes),
     ])
     return results
 

@@ -41,7 +41,7 @@ column sum of dinp) and torch.compile of the torch code (`reference_*` in fp32, 
 ours; for v4 with the column sum compiled in).
 """
 
-from common import Result, assert_close, compiled, device, mark_bound, time_ms
+from common import Result, assert_close, compiled, device, mark_bound, timed
 
 import torch
 import triton
@@ -523,52 +523,49 @@ def benchmark() -> list[Result]:
     _, eager_mean, eager_rstd = torch.native_layer_norm(x, (C,), weight, bias, EPS)
     backward_args = (dinp, dweight, dbias, dout, x, weight, mean, rstd)
 
-    def run(op, name, fn, args, moved, **flags):
-        return Result(op, name, time_ms(lambda: fn(*args)), bytes=moved, **flags)
-
     forward_bytes = 2 * row_bytes + stats_bytes
     results = [
-        run("layernorm_forward", "v1 three kernels", forward_v1, forward_args, forward_bytes),
-        run("layernorm_forward", "v2 row per program", forward_v2, forward_args, forward_bytes),
-        run("layernorm_forward", "v3 rows per program", forward_v3, forward_args, forward_bytes, mainline=True),
+        timed("layernorm_forward", "v1 three kernels", forward_v1, forward_args, forward_bytes),
+        timed("layernorm_forward", "v2 row per program", forward_v2, forward_args, forward_bytes),
+        timed("layernorm_forward", "v3 rows per program", forward_v3, forward_args, forward_bytes, mainline=True),
     ]
     results += mark_bound([
-        run("layernorm_forward", "torch eager", eager_forward, (x, weight, bias), forward_bytes),
-        run("layernorm_forward", "torch.compile", compiled(torch_forward), forward_args, forward_bytes),
+        timed("layernorm_forward", "torch eager", eager_forward, (x, weight, bias), forward_bytes),
+        timed("layernorm_forward", "torch.compile", compiled(torch_forward), forward_args, forward_bytes),
     ])
     residual_bytes = 4 * row_bytes + stats_bytes
     results += [
-        run("residual_layernorm_forward", "v1 add + layernorm", residual_v1, residual_args, residual_bytes),
-        run("residual_layernorm_forward", "v2 fused", residual_v2, residual_args, residual_bytes),
+        timed("residual_layernorm_forward", "v1 add + layernorm", residual_v1, residual_args, residual_bytes),
+        timed("residual_layernorm_forward", "v2 fused", residual_v2, residual_args, residual_bytes),
     ]
     results += mark_bound([
-        run("residual_layernorm_forward", "torch eager", eager_residual, (residual, x, x2, weight, bias),
+        timed("residual_layernorm_forward", "torch eager", eager_residual, (residual, x, x2, weight, bias),
             residual_bytes),
-        run("residual_layernorm_forward", "torch.compile", compiled(torch_residual), residual_args, residual_bytes),
+        timed("residual_layernorm_forward", "torch.compile", compiled(torch_residual), residual_args, residual_bytes),
     ])
     backward_bytes = 4 * row_bytes + stats_bytes
     results += [
-        run("layernorm_backward", "v1 atomics", backward_v1, backward_args, backward_bytes),
-        run("layernorm_backward", "v2 row per iteration", backward_v2, backward_args + (scratch,), backward_bytes),
-        run("layernorm_backward", "v3 row tiles", backward_v3, backward_args + (scratch,), backward_bytes,
+        timed("layernorm_backward", "v1 atomics", backward_v1, backward_args, backward_bytes),
+        timed("layernorm_backward", "v2 row per iteration", backward_v2, backward_args + (scratch,), backward_bytes),
+        timed("layernorm_backward", "v3 row tiles", backward_v3, backward_args + (scratch,), backward_bytes,
             mainline=True),
     ]
     results += mark_bound([
-        run("layernorm_backward", "torch eager", eager_backward,
+        timed("layernorm_backward", "torch eager", eager_backward,
             (dinp, dweight, dbias, dout, x, weight, bias, eager_mean, eager_rstd), backward_bytes),
-        run("layernorm_backward", "torch.compile", compiled(torch_backward), backward_args, backward_bytes),
+        timed("layernorm_backward", "torch.compile", compiled(torch_backward), backward_args, backward_bytes),
     ])
     op = "layernorm_backward + dinp column sums"  # the same bytes: the sums are C values
     columns_args = (dinp, dweight, dbias, dcolumns, dout, x, weight, mean, rstd)
     results += [
-        run(op, "v3 then bias_backward", backward_v3_then_bias, columns_args + (scratch, bias_scratch),
+        timed(op, "v3 then bias_backward", backward_v3_then_bias, columns_args + (scratch, bias_scratch),
             backward_bytes),
-        run(op, "v4 fused column sums", backward_v4, columns_args + (scratch,), backward_bytes, mainline=True),
+        timed(op, "v4 fused column sums", backward_v4, columns_args + (scratch,), backward_bytes, mainline=True),
     ]
     results += mark_bound([
-        run(op, "torch eager", eager_backward_column_sums,
+        timed(op, "torch eager", eager_backward_column_sums,
             (dinp, dweight, dbias, dcolumns, dout, x, weight, bias, eager_mean, eager_rstd), backward_bytes),
-        run(op, "torch.compile", compiled(torch_backward_column_sums), columns_args, backward_bytes),
+        timed(op, "torch.compile", compiled(torch_backward_column_sums), columns_args, backward_bytes),
     ])
     return results
 

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from common import Result, bound_of, copy_bandwidth_gbps, format_table, percent_of_bound, print_table  # noqa: E402
 
-OPS = ["encoder", "layernorm", "matmul", "bias", "attention", "gelu", "softmax", "classifier", "adamw", "global_norm"]
+OPS = ["encoder", "layernorm", "rmsnorm", "matmul", "bias", "attention", "rope", "gelu", "swiglu", "softmax",
+       "classifier", "adamw", "global_norm"]
 
 
 def load(op: str):

@@ -28,7 +28,7 @@ torch.softmax 918. v2 is 1.6x the bound.
 """
 
 # common first: without a GPU it sets TRITON_INTERPRET=1, which must precede importing triton
-from common import INTERPRET, Result, assert_close, compiled, device, mark_bound, time_ms
+from common import Result, assert_close, compiled, device, mark_bound, time_ms
 
 import torch
 import triton
