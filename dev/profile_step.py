@@ -3,6 +3,7 @@
     python dev/profile_step.py                      # d12, B=64, T=1024, bf16, cuDNN attention
     python dev/profile_step.py -b 16 --attention triton --trace trace.json
     python dev/profile_step.py --model d36 -b 16 --contender compile   # the same for torch.compile's step
+    python dev/profile_step.py --model llama3.2-1b -b 8 -t 2048        # Llama 3's mainline
 
 Prints where a step makes the host wait for the GPU (torch's sync debug mode), the GPU time per kernel (grouped by
 name, sorted) and per kind of kernel (matmul, attention, the rest), the step's wall time, and the GPU's busy time
@@ -25,10 +26,13 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmpy.configs.gpt2 import config_from_descriptor, gpt2_init  # noqa: E402
-from llmpy.models import gpt2  # noqa: E402
+from llmpy import families  # noqa: E402
+from llmpy.models import gpt2, llama3  # noqa: E402
 from llmpy.outlier import OutlierGuard  # noqa: E402
 from train_gpt2 import train_step  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "dev"))
+import bench  # noqa: E402
 
 # kernel name fragments -> kind; the first match wins
 KINDS = [("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
@@ -42,9 +46,11 @@ def kind_of(name):
 
 def mainline_step(config, B, T, args):
     """A function running one mainline training step on fixed random batches."""
-    model = gpt2.build(config, B, T, cuda_graphs=bool(args.cuda_graphs), recompute=args.recompute,
-                       attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
-    model.runtime.load_weights(gpt2_init(config, 0))
+    family = families.of_config(config)
+    build, options = (gpt2.build, dict(gelu_fusion=args.gelu_fusion)) if family is families.GPT2 else (llama3.build, {})
+    model = build(config, B, T, cuda_graphs=bool(args.cuda_graphs), recompute=args.recompute,
+                  attention_impl=args.attention, **options)
+    model.runtime.load_weights(family.init_params(config, 0))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
     y = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
@@ -56,9 +62,8 @@ def mainline_step(config, B, T, args):
 
 def compile_step(config, B, T, args):
     """The same for dev/bench.py's torch.compile contender."""
-    import bench
     args = SimpleNamespace(batch_size=B, sequence_length=T, seed=0, dtype="bfloat16", eager_micro=0)
-    steps = bench.torch_steps(config, gpt2_init(config, 0), args, compile=True)
+    steps = bench.torch_steps(config, families.of_config(config).init_params(config, 0), args, compile=True)
     return lambda step: next(steps)
 
 
@@ -129,7 +134,8 @@ def main():
     ap.add_argument("--contender", default="mainline", choices=["mainline", "compile"])
     args = ap.parse_args()
 
-    config = config_from_descriptor(args.model)
+    family = bench.family_of(args.model)
+    config = family.config_from_descriptor(args.model)
     B, T = args.batch_size, args.sequence_length
     run_step = (mainline_step if args.contender == "mainline" else compile_step)(config, B, T, args)
     for step in range(3):
