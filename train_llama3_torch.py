@@ -10,13 +10,15 @@ train_gpt2_torch.py's, which this file imports.
     python dev/data/tinyshakespeare.py -m llama-3            # Llama 3 token shards, once (pip install llama-models)
     python train_llama3_torch.py --model tiny --device cpu   # a 2-layer Llama 3 from random init on tiny Shakespeare
     python train_llama3_torch.py --model llama3.2-1b --device cpu --write_tensors 1   # the reference files, then exit
+    python train_llama3_torch.py --init_from path/to/Llama-3.2-1B   # a Hugging Face Llama folder (downloaded before)
     torchrun --standalone --nproc_per_node 8 train_llama3_torch.py --model llama3.2-1b -b 8 -t 2048 \\
         --total_batch_size 524288 --dtype bfloat16 --compile 1
 
 Layout shared with llm.c (llmpy/configs/llama3.py, llmpy/formats.py): per-layer tensors stacked along a leading L
 axis, matrices as (out, in) (nn.Linear's layout), qkvw's rows the query heads, then the key heads, then the value
 heads. RoPE turns each head's adjacent channels (2i, 2i+1) together, as Meta's and llm.c's code do; Hugging Face's
-Llama turns channel i with channel i + hs/2, so its q and k weights are these with their rows permuted.
+Llama turns channel i with channel i + hs/2, so its q and k weights are these with their rows permuted (llmpy/hf.py
+permutes them both ways: --init_from takes a Hugging Face Llama folder, dev/eval/export_hf.py writes one).
 """
 
 import dataclasses
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmpy import formats
+from llmpy import formats, hf
 from llmpy.configs import llama3
 from llmpy.tokenizer import LLAMA3_TOKENIZER_FILE_EOT, llama3_encoding
 from train_gpt2_torch import ModelFamily, ReferenceFiles, build_parser, causal_attention, load_flat, logits_and_loss
@@ -177,13 +179,14 @@ def model_config(args):
 
 
 def build_model(args):
-    """The model from --init_from (a Llama 3 model file) or a seeded random init; and its descriptor."""
+    """The model from --init_from (a Llama 3 model file or a Hugging Face Llama folder) or a seeded random init; and
+    its descriptor."""
     flash = bool(args.flash)
     if not args.init_from:
         model = Llama(model_config(args), flash)
         init_weights(model, args.seed)
         return model, args.model or DEFAULT_MODEL
-    config, flat = formats.read_llama3_model(args.init_from)
+    config, flat = hf.load_llama3_weights(args.init_from)
     holds = f"--init_from {args.init_from} holds a {llama3.descriptor_of(config)} model"
     if args.model and model_config(args) != config:
         raise ValueError(f"{holds}, but --model says {llama3.descriptor_of(model_config(args))}")
@@ -200,7 +203,10 @@ LLAMA3_FLAGS = {  # the flags whose meaning differs from GPT-2's
                           help='validation token shards (a glob pattern); "" disables validation'),
     "model": dict(help=f"{', '.join(llama3.DESCRIPTORS)}: Meta's shapes (tiny: 2 layers, 64 channels, for tests), "
                        f"seeded random init. Default: {DEFAULT_MODEL}, or what --init_from holds"),
-    "init_from": dict(help="start from the weights in a Llama 3 model file (.bin, fp32 or bf16; llm.c's or ours)"),
+    "init_from": dict(help="start from the weights in a Llama 3 model file (.bin, fp32 or bf16; llm.c's or ours) or "
+                           "a Hugging Face Llama folder (config.json, model.safetensors). Meta's models on the hub "
+                           "are gated: download one first (huggingface-cli download meta-llama/Llama-3.2-1B "
+                           "--local-dir DIR, after accepting its licence) and pass the folder"),
     "output_prefix": dict(help="name stem of --write_tensors' files; default from the model (llama3.2-1b: "
                                "llama3.2_1B, tiny: llama3_tiny)"),
     "tokenizer": dict(help="Llama 3's tokenizer.model (tiktoken format) for the samples and llama3_tokenizer.bin; "

@@ -88,7 +88,9 @@ def write_file_atomic(path, chunks):
     try:
         with open(tmp, "wb") as f:
             for chunk in chunks:
-                f.write(memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else chunk)
+                # an array as its bytes, without a copy (an empty one too, which memoryview.cast refuses)
+                f.write(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8) if isinstance(chunk, np.ndarray)
+                        else chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -391,6 +393,19 @@ def read_llama3_model(path):
         raise FormatError(path, f"cannot read: {e.strerror}") from None
     flat = bfloat16_bits_to_float32(payload) if bf16 else payload
     return config, _untie(path, config, flat, "weights")
+
+
+def read_any_model(path):
+    """A GPT-2 or a Llama 3 model file, told apart by its magic -> (GPT2Config or Llama3Config, flat float32
+    parameters in the family's layout)."""
+    header = _read_bytes(path, HEADER_BYTES)
+    magic = int.from_bytes(header[:4], "little")
+    if magic == LLAMA3_MAGIC:
+        return read_llama3_model(path)
+    if magic == MODEL_MAGIC or len(header) < HEADER_BYTES:  # too short for a header: read_model says so
+        return read_model(path)
+    raise FormatError(path, f"bad magic {magic}, expected {MODEL_MAGIC} (GPT-2) or {LLAMA3_MAGIC} (Llama 3): not an "
+                            f"llm.c model file")
 
 
 def _llama3_header(config, version):

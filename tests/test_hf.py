@@ -203,10 +203,23 @@ def test_each_trainer_evaluates_from_a_folder_to_transformers_loss(hf_folder, tm
 def test_safetensors_reader_matches_the_safetensors_package(tmp_path, dtype):
     tensors = {"a": torch.randn(3, 5).to(dtype), "b": torch.randn(7).to(dtype), "empty": torch.zeros(0, 4).to(dtype)}
     safetensors_torch.save_file(tensors, tmp_path / "x.safetensors")
-    ours = hf.read_safetensors(tmp_path / "x.safetensors")
-    assert ours.keys() == tensors.keys()
+    arrays = hf.safetensors_arrays(tmp_path / "x.safetensors")
+    assert arrays.keys() == tensors.keys()
     for name, t in tensors.items():
-        assert ours[name].dtype == np.float32 and np.array_equal(ours[name], t.float().numpy()), name
+        raw, to_float32 = arrays[name]
+        assert to_float32(raw).dtype == np.float32 and np.array_equal(to_float32(raw), t.float().numpy()), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_safetensors_writer_is_read_by_the_safetensors_package(tmp_path, dtype):
+    """Our float32 tensors in dtype, bf16 rounded to nearest even as torch rounds them."""
+    tensors = {"b": np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32),
+               "a": np.arange(7, dtype=np.float32), "empty": np.zeros((0, 4), np.float32)}
+    formats.write_file_atomic(tmp_path / "x.safetensors", hf.safetensors_chunks(tensors, dtype))
+    theirs = safetensors_torch.load_file(tmp_path / "x.safetensors")
+    assert theirs.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert torch.equal(theirs[name], torch.from_numpy(t).to(getattr(torch, dtype))), name
 
 
 def break_config(folder, **changes):

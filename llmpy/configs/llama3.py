@@ -79,10 +79,33 @@ class Llama3Config:
 
     @property
     def ffn_hidden(self):
-        """H, the SwiGLU width, by Meta's rule: two thirds of 4C (SwiGLU's three matrices cost what GPT-2's two of
-        4C do), scaled by ffn_dim_multiplier, rounded up to multiple_of. 8B: 10922 * 1.3 -> 14198 -> 14336."""
-        hidden = int(self.ffn_dim_multiplier * int(2 * 4 * self.channels / 3))
-        return -(-hidden // self.multiple_of) * self.multiple_of
+        """H, the SwiGLU width (swiglu_width)."""
+        return swiglu_width(self.channels, self.ffn_dim_multiplier, self.multiple_of)
+
+
+def swiglu_width(channels, ffn_dim_multiplier, multiple_of):
+    """The SwiGLU width by Meta's rule: two thirds of 4C (SwiGLU's three matrices cost what GPT-2's two of 4C do),
+    scaled by ffn_dim_multiplier, rounded up to multiple_of. 8B: 10922 * 1.3 -> 14198 -> 14336."""
+    hidden = int(ffn_dim_multiplier * _two_thirds_of_4c(channels))
+    return -(-hidden // multiple_of) * multiple_of
+
+
+def _two_thirds_of_4c(channels):
+    return int(2 * 4 * channels / 3)
+
+
+def swiglu_rule_for(channels, width):
+    """An (ffn_dim_multiplier, multiple_of) for which swiglu_width gives this width, for a model known by its width
+    alone (a Hugging Face config's intermediate_size), or None if none does (widths below 2 only). Meta's own pairs
+    first, those of DESCRIPTORS (Llama 3.2 1B's 1.5 and 256, 3.1 8B's 1.3 and 1024, tiny's 1.3 and 32), so that
+    Meta's models and ours come back as they were; else multiple_of = width and ffn_dim_multiplier = width /
+    int(8C/3), whose product falls on the width or one below it, and rounding up to a multiple of the width lands on
+    it."""
+    if width < 1:
+        return None
+    pairs = [(d.ffn_dim_multiplier, d.multiple_of) for d in DESCRIPTORS.values()]
+    pairs.append((width / _two_thirds_of_4c(channels), width))
+    return next((pair for pair in pairs if swiglu_width(channels, *pair) == width), None)
 
 
 DESCRIPTORS = {
