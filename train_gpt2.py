@@ -242,8 +242,8 @@ def pick_device(name):
 def init_config(init, family):
     """-e: the model's config, from a Hugging Face folder's config.json (init_source resolved a pretrained name to its
     folder), an llm.c model file's header (of the family's magic), or a random-init descriptor."""
-    if family is families.GPT2 and hf.is_hf_source(init):
-        return hf.read_hf_config(init)
+    if hf.is_hf_source(init):
+        return family.read_hf_config(init)
     if os.path.exists(init) or init.endswith(".bin"):
         found = families.of_file(init)
         if found is not family:
@@ -515,7 +515,7 @@ def setup_run(args, dist, say, trainer):
     B, T = args.batch_size, args.sequence_length
     # -e resolved once: a pretrained GPT-2's name becomes its folder (downloaded, or from the cache)
     family = trainer.family
-    from_hf = family is families.GPT2 and hf.is_hf_source(args.init)
+    from_hf = hf.is_hf_source(args.init)
     init = hf.hf_folder(args.init) if from_hf else args.init
     config = init_config(init, family)
     if T > config.max_seq_len:
@@ -567,7 +567,7 @@ def setup_run(args, dist, say, trainer):
     else:
         sample_rng = Xorshift(args.seed)
         if from_hf:
-            runtime.load_weights(hf.read_hf_weights(init, config))
+            runtime.load_weights(family.read_hf_weights(init, config))
         elif os.path.exists(args.init) or args.init.endswith(".bin"):
             runtime.load_weights(family.read_model(args.init)[1])
         else:

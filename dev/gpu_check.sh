@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
-#                         [hellaswag] [llama] [llama_bench] [matmul_algos] [bench_large]   (none: all but the last two)
+#                         [hellaswag] [llama] [llama_bench] [llama_curves] [matmul_algos] [bench_large]
+#                         (none: all but the last three)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py, and -m llama-3 for the llama steps) and, for
 # the references' tokenizer files, LLMPY_TIKTOKEN_FILE (and LLMPY_LLAMA3_TOKENIZER_FILE for the llama steps); hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -168,6 +169,16 @@ PY
     llama_bench)  # the issue's target shape: Llama 3.2 1B at T=2048, the mainline against torch.compile
         run python3 dev/bench.py --model llama3.2-1b -b 8 -t 2048 --contenders mainline,compile --steps 10 --warmup 3 \
             --json "${OUT:-.}/bench_llama3.2-1b.json" ;;
+    llama_curves)
+        # 200 steps of tiny Shakespeare in Llama 3 tokens at Llama 3.2 1B's shape, B=8 T=1024, the same seeded init,
+        # data order and hyperparameters: the mainline (bf16) against the reference under torch.compile (bf16
+        # autocast); the gaps (dev/compare_logs.py) and both curves in one figure (dev/plot.py)
+        flags=(-b 8 -t 1024 -x 200 -l 3e-4 -u 20 -q 0.1 -c 0.1 -v 25 -m 4 -s 0 --seed 42)
+        run python3 train_llama3.py -e llama3.2-1b "${flags[@]}" -o "${OUT:-.}/llama_mainline"
+        run python3 train_llama3_torch.py --model llama3.2-1b "${flags[@]}" --dtype bfloat16 --flash 1 --compile 1 \
+            --device cuda -o "${OUT:-.}/llama_torch"
+        run python3 dev/compare_logs.py "${OUT:-.}/llama_mainline/main.log" "${OUT:-.}/llama_torch/main.log"
+        run python3 dev/plot.py "${OUT:-.}/llama_mainline" "${OUT:-.}/llama_torch" -o "${OUT:-.}/llama_curves.png" ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
         for model_sizes in "d24 56 48 40" "d36 32 28 24"; do
@@ -183,7 +194,7 @@ PY
         done ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample, hellaswag," \
-            "llama, llama_bench, matmul_algos, bench_large)"; status=1 ;;
+            "llama, llama_bench, llama_curves, matmul_algos, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

@@ -1,11 +1,12 @@
 """The model families, each as one record of what the code outside its model needs: its descriptors, parameter
 table and init (llmpy/configs/), and its llm.c files (llmpy/formats.py). A model file's magic number or a config's
-type says which family it is, so checkpoints, reference files and the trainers work for any of them. NumPy only.
+type says which family it is, so checkpoints, reference files and the trainers work for any of them; and its
+Hugging Face folders (llmpy/hf.py). NumPy only.
 """
 
 from dataclasses import dataclass
 
-from . import formats
+from . import formats, hf
 from .configs import gpt2, llama3
 
 
@@ -26,6 +27,8 @@ class Family:
     write_model: object  # (path, config, flat float32, dtype "float32" | "bfloat16")
     model_file_chunks: object  # (config, payload: float32, or bf16 bits as uint16, dtype) -> chunks of the file
     read_debug_state: object  # (path, config) -> formats.DebugState
+    read_hf_config: object  # a Hugging Face folder -> config (llmpy/hf.py)
+    read_hf_weights: object  # (folder, config) -> flat float32 parameters
 
 
 def _gpt2_model_header(path):
@@ -40,11 +43,12 @@ def _llama3_model_header(path):
 GPT2 = Family("GPT-2", gpt2.GPT2Config, formats.MODEL_MAGIC, gpt2.config_from_descriptor, gpt2.DESCRIPTORS_HELP,
               gpt2.file_prefix, gpt2.param_table, gpt2.num_parameters, gpt2.split_params, gpt2.gpt2_init,
               _gpt2_model_header, formats.read_model, formats.write_model, formats.model_file_chunks,
-              formats.read_debug_state)
+              formats.read_debug_state, hf.read_hf_config, hf.read_hf_weights)
 LLAMA3 = Family("Llama 3", llama3.Llama3Config, formats.LLAMA3_MAGIC, llama3.config_from_descriptor,
                 ", ".join(llama3.DESCRIPTORS), llama3.file_prefix, llama3.param_table, llama3.num_parameters,
                 llama3.split_params, llama3.init_params, _llama3_model_header, formats.read_llama3_model,
-                formats.write_llama3_model, formats.llama3_model_file_chunks, formats.read_llama3_debug_state)
+                formats.write_llama3_model, formats.llama3_model_file_chunks, formats.read_llama3_debug_state,
+                hf.read_hf_llama3_config, hf.read_hf_llama3_weights)
 FAMILIES = (GPT2, LLAMA3)
 
 

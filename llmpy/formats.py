@@ -395,19 +395,6 @@ def read_llama3_model(path):
     return config, _untie(path, config, flat, "weights")
 
 
-def read_any_model(path):
-    """A GPT-2 or a Llama 3 model file, told apart by its magic -> (GPT2Config or Llama3Config, flat float32
-    parameters in the family's layout)."""
-    header = _read_bytes(path, HEADER_BYTES)
-    magic = int.from_bytes(header[:4], "little")
-    if magic == LLAMA3_MAGIC:
-        return read_llama3_model(path)
-    if magic == MODEL_MAGIC or len(header) < HEADER_BYTES:  # too short for a header: read_model says so
-        return read_model(path)
-    raise FormatError(path, f"bad magic {magic}, expected {MODEL_MAGIC} (GPT-2) or {LLAMA3_MAGIC} (Llama 3): not an "
-                            f"llm.c model file")
-
-
 def _llama3_header(config, version):
     c = config
     header = _new_header(LLAMA3_MAGIC, version, c.max_seq_len, c.vocab_size, c.num_layers, c.num_heads,

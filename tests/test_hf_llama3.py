@@ -16,6 +16,7 @@ The logits tolerance, 1e-5 of the largest logit: both sides compute in fp32 from
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def save_random_llama(folder, seed, dtype=torch.float32, **variant):
     """A LlamaForCausalLM with every matrix N(0, 0.1) (transformers' 0.02 leaves attention nearly uniform, blind to
     RoPE) and the RMSNorm gains 1 + N(0, 0.2), saved with save_pretrained."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, **variant))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SHAPE, **variant}))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1 if p.dim() == 2 else 1.0 + torch.randn_like(p) * 0.2)
@@ -152,6 +153,24 @@ def test_trainer_evaluates_a_folder_to_transformers_loss(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("model L2-C32-NH4-KV2-H100-V300: ")
+    loss = float(re.search(r"val loss (\S+)", result.stdout)[1])
+    assert abs(loss - expected) < 1e-5 * expected + 1e-6, (loss, expected)  # printed to 6 decimals
+
+
+def test_mainline_evaluates_a_folder_to_transformers_loss(tmp_path):
+    """train_llama3.py -e FOLDER -x 0 (the mainline in fp32 under Triton's interpreter): the validation loss of one
+    batch of 2 x 16 tokens, as the reference's test above; 64 channels, as our attention takes head sizes from 16."""
+    folder = save_random_llama(tmp_path / "folder", 7, **{**VARIANTS["gqa-untied-llama3rope"], "hidden_size": 64})
+    shard = tmp_path / "val.bin"
+    formats.write_shard(shard, np.random.default_rng(8).integers(0, SHAPE["vocab_size"], 2 * 16 + 1), np.uint32)
+    tokens = torch.from_numpy(formats.read_shard(shard).astype(np.int64))
+    expected = cross_entropy(transformers_logits(folder, tokens[:-1].view(2, 16)), tokens[1:])
+    result = subprocess.run([sys.executable, REPO / "train_llama3.py", "-e", folder, "--device", "cpu", "--dtype",
+                             "float32", "-x", "0", "-b", "2", "-t", "16", "-v", "1", "-m", "1", "-s", "0", "-i", shard,
+                             "-j", shard], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "Llama 3 L=2 C=64 NH=4 KV=2 H=100 maxT=8192 V=300, untied head" in result.stdout
     loss = float(re.search(r"val loss (\S+)", result.stdout)[1])
     assert abs(loss - expected) < 1e-5 * expected + 1e-6, (loss, expected)  # printed to 6 decimals
 

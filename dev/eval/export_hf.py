@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from llmpy import formats, hf  # noqa: E402
+from llmpy import families, formats, hf  # noqa: E402
 from llmpy.configs.gpt2 import GPT2_EOT  # noqa: E402
 from llmpy.configs.llama3 import BEGIN_OF_TEXT, END_OF_TEXT, Llama3Config  # noqa: E402
 from llmpy.signals import run_quietly  # noqa: E402
@@ -121,7 +121,7 @@ def check_export(folder, config, flat, encoding, dtype, family):
 
 def export(args):
     start = time.time()
-    config, flat = formats.read_any_model(args.input)
+    config, flat = families.of_file(args.input).read_model(args.input)
     family = LLAMA3 if isinstance(config, Llama3Config) else GPT2
     encoding = family.encoding(args.tokenizer)
     if config.vocab_size != encoding.n_vocab:
