@@ -1,0 +1,162 @@
+"""FP8 with per-tensor scales, for the FP8 matmuls to come (issue 19): the amax of a tensor, the scale it gives, and
+the scaled, saturating cast to e4m3 or e5m2 (optionally transposed), on the GPU and under Triton's interpreter alike.
+
+The formats (OCP FP8, as Hopper's tensor cores take them):
+    e4m3 (torch.float8_e4m3fn, tl.float8e4nv): 3 mantissa bits, largest 448, smallest normal 2^-6, steps of 2^-9
+         below it; no infinities. For weights and activations: more precision.
+    e5m2 (torch.float8_e5m2, tl.float8e5): 2 mantissa bits, largest 57344, smallest normal 2^-14, steps of 2^-16
+         below it. For gradients: more range.
+
+Per-tensor scaling. A tensor x enters a matmul as q = fp8(x * s); cuBLASLt multiplies the FP8 operands and undoes
+the scales with 1/s (its scale pointers). s puts the tensor's largest magnitude, amax, near the format's largest
+value: here s = 2^floor(log2(FP8_MAX / amax)), a power of two, so x * s is exact in fp32 and the cast is the only
+rounding, and 1/s is exact too (amax * s lands in (FP8_MAX / 2, FP8_MAX]). Current scaling takes amax from the tensor
+itself (`amax`, then `scale_from_amax`, then `cast`); delayed scaling from earlier steps' amax, the cast writing this
+one's for the next (`cast`'s amax output). Both keep everything on the device: no host sync, CUDA-graph capturable.
+
+Rounding: to nearest, ties to even, saturating: a value beyond the largest becomes +-FP8_MAX (as PTX's
+cvt.rn.satfinite does; a delayed scale that undershoots the new amax clips instead of making NaN). NaN stays NaN.
+On the GPU that is `x.to(fp8)` after a clamp that leaves NaN as it is. Triton's interpreter (3.9)
+rounds fp32 -> fp8 wrongly (e.g. -7.2 to -4 in e4m3) and NaN to a number, though it converts exactly representable
+values exactly; so when interpreting, `_round_to_fp8` first rounds in fp32 by hand: normal numbers by adding half an ulp plus the lowest kept bit to the fp32 bits and clearing
+the dropped ones (round to nearest even, as rounding.round_to does for bf16), subnormals by adding and subtracting
+2^23 steps (fp32's own rounding to nearest even at the subnormal step), then clamps, and writes NaN's bits itself.
+On the GPU the branch is compiled out.
+
+Layout: x is (R, C) with unit column stride (any row stride); out (R, C) or, transposed, (C, R) contiguous: Hopper's
+FP8 matmuls take both operands K-major, so a weight gradient's operands (dY^T, X^T) and the input gradient's weight
+(W^T) are cast transposed, in the same pass. Tiles of (BLOCK_R, BLOCK_C); amax is one atomic max a tile (max is
+order-free: deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+_ROUND_IN_SOFTWARE = tl.constexpr(INTERPRET)
+# format -> (torch dtype, largest finite value, mantissa bits, exponent of the smallest normal)
+FORMATS = {
+    "e4m3": (torch.float8_e4m3fn, 448.0, 3, -6),
+    "e5m2": (torch.float8_e5m2, 57344.0, 2, -14),
+}
+_BLOCK_R, _BLOCK_C = 32, 128  # a cast's tile: 4096 values, 16 a thread with 8 warps
+_AMAX_BLOCK = 4096
+
+
+@triton.jit
+def _round_to_fp8(x, dtype: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+    """x (fp32) rounded to nearest even on dtype's grid, saturated to +-FP8_MAX, converted to dtype."""
+    if _ROUND_IN_SOFTWARE:
+        DROP: tl.constexpr = 23 - MANTISSA
+        KEEP: tl.constexpr = 0xFFFFFFFF - ((1 << DROP) - 1)  # the sign, exponent and kept mantissa bits
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += (1 << (DROP - 1)) - 1 + ((bits >> DROP) & 1)
+        normal = (bits & KEEP).to(tl.float32, bitcast=True)
+        # below the smallest normal the grid is 2^(MIN_EXP - MANTISSA): fp32 rounds |x| + MAGIC to it
+        MAGIC: tl.constexpr = 2.0 ** (MIN_EXP - MANTISSA + 23)
+        magnitude = tl.abs(x)
+        subnormal = (magnitude + MAGIC) - MAGIC
+        subnormal = tl.where(x < 0, -subnormal, subnormal)
+        rounded = tl.where(magnitude < 2.0 ** MIN_EXP, subnormal, normal)
+        rounded = tl.minimum(tl.maximum(rounded, -FP8_MAX), FP8_MAX)
+        # the interpreter turns NaN into a number: 0x7F is NaN in both formats
+        nan = tl.full(x.shape, 0x7F, tl.uint8).to(dtype, bitcast=True)
+        return tl.where(x != x, nan, rounded.to(dtype))
+    # saturate; max and min drop a NaN operand, so NaN is kept aside (cvt turns it into the format's NaN)
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)).to(dtype)
+
+
+@triton.jit
+def _amax_kernel(amax_ptr, x_ptr, R, C, stride_r, BLOCK: tl.constexpr):
+    # one program a block of BLOCK elements of the (R, C) tensor, read row by row
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows, columns = offsets // C, offsets % C
+    x = tl.load(x_ptr + rows * stride_r + columns, mask=offsets < R * C, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _cast_kernel(
+    out_ptr,  # fp8 (R, C), or (C, R) if TRANSPOSE; contiguous
+    x_ptr,  # bf16 or fp32 (R, C), unit column stride
+    scale_ptr,  # fp32 (1,): s
+    amax_ptr,  # fp32 (1,): max |x| is atomically maxed into it (if AMAX)
+    R,
+    C,
+    stride_r,
+    FP8_MAX: tl.constexpr,
+    MANTISSA: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    AMAX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    columns = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < R)[:, None] & (columns < C)[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + columns[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if AMAX:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0), sem="relaxed")
+    q = _round_to_fp8(x * tl.load(scale_ptr), out_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
+    if TRANSPOSE:
+        tl.store(out_ptr + columns.to(tl.int64)[None, :] * R + rows[:, None], q, mask=mask)
+    else:
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + columns[None, :], q, mask=mask)
+
+
+@triton.jit
+def _scale_kernel(scale_ptr, inverse_ptr, amax_ptr, FP8_MAX: tl.constexpr):
+    amax = tl.load(amax_ptr)
+    # the largest power of two s with amax * s <= FP8_MAX; 1 for an all-zero (or non-finite) tensor
+    usable = (amax > 0) & (amax < float("inf"))
+    scale = tl.where(usable, tl.exp2(tl.floor(tl.log2(FP8_MAX / tl.where(usable, amax, 1.0)))), 1.0)
+    tl.store(scale_ptr, scale)
+    tl.store(inverse_ptr, 1.0 / scale)
+
+
+def _check_2d(name, x):
+    if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"{name}: x must be (R, C) bfloat16 or float32 with unit column stride, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+
+
+def amax(out, x):
+    """out fp32 (1,) = max |x| over x (R, C), bf16 or fp32, unit column stride (overwritten)."""
+    _check_2d("amax", x)
+    R, C = x.shape
+    out.zero_()
+    if R * C:
+        _amax_kernel[(triton.cdiv(R * C, _AMAX_BLOCK),)](out, x, R, C, x.stride(0), BLOCK=_AMAX_BLOCK, num_warps=8)
+
+
+def scale_from_amax(scale, inverse, amax_value, fmt):
+    """scale fp32 (1,) = the largest power of two s with amax * s <= the format's largest value (1 when amax is 0),
+    inverse = 1 / s: the scale a cast multiplies by and the one a matmul undoes it with. fmt "e4m3" or "e5m2"."""
+    _scale_kernel[(1,)](scale, inverse, amax_value, FP8_MAX=FORMATS[fmt][1])
+
+
+def cast(out, x, scale, amax_out=None, transpose=False):
+    """out = fp8(x * scale), rounded to nearest even and saturated, in out's format (float8_e4m3fn or
+    float8_e5m2); transposed, out = fp8(x * scale)^T. With amax_out, fp32 (1,): amax_out = max(amax_out, max |x|)
+    (zero it first for this tensor's amax alone).
+
+    x: (R, C) bf16 or fp32, unit column stride. out: contiguous, (R, C), or (C, R) with transpose. scale: fp32 (1,)
+    on the device (scale_from_amax).
+    """
+    _check_2d("cast", x)
+    R, C = x.shape
+    fmt = next((name for name, spec in FORMATS.items() if spec[0] == out.dtype), None)
+    if fmt is None or not out.is_contiguous() or tuple(out.shape) != ((C, R) if transpose else (R, C)):
+        raise ValueError(f"cast: out must be contiguous float8_e4m3fn or float8_e5m2 of shape "
+                         f"{(C, R) if transpose else (R, C)}, got {tuple(out.shape)} {out.dtype}")
+    _, fp8_max, mantissa, min_exp = FORMATS[fmt]
+    if R * C == 0:
+        return
+    grid = (triton.cdiv(R, _BLOCK_R), triton.cdiv(C, _BLOCK_C))
+    _cast_kernel[grid](out, x, scale, amax_out if amax_out is not None else scale, R, C, x.stride(0),
+                       FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp, TRANSPOSE=transpose,
+                       AMAX=amax_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=8)
