@@ -242,7 +242,7 @@ def pick_device(name):
 def init_config(init, family):
     """-e: the model's config, from a Hugging Face folder's config.json (init_source resolved a pretrained name to its
     folder), an llm.c model file's header (of the family's magic), or a random-init descriptor."""
-    if hf.is_hf_source(init):
+    if os.path.isdir(init) and hf.is_hf_source(init):
         return family.read_hf_config(init)
     if os.path.exists(init) or init.endswith(".bin"):
         found = families.of_file(init)
@@ -515,7 +515,8 @@ def setup_run(args, dist, say, trainer):
     B, T = args.batch_size, args.sequence_length
     # -e resolved once: a pretrained GPT-2's name becomes its folder (downloaded, or from the cache)
     family = trainer.family
-    from_hf = hf.is_hf_source(args.init)
+    # (pretrained names are GPT-2's; another family only reads folders)
+    from_hf = hf.is_hf_source(args.init) and (family is families.GPT2 or os.path.isdir(args.init))
     init = hf.hf_folder(args.init) if from_hf else args.init
     config = init_config(init, family)
     if T > config.max_seq_len:
