@@ -40,8 +40,8 @@ from llmpy import cli
 from llmpy.configs.gpt2 import (GPT2_EOT, config_from_descriptor, gpt2_init, is_descriptor, num_parameters, param_table,
                                 split_params)
 from llmpy.data import DataLoader
-from llmpy.formats import FormatError, read_model
-from llmpy.hf import is_hf_source, load_hf
+from llmpy.formats import FormatError
+from llmpy.hf import is_hf_source, load_weights
 from llmpy.params import decay_runs
 from llmpy.signals import DeferredInterrupts, exit_quietly
 from llmpy.tokenizer import Tokenizer
@@ -473,10 +473,8 @@ def load_model(arg, seed):
     """--model: an llm.c model file, a Hugging Face GPT-2 (gpt2 ... gpt2-xl, or a folder: llmpy/hf.py), or a
     descriptor (d12, tiny, ...) for GPT-2's seeded random initialisation: weights N(0, 0.02), the residual
     projections N(0, 0.02/sqrt(2L)), biases 0, layernorms 1 and 0."""
-    if is_hf_source(arg):
-        return load_hf(arg)
-    if os.path.exists(arg):
-        return read_model(arg)
+    if is_hf_source(arg) or os.path.exists(arg):
+        return load_weights(arg)
     if not is_descriptor(arg):
         raise FormatError(arg, "file not found (write it with: python train_gpt2_torch.py --model d12 "
                                "--write_tensors 1), and not a model descriptor like d12 or tiny")

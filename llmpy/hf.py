@@ -31,8 +31,8 @@ import numpy as np
 
 from .configs import llama3
 from .configs.gpt2 import GPT2_EOT, GPT2Config, num_parameters, pad_vocab, split_params
-from .formats import FormatError, bfloat16_bits_to_float32, float32_to_bfloat16_bits, read_llama3_model, read_model, \
-    write_file_atomic
+from .formats import (LLAMA3_MAGIC, FormatError, bfloat16_bits_to_float32, float32_to_bfloat16_bits,
+                      read_llama3_model, read_magic, read_model, write_file_atomic)
 from .progress import progress
 from .tokenizer import LLAMA3_BPE_TOKENS, LLAMA3_SPLIT_PATTERN, llama3_special_tokens, token_bytes
 
@@ -365,7 +365,12 @@ def load_hf(spec):
 def load_weights(spec):
     """A model to start from, as the programs' -e takes it: a Hugging Face GPT-2 (load_hf) or an llm.c model file
     -> (GPT2Config, flat float32 parameters)."""
-    return load_hf(spec) if is_hf_source(spec) else read_model(spec)
+    if is_hf_source(spec):
+        return load_hf(spec)
+    if os.path.isfile(spec) and read_magic(spec) == LLAMA3_MAGIC:
+        raise FormatError(spec, "holds a Llama 3 model; this program takes GPT-2's (Llama 3 trains and samples with "
+                                "train_llama3.py, and exports with dev/eval/export_hf.py)")
+    return read_model(spec)
 
 
 def load_hf_llama3(folder):

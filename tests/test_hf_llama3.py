@@ -355,6 +355,20 @@ def test_gpt2_programs_refuse_a_llama_folder_with_one_line(good_folder):
         f"are read here; Llama folders go to train_llama3_torch.py --init_from\n")
 
 
+@pytest.mark.parametrize("program", ["train_gpt2_cpu.py", "sample.py", "dev/eval/hellaswag.py"])
+def test_gpt2_programs_refuse_a_llama_model_file_with_one_line(program, tmp_path):
+    """A Llama 3 model file (magic 20240803) given to a program of GPT-2's: one line saying what it holds and where
+    it goes, not "bad magic"."""
+    path = tmp_path / "llama.bin"
+    formats.write_llama3_model(path, TINY, llama3.init_params(TINY, seed=1))
+    result = subprocess.run([sys.executable, REPO / program, "-e", path], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"{path}: holds a Llama 3 model; this program takes GPT-2's (Llama 3 trains and samples with train_llama3.py, "
+        "and exports with dev/eval/export_hf.py)")
+
+
 def test_export_script_refuses_a_file_of_neither_family(tmp_path):
     (tmp_path / "x.bin").write_bytes(np.full(256, 7, dtype="<i4").tobytes())
     result = subprocess.run([sys.executable, REPO / "dev/eval/export_hf.py", "-i", tmp_path / "x.bin", "-o",
