@@ -92,7 +92,7 @@ def main(argv=None, family=families.GPT2, tolerances=TOLERANCES):
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: our kernels run on CPU tensors
     import torch
 
-    from llmpy.models import gpt2, llama3
+    from llmpy import models
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"{prog}: no CUDA device; run with --device cpu for the Triton interpreter")
@@ -102,18 +102,17 @@ def main(argv=None, family=families.GPT2, tolerances=TOLERANCES):
     B, T = state.x.shape
     V = config.vocab_size
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    options = dict(gelu_fusion=args.gelu_fusion) if family is families.GPT2 else {}
-    build = gpt2.build if family is families.GPT2 else llama3.build
     try:
-        model = build(config, B, T, dtype=dtype, device=args.device, cuda_graphs=bool(args.cuda_graphs),
-                      recompute=args.recompute, attention_impl=args.attention, **options)
+        model = models.build(config, B, T, dtype=dtype, device=args.device, cuda_graphs=bool(args.cuda_graphs),
+                             recompute=args.recompute, attention_impl=args.attention,
+                             gelu_fusion=getattr(args, "gelu_fusion", 0))
     except ValueError as e:  # e.g. --attention cudnn without the cuDNN frontend installed
         sys.exit(f"{prog}: {e}")
     runtime = model.runtime
     runtime.load_weights(weights)
     print(f"[{prog}] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
           f"attention={model.attention_impl} device={args.device} cuda_graphs={int(runtime.cuda_graphs)}"
-          + "".join(f" {k}={getattr(model, k)}" for k in options))
+          + (f" gelu_fusion={model.gelu_fusion}" if family is families.GPT2 else ""))
     tol_logits, tol_grads, tol_loss = tolerances[args.dtype]
     x, y = torch.from_numpy(state.x), torch.from_numpy(state.y)
     ok = True

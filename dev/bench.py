@@ -79,18 +79,14 @@ def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=Fa
     dist, zero_stage, deterministic: as train_gpt2.py's (ddp, zero1 and deterministic)."""
     import torch
 
-    from llmpy.models import gpt2, llama3 as llama3_model
+    from llmpy import models
     from llmpy.outlier import OutlierGuard
     from train_gpt2 import train_step
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    if families.of_config(config) is families.GPT2:
-        build, options = gpt2.build, dict(gelu_fusion=args.gelu_fusion)
-    else:
-        build, options = llama3_model.build, {}
-    model = build(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda", dist=dist,
-                  zero_stage=zero_stage, cuda_graphs=bool(args.cuda_graphs), deterministic=deterministic,
-                  recompute=args.recompute, attention_impl=args.attention, **options)
+    model = models.build(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda", dist=dist,
+                         zero_stage=zero_stage, cuda_graphs=bool(args.cuda_graphs), deterministic=deterministic,
+                         recompute=args.recompute, attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
     model.runtime.load_weights(flat)
     loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
     hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)

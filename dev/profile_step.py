@@ -26,8 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llmpy import families  # noqa: E402
-from llmpy.models import gpt2, llama3  # noqa: E402
+from llmpy import families, models  # noqa: E402
 from llmpy.outlier import OutlierGuard  # noqa: E402
 from train_gpt2 import train_step  # noqa: E402
 
@@ -47,9 +46,8 @@ def kind_of(name):
 def mainline_step(config, B, T, args):
     """A function running one mainline training step on fixed random batches."""
     family = families.of_config(config)
-    build, options = (gpt2.build, dict(gelu_fusion=args.gelu_fusion)) if family is families.GPT2 else (llama3.build, {})
-    model = build(config, B, T, cuda_graphs=bool(args.cuda_graphs), recompute=args.recompute,
-                  attention_impl=args.attention, **options)
+    model = models.build(config, B, T, cuda_graphs=bool(args.cuda_graphs), recompute=args.recompute,
+                         attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
     model.runtime.load_weights(family.init_params(config, 0))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()

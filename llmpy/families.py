@@ -1,7 +1,7 @@
 """The model families, each as one record of what the code outside its model needs: its descriptors, parameter
-table and init (llmpy/configs/), and its llm.c files (llmpy/formats.py). A model file's magic number or a config's
-type says which family it is, so checkpoints, reference files and the trainers work for any of them; and its
-Hugging Face folders (llmpy/hf.py). NumPy only.
+table and init (llmpy/configs/), its llm.c files (llmpy/formats.py) and its Hugging Face folders (llmpy/hf.py). A
+model file's magic number or a config's type says which family it is, so checkpoints, reference files and the
+trainers work for any of them. NumPy only.
 """
 
 from dataclasses import dataclass

@@ -91,7 +91,7 @@ class Llama3(Model):
         # every norm (bias.PartialSums). Slots by name: ("ln1", l), ("ln2", l), "lnf".
         g = self.g
         slots = [(name, l) for l in range(L) for name in ("ln1", "ln2")] + ["lnf"]
-        targets = [g[f"{key[0]}w"][key[1]] if key != "lnf" else g["lnfw"] for key in slots]
+        targets = [g[f"{name}w"][l] for l in range(L) for name in ("ln1", "ln2")] + [g["lnfw"]]
         self.norm_slot = {key: i for i, key in enumerate(slots)}
         self.norm_sums = bias.PartialSums(runtime.grads, targets, layernorm.rmsnorm_backward_groups(N, C), C)
 
