@@ -21,6 +21,14 @@ Tolerances, from what was measured on an H100 at d12 (B=4, T=64; 2026-11-24) wit
 - bfloat16: parameters and activations are rounded to 8 significant bits (2^-9 relative per rounding), and the
   roundings compound through the layers: measured 1.1e-2 on the logits, at most 1.05e-2 on a gradient, and the 10
   losses (about 11 down to 3.4) within 0.014. Tolerance 5e-2 relative, 5e-2 absolute on the losses.
+- --precision fp8 (bf16 elsewhere; llmpy/precision.py): the blocks' matmul operands keep 3 (e4m3) or 2 (e5m2)
+  mantissa bits, a rounding step 32-64x bf16's. Measured on an H200 at d12 (2026-12-03), alike in the three modes of
+  dev/gpu_check.sh: 9.7e-2 on the logits, at most 1.43e-1 on a gradient (wpe), the 10 losses within 0.14 (at
+  step 3, the reference's spike from 7.9 to 9.9); on the CPU's tiny model 3.3e-2 and 1.05e-1. Tolerance 2e-1 on the
+  logits, 3e-1 on the gradients and the losses: a margin of 1.5-2x only, as FP8's own error is some 10x bf16's while
+  a bug's stays O(1) (a wrong scale is off by a power of two, a wrong layout by ~100%). FP8's products are checked
+  tightly where they are made: tests/kernels/test_matmul_fp8.py (GPU, 2^-8 against float64 products of the same
+  FP8 values) and tests/test_precision.py (1e-5).
 """
 
 import argparse
@@ -36,6 +44,7 @@ from llmpy.reference_files import read_reference_files
 TOLERANCES = {  # dtype -> (logits and loss, gradients: relative; each of the 10 losses: absolute)
     "float32": (1e-5, 1e-5, 1e-4),
     "bfloat16": (5e-2, 5e-2, 5e-2),
+    "fp8": (2e-1, 3e-1, 3e-1),
 }
 
 
@@ -63,6 +72,9 @@ def parse_args(argv=None, family=families.GPT2):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=10, help="AdamW steps whose losses are compared (at most the "
                    "reference's 10); fewer for a quick check of the first step's tensors")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"],
+                   help="the linear layers' matmuls, as train_gpt2.py's --precision (fp8: with --dtype bfloat16 on "
+                        "the GPU, or float32 on the CPU, where FP8's products are emulated exactly)")
     p.add_argument("--recompute", "-r", type=int, default=0, choices=[0, 1, 2])
     p.add_argument("--attention", default="cudnn", choices=["cudnn", "triton"])
     p.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (tests)")
@@ -105,15 +117,15 @@ def main(argv=None, family=families.GPT2, tolerances=TOLERANCES):
     try:
         model = models.build(config, B, T, dtype=dtype, device=args.device, cuda_graphs=bool(args.cuda_graphs),
                              recompute=args.recompute, attention_impl=args.attention,
-                             gelu_fusion=getattr(args, "gelu_fusion", 0))
+                             gelu_fusion=getattr(args, "gelu_fusion", 0), precision=args.precision)
     except ValueError as e:  # e.g. --attention cudnn without the cuDNN frontend installed
         sys.exit(f"{prog}: {e}")
     runtime = model.runtime
     runtime.load_weights(weights)
-    print(f"[{prog}] {args.model}: B={B} T={T} dtype={args.dtype} recompute={args.recompute} "
-          f"attention={model.attention_impl} device={args.device} cuda_graphs={int(runtime.cuda_graphs)}"
+    print(f"[{prog}] {args.model}: B={B} T={T} dtype={args.dtype} precision={args.precision} "
+          f"recompute={args.recompute} attention={model.attention_impl} device={args.device} cuda_graphs={int(runtime.cuda_graphs)}"
           + (f" gelu_fusion={model.gelu_fusion}" if family is families.GPT2 else ""))
-    tol_logits, tol_grads, tol_loss = tolerances[args.dtype]
+    tol_logits, tol_grads, tol_loss = tolerances["fp8" if args.precision == "fp8" else args.dtype]
     x, y = torch.from_numpy(state.x), torch.from_numpy(state.y)
     ok = True
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmpy import checkpoint, cli, evals, families, formats, hf
+from llmpy import checkpoint, cli, evals, families, formats, hf, precision
 from llmpy.data import DataLoader
 from llmpy.distributed import INIT_METHODS, DistributedError, init_distributed
 from llmpy.kernels import INTERPRET
@@ -75,7 +75,7 @@ class Trainer:
 
 def build_gpt2(config, B, T, runtime, args):
     return gpt2.GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
-                     gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic))
+                     gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic), precision=args.precision)
 
 
 GPT2_TRAINER = Trainer(
@@ -160,6 +160,10 @@ def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
     add("--seed", type=int, default=42, help="seed of the random init and of the sampling")
     add("--dtype", default="bfloat16", choices=tuple(DTYPES), help="parameters and activations (grads, master "
         "weights and optimizer state are fp32 either way)")
+    add("--precision", default="bf16", choices=precision.PRECISIONS,
+        help="the transformer blocks' matmuls: bf16, or fp8 (e4m3 weights and activations, e5m2 gradients, scaled "
+             "per tensor; needs --dtype bfloat16 on a GPU with FP8 tensor cores: Ada, Hopper or newer). The LM head, "
+             "attention and the optimizer stay as they are (llmpy/precision.py)")
     add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
     add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
         help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms")
@@ -599,8 +603,8 @@ def describe_run(args, run, dist, say):
              + (f" (padded {config.padded_vocab_size})" if family is families.GPT2 else "")
              + (", tied head" if getattr(config, "tied_embeddings", True) else ", untied head"))
     say(f"model {args.init}: {shape}, {family.num_parameters(config):,} parameters")
-    say(f"device {run.device_name}, dtype {args.dtype}, attention {run.model.attention_impl}, "
-        f"recompute {args.recompute}{', deterministic' if args.deterministic else ''}")
+    say(f"device {run.device_name}, dtype {args.dtype}, matmuls {args.precision}, attention "
+        f"{run.model.attention_impl}, recompute {args.recompute}{', deterministic' if args.deterministic else ''}")
     say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
         f", zero stage {args.zero_stage}")
     per_process = (f" x {world} processes", f" for each of {world} processes") if world > 1 else ("", "")

@@ -22,7 +22,7 @@ from train_gpt2 import Trainer, main as run_trainer
 
 def build_llama3(config, B, T, runtime, args):
     return llama3.Llama3(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
-                         deterministic=bool(args.deterministic))
+                         deterministic=bool(args.deterministic), precision=args.precision)
 
 
 LLAMA3_TRAINER = Trainer(

@@ -17,6 +17,10 @@ memory and compiled state cannot help or hurt another:
              fused AdamW; B/2 x 2 micro-batches by
              default (--eager_micro 0 for none), since eager at B=64 needs more memory than the GPU has
   compile    the same under torch.compile: the baseline to beat
+  compile_fp8  the same with torchao's float8 training (torchtitan's recipe: the blocks' linear layers, tensorwise
+             scales), then torch.compile: FP8's baseline (pip install torchao; not run by default)
+  fp8        the mainline with --precision fp8 (llmpy/precision.py); fp8_bf16wgrad with the weight gradients in
+             bf16, fp8_fast with cuBLASLt's FP8 fast accumulation (not run by default)
   deterministic  the mainline with --deterministic 1 (bit-identical run to run: llmpy.vendor.set_deterministic, the
              deterministic embedding backward); not run by default
   ddp        mainline's step in a process group of one process (llmpy.distributed, -z 0): its all-reduces run
@@ -53,6 +57,9 @@ from llmpy.data import DataLoader  # noqa: E402
 from llmpy.mfu import flops_per_token, mfu, peak_flops  # noqa: E402
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
+# the mainline with --precision fp8 (llmpy.precision.FP8's options): as train_gpt2.py runs it; with the weight
+# gradients in bf16; with cuBLASLt's FP8 fast accumulation
+FP8_CONTENDERS = {"fp8": {}, "fp8_bf16wgrad": {"weight_grads_fp8": False}, "fp8_fast": {"fast_accum": True}}
 SHARDS = {families.GPT2: "dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
           families.LLAMA3: "dev/data/tinyshakespeare/tiny_shakespeare_llama3_train.bin"}
 
@@ -74,9 +81,11 @@ def batches(config, B, T, seed):
         yield tokens[:, :-1], tokens[:, 1:]
 
 
-def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=False):
+def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=False, precision="bf16",
+                   fp8_options=None):
     """Yields after each training step of the mainline; the step's loss is on the host by then.
-    dist, zero_stage, deterministic: as train_gpt2.py's (ddp, zero1 and deterministic)."""
+    dist, zero_stage, deterministic, precision: as train_gpt2.py's (ddp, zero1, deterministic, the fp8 contenders);
+    fp8_options: llmpy.precision.FP8's."""
     import torch
 
     from llmpy import models
@@ -86,7 +95,8 @@ def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=Fa
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = models.build(config, args.batch_size, args.sequence_length, dtype=dtype, device="cuda", dist=dist,
                          zero_stage=zero_stage, cuda_graphs=bool(args.cuda_graphs), deterministic=deterministic,
-                         recompute=args.recompute, attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
+                         recompute=args.recompute, attention_impl=args.attention, gelu_fusion=args.gelu_fusion,
+                         precision=precision, fp8_options=fp8_options)
     model.runtime.load_weights(flat)
     loss_sum = torch.zeros(1, dtype=torch.float32, device="cuda")
     hyper = SimpleNamespace(weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
@@ -99,8 +109,10 @@ def mainline_steps(config, flat, args, dist=None, zero_stage=0, deterministic=Fa
         yield loss
 
 
-def torch_steps(config, flat, args, compile):
-    """Yields after each training step of the PyTorch reference (eager or compiled)."""
+def torch_steps(config, flat, args, compile, float8=False):
+    """Yields after each training step of the PyTorch reference (eager or compiled). float8: torchao's float8
+    training (torchtitan's recipe: every nn.Linear of the blocks, not the LM head, through torchao's Float8Linear
+    with tensorwise dynamic scaling), before torch.compile."""
     import torch
 
     from train_gpt2_torch import configure_optimizer, train_step
@@ -113,6 +125,11 @@ def torch_steps(config, flat, args, compile):
     torch.backends.cudnn.allow_tf32 = True
     model = model_from_flat(config, flat, flash=True).cuda()
     optimizer = configure_optimizer(model, LR, WEIGHT_DECAY, device_type="cuda")
+    if float8:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                                   module_filter_fn=lambda module, name: "lm_head" not in name)
     if compile:
         model = torch.compile(model)
     micro = args.batch_size if compile or args.eager_micro == 0 else args.eager_micro
@@ -190,6 +207,8 @@ def worker(args):
     dist = None
     if args.worker in ("mainline", "deterministic"):
         steps = mainline_steps(config, flat, args, deterministic=args.worker == "deterministic")
+    elif args.worker in FP8_CONTENDERS:
+        steps = mainline_steps(config, flat, args, precision="fp8", fp8_options=FP8_CONTENDERS[args.worker])
     elif args.worker in ("ddp", "zero1"):
         from llmpy.distributed import init_distributed
 
@@ -198,7 +217,7 @@ def worker(args):
                                 process_rank=0, device="cuda")
         steps = mainline_steps(config, flat, args, dist, zero_stage=1 if args.worker == "zero1" else 0)
     else:
-        steps = torch_steps(config, flat, args, compile=args.worker == "compile")
+        steps = torch_steps(config, flat, args, compile=args.worker != "eager", float8=args.worker == "compile_fp8")
     times, losses = [], []
     meter = PowerMeter(torch)
     for i in range(args.warmup + args.steps):
@@ -250,11 +269,9 @@ def main():
     if args.worker:
         return worker(args)
     contenders = args.contenders.split(",")
-    unknown = set(contenders) - {"mainline", "deterministic", "eager", "compile", "ddp", "zero1"}
-    if unknown or args.steps < 1 or args.warmup < 0:
-        sys.exit(f"bench.py: contenders are mainline, deterministic, eager, compile, ddp, zero1 (got "
-                 f"{args.contenders}); "
-                 f"--steps >= 1")
+    known = ["mainline", "deterministic", "eager", "compile", "compile_fp8", "ddp", "zero1", *FP8_CONTENDERS]
+    if set(contenders) - set(known) or args.steps < 1 or args.warmup < 0:
+        sys.exit(f"bench.py: contenders are {', '.join(known)} (got {args.contenders}); --steps >= 1")
     results = {}
     for name in contenders:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name] + sys.argv[1:]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
-#                         [hellaswag] [llama] [llama_bench] [llama_curves] [matmul_algos] [bench_large]
-#                         (none: all but the last three)
+#                         [hellaswag] [llama] [llama_bench] [fp8] [fp8_bench] [fp8_llama] [fp8_profile]
+#                         [llama_curves] [fp8_curves] [matmul_algos] [bench_large]
+#                         (none: all but the last six)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py, and -m llama-3 for the llama steps) and, for
 # the references' tokenizer files, LLMPY_TIKTOKEN_FILE (and LLMPY_LLAMA3_TOKENIZER_FILE for the llama steps); hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -11,7 +12,7 @@ LOG="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(kernels match train compare zero gelu_fusion bench long_runs sample hellaswag llama
-                                 llama_bench)
+                                 llama_bench fp8 fp8_bench)
 status=0
 run() {  # run a command, log it, remember a failure, keep going
     echo "+ $*" | tee -a "$LOG"
@@ -179,6 +180,30 @@ PY
             --device cuda -o "${OUT:-.}/llama_torch"
         run python3 dev/compare_logs.py "${OUT:-.}/llama_mainline/main.log" "${OUT:-.}/llama_torch/main.log"
         run python3 dev/plot.py "${OUT:-.}/llama_mainline" "${OUT:-.}/llama_torch" -o "${OUT:-.}/llama_curves.png" ;;
+    fp8)
+        # --precision fp8 (llmpy/precision.py): the FP8 casts and cuBLASLt's FP8 matmuls against float64, then the match
+        # test at d12 with FP8's tolerances on both attentions, GELU in the epilogue or not, recompute; then Llama 3
+        run python3 -m pytest -q tests/kernels/test_fp8.py tests/kernels/test_matmul_fp8.py
+        [ -f gpt2_124M_debug_state.bin ] || run python3 train_gpt2_torch.py --model d12 --write_tensors 1 --device cuda
+        run python3 test_gpt2.py --precision fp8 --attention cudnn -r 0
+        run python3 test_gpt2.py --precision fp8 --attention cudnn -r 0 -ge 0
+        run python3 test_gpt2.py --precision fp8 --attention triton -r 2 ;;
+    fp8_llama)
+        [ -f llama3.2_1B_debug_state.bin ] || run python3 train_llama3_torch.py --model llama3.2-1b --write_tensors 1 \
+            --device cuda -b 4 -t 64
+        run python3 test_llama3.py --model llama3.2-1b --precision fp8 --attention cudnn --steps 6 ;;
+    fp8_bench)  # the FP8 mainline and its variants against bf16's at d12 B=64 (issue 19's target: 1.6x torch.compile)
+        run python3 dev/bench.py --contenders mainline,fp8,fp8_bf16wgrad,fp8_fast,compile --steps 10 --warmup 3 \
+            --json "${OUT:-.}/bench_fp8_d12.json" ;;
+    fp8_profile)  # where the FP8 step's time goes, kernel by kernel
+        run python3 dev/profile_step.py --precision fp8 ;;
+    fp8_curves)
+        # 1,000 steps of tiny Shakespeare, d12 B=16 T=1024, the same init, data and hyperparameters: FP8 against bf16
+        flags=(-e d12 -b 16 -t 1024 -x 1000 -l 6e-4 -u 100 -q 0.1 -c 0.1 -v 100 -m 4 -s 0 --seed 42)
+        run python3 train_gpt2.py "${flags[@]}" -o "${OUT:-.}/fp8_bf16"
+        run python3 train_gpt2.py "${flags[@]}" --precision fp8 -o "${OUT:-.}/fp8_fp8"
+        run python3 dev/compare_logs.py "${OUT:-.}/fp8_fp8/main.log" "${OUT:-.}/fp8_bf16/main.log"
+        run python3 dev/plot.py "${OUT:-.}/fp8_bf16" "${OUT:-.}/fp8_fp8" -o "${OUT:-.}/fp8_curves.png" ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run
         for model_sizes in "d24 56 48 40" "d36 32 28 24"; do
@@ -194,7 +219,8 @@ PY
         done ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample, hellaswag," \
-            "llama, llama_bench, llama_curves, matmul_algos, bench_large)"; status=1 ;;
+            "llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_profile, llama_curves, fp8_curves, matmul_algos," \
+            "bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

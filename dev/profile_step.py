@@ -47,7 +47,8 @@ def mainline_step(config, B, T, args):
     """A function running one mainline training step on fixed random batches."""
     family = families.of_config(config)
     model = models.build(config, B, T, cuda_graphs=bool(args.cuda_graphs), recompute=args.recompute,
-                         attention_impl=args.attention, gelu_fusion=args.gelu_fusion)
+                         attention_impl=args.attention, gelu_fusion=args.gelu_fusion, precision=args.precision,
+                         fp8_options={"weight_grads_fp8": not args.fp8_bf16wgrad})
     model.runtime.load_weights(family.init_params(config, 0))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g, dtype=torch.int32).numpy()
@@ -129,6 +130,9 @@ def main():
     ap.add_argument("--trace", help="also write a Chrome trace here")
     ap.add_argument("--cuda_graphs", type=int, default=1, choices=[0, 1])
     ap.add_argument("--gelu_fusion", type=int, default=-1, choices=[-1, 0, 1])
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="the mainline's --precision")
+    ap.add_argument("--fp8_bf16wgrad", type=int, default=0, choices=[0, 1],
+                    help="--precision fp8 with the weight gradients in bf16")
     ap.add_argument("--contender", default="mainline", choices=["mainline", "compile"])
     args = ap.parse_args()
 

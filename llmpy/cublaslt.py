@@ -26,14 +26,17 @@ import ctypes.util
 import torch
 
 # enum values from cublasLt.h and library_types.h
-_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF, _CUDA_R_8F_E4M3, _CUDA_R_8F_E5M2 = 0, 2, 14, 28, 29
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77
 _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 3, 4, 7, 8, 11, 12
+_DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER, _DESC_FAST_ACCUM = 17, 18, 25
 _PREF_MAX_WORKSPACE_BYTES = 1
 _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}
 EPILOGUE = {"default": 1, "bias": 4, "gelu_aux_bias": 164, "dgelu": 192, "dgelu_bgrad": 208}
-_DATA_TYPE = {torch.float32: _CUDA_R_32F, torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
+_DATA_TYPE = {torch.float32: _CUDA_R_32F, torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF,
+              torch.float8_e4m3fn: _CUDA_R_8F_E4M3, torch.float8_e5m2: _CUDA_R_8F_E5M2}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS itself takes on Hopper
 _CANDIDATES = 8  # algorithms asked of the heuristic per shape, then timed
 # False (--deterministic 1): take the heuristic's first algorithm without timing. Timing can pick another algorithm in
@@ -103,10 +106,12 @@ def _layout(dtype, rows, cols, ld):
     return layout
 
 
-def _plan(dtype, d_dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments):
+def _plan(a_dtype, b_dtype, d_dtype, tf32, fast_accum, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue,
+          alignments):
     """[descriptor, layouts of A, B and D, the heuristic's candidate algorithms] for one shape.
-    A and B are dtype; D (and C, laid out as D) d_dtype: fp32 D with bf16 A and B accumulates bf16 products into
-    fp32 gradients."""
+    A and B are a_dtype and b_dtype (the same, except FP8's e4m3 and e5m2); D (and C, laid out as D) d_dtype: fp32 D
+    with bf16 A and B accumulates bf16 products into fp32 gradients. fast_accum: FP8's products summed in the tensor
+    cores' own accumulator throughout, instead of promoted to fp32 now and then (faster, less exact)."""
     desc = ctypes.c_void_p()
     _check(_lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F,
                                          _CUDA_R_32F), "cublasLtMatmulDescCreate")
@@ -114,9 +119,11 @@ def _plan(dtype, d_dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilog
     _set(setter, desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if trans_a else _OP_N))
     _set(setter, desc, _DESC_TRANSB, ctypes.c_int32(_OP_T if trans_b else _OP_N))
     _set(setter, desc, _DESC_EPILOGUE, ctypes.c_int32(EPILOGUE[epilogue]))
+    if fast_accum:
+        _set(setter, desc, _DESC_FAST_ACCUM, ctypes.c_int8(1))
     # A is (m, k) after its op, B (k, n), D (m, n); the layouts describe them as stored
-    a_layout = _layout(dtype, k if trans_a else m, m if trans_a else k, lda)
-    b_layout = _layout(dtype, n if trans_b else k, k if trans_b else n, ldb)
+    a_layout = _layout(a_dtype, k if trans_a else m, m if trans_a else k, lda)
+    b_layout = _layout(b_dtype, n if trans_b else k, k if trans_b else n, ldb)
     d_layout = _layout(d_dtype, m, n, ldd)
     preference = ctypes.c_void_p()
     _check(_lib.cublasLtMatmulPreferenceCreate(ctypes.byref(preference)), "cublasLtMatmulPreferenceCreate")
@@ -130,9 +137,23 @@ def _plan(dtype, d_dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilog
            "cublasLtMatmulAlgoGetHeuristic")
     candidates = [results[i].algo for i in range(found.value) if results[i].state == 0]
     if not candidates:
-        raise CublasLtError(f"cuBLASLt has no algorithm for the {epilogue} epilogue with m={m} n={n} k={k} {dtype}"
+        raise CublasLtError(f"cuBLASLt has no algorithm for the {epilogue} epilogue with m={m} n={n} k={k} "
+                            f"{a_dtype} x {b_dtype} -> {d_dtype}"
                             + ("; run with -ge 0" if "gelu" in epilogue else ""))
     return [desc, a_layout, b_layout, d_layout, candidates]
+
+
+def _launchable(candidates, launch):
+    """The candidates that launch. The heuristic offers some that cuBLASLt then refuses (status 15, not supported:
+    seen with FP8 operands and the bias epilogue on the H200), so each is tried once before any is chosen."""
+    working = []
+    for algo in candidates:
+        try:
+            launch(algo)
+            working.append(algo)
+        except CublasLtError:
+            pass
+    return working
 
 
 def _fastest(candidates, launch):
@@ -141,8 +162,6 @@ def _fastest(candidates, launch):
     than 2%: smaller differences are within what the same algorithm moves from round to round (dev/matmul_algos.py).
     """
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for algo in candidates:  # warm-up
-        launch(algo)
     start.record()
     launch(candidates[0])
     end.record()
@@ -163,7 +182,7 @@ def _fastest(candidates, launch):
 
 
 def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default", bias=None, aux=None, aux_ld=0,
-           c=None):
+           c=None, a_scale=None, b_scale=None, fast_accum=False):
     """Column-major D (m, n) = op(A) (m, k) @ op(B) (k, n), plus C if given (laid out as D; C = D accumulates into D),
     then the epilogue:
       "bias"           D = AB + bias
@@ -172,6 +191,9 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
       "dgelu_bgrad"    D = AB * gelu'(aux), bias (m,) = D summed over its n columns (overwritten)
     a, b, bias, aux: torch tensors of one dtype on the current GPU, d of the same or fp32; lda, ldb, ldd, aux_ld: column
     strides (elements).
+    FP8: a and b float8_e4m3fn or float8_e5m2 (either mix), d and bias bf16 or fp32, and the product is multiplied by
+    a_scale and b_scale, fp32 (1,) on the device (read when the matmul runs: they can change under a CUDA graph).
+    Hopper's FP8 kernels take A transposed and B not (both K-major): trans_a=True, trans_b=False only.
 
     The first call for a shape times the heuristic's candidate algorithms on its operands and keeps the fastest (the
     first candidate is not always it: BENCHMARKS.md, "Design measurements quoted from the code"). That call must not
@@ -179,19 +201,28 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
     among others.
     """
     _load()
-    dtype = a.dtype
-    assert b.dtype == dtype and d.dtype in (dtype, torch.float32)
+    fp8 = a.dtype in FP8
+    if fp8:
+        assert b.dtype in FP8 and d.dtype in (torch.bfloat16, torch.float32) and trans_a and not trans_b
+        assert a_scale is not None and b_scale is not None
+    else:
+        assert b.dtype == a.dtype and d.dtype in (a.dtype, torch.float32) and a_scale is None and b_scale is None
     assert all(t is None or t.dtype == d.dtype for t in (bias, aux, c))
     adds_c, c = c is not None, d if c is None else c  # without C, beta = 0 and cuBLASLt reads nothing at D
     alignments = {"a": _alignment(a), "b": _alignment(b), "c": _alignment(c), "d": _alignment(d)}
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # as torch's own fp32 matmuls
-    key = (dtype, d.dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, adds_c,
+    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # as torch's own fp32 matmuls
+    fast_accum = fp8 and fast_accum
+    key = (a.dtype, b.dtype, d.dtype, tf32, fast_accum, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, adds_c,
            tuple(alignments.values()))
     if key not in _plans:
-        _plans[key] = _plan(dtype, d.dtype, tf32, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue, alignments)
+        _plans[key] = _plan(a.dtype, b.dtype, d.dtype, tf32, fast_accum, m, n, k, trans_a, trans_b, lda, ldb, ldd,
+                            epilogue, alignments)
     plan = _plans[key]
     desc, a_layout, b_layout, d_layout, algo = plan
     setter = _lib.cublasLtMatmulDescSetAttribute
+    if fp8:  # per call, like the bias: each operand has its own scale
+        _set(setter, desc, _DESC_A_SCALE_POINTER, ctypes.c_void_p(a_scale.data_ptr()))
+        _set(setter, desc, _DESC_B_SCALE_POINTER, ctypes.c_void_p(b_scale.data_ptr()))
     if bias is not None:  # the pointers change from call to call (a bias per layer): set on the cached descriptor
         _set(setter, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
     if aux is not None:
@@ -210,10 +241,18 @@ def matmul(d, a, b, m, n, k, trans_a, trans_b, lda, ldb, ldd, epilogue="default"
                f"cublasLtMatmul ({epilogue}, m={m} n={n} k={k})")
 
     if isinstance(algo, list):  # the candidates: not yet chosen
-        if len(algo) > 1 and TIME_ALGORITHMS and torch.cuda.is_current_stream_capturing():
-            raise CublasLtError("cuBLASLt: a matmul's first call is inside a CUDA graph capture; run it once eagerly")
-        d_before = d.clone() if c is d and adds_c and len(algo) > 1 else None  # timing adds to D again and again
-        plan[4] = algo = _fastest(algo, launch) if len(algo) > 1 and TIME_ALGORITHMS else algo[0]
-        if d_before is not None:
-            d.copy_(d_before)
+        if torch.cuda.is_current_stream_capturing():
+            if len(algo) > 1 and TIME_ALGORITHMS:
+                raise CublasLtError("cuBLASLt: a matmul's first call is inside a CUDA graph capture; run it once "
+                                    "eagerly")
+            plan[4] = algo = algo[0]
+        else:
+            d_before = d.clone() if c is d and adds_c else None  # trying and timing add to D again and again
+            algo = _launchable(algo, launch)
+            if not algo:
+                raise CublasLtError(f"cuBLASLt: none of the heuristic's algorithms launches for the {epilogue} "
+                                    f"epilogue with m={m} n={n} k={k} {a.dtype} x {b.dtype} -> {d.dtype}")
+            plan[4] = algo = _fastest(algo, launch) if len(algo) > 1 and TIME_ALGORITHMS else algo[0]
+            if d_before is not None:
+                d.copy_(d_before)
     launch(algo)

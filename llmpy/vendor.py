@@ -87,6 +87,34 @@ def matmul_backward_weight(dweight, dout, inp, accumulate=True):
     dweight.addmm_(dout.t().to(dweight.dtype), inp.to(dweight.dtype))
 
 
+def matmul_fp8(out, a, a_scale, b, b_scale, bias=None, c=None, pre_gelu=None, fast_accum=False):
+    """out (M, N) = (a (M, K) @ b (N, K)^T) * a_scale * b_scale, plus bias (N,) and C (M, N, laid out as out; C = out
+    accumulates) if given; with pre_gelu (M, N), pre_gelu = that and out = gelu(pre_gelu) (bias required).
+
+    a and b are FP8 (float8_e4m3fn or float8_e5m2, llmpy.kernels.fp8), both K-major: every FP8 matmul of training is
+    this one product (a linear layer's forward: inp @ W^T; its input gradient: dout @ (W^T)^T; its weight gradient:
+    dout^T @ (inp^T)^T). a_scale, b_scale: fp32 (1,) on the device, the inverses of the scales the casts multiplied
+    by, each aligned as an allocation is (cuBLASLt refuses a view a few bytes into a tensor). out bf16, or fp32 (a weight gradient). fast_accum: cuBLASLt's FP8 fast accumulation (llmpy.cublaslt).
+
+    Column-major, out^T (N, M) = b (stored as a (K, N) matrix, transposed) @ a^T (stored as (K, M)). On the CPU (tests)
+    the FP8 values are multiplied in fp32 by torch (each product exact, as in the tensor cores), then scaled.
+    """
+    (M, K), N = a.shape, b.shape[0]
+    if out.is_cuda:
+        epilogue = "gelu_aux_bias" if pre_gelu is not None else "default" if bias is None else "bias"
+        cublaslt.matmul(out, b, a, m=N, n=M, k=K, trans_a=True, trans_b=False, lda=_ld(b), ldb=_ld(a), ldd=_ld(out),
+                        epilogue=epilogue, bias=bias, aux=pre_gelu, aux_ld=0 if pre_gelu is None else _ld(pre_gelu),
+                        c=c, a_scale=b_scale, b_scale=a_scale, fast_accum=fast_accum)
+        return
+    assert pre_gelu is None, "the GELU epilogue is cuBLASLt's: GPU only"
+    product = (a.float() @ b.float().t()) * (a_scale * b_scale)
+    if bias is not None:
+        product += bias.float()
+    if c is not None:
+        product += c.float()
+    out.copy_(product)
+
+
 def heads(x, NH, K):
     """Views (B, NH, T, HS) of the K blocks of C columns of x (B, T, K*C): q, k and v of qkv (K = 3), or the heads of
     the attention output or its gradient (K = 1). Strided views, no copies."""

@@ -2,7 +2,8 @@
 
 The reference (train_gpt2_torch.py --write_tensors 1) writes a tiny GPT-2 (2 layers, 64 channels) and one batch's
 logits, loss and gradients; test_gpt2.py runs our kernels and hand-written backward on the same batch and must
-print `overall okay: 1` in fp32 and in bf16 with full recompute, using test_gpt2.py's own per-tensor tolerances.
+print `overall okay: 1` in fp32 and in bf16 with full recompute, using test_gpt2.py's own per-tensor tolerances, and
+with --precision fp8 (its FP8 tolerances; the products emulated exactly on the CPU).
 A copy of the debug state with one gradient perturbed must make it print `overall okay: 0` and exit nonzero.
 On the GPU the same script runs at d12 (dev/gpu_check.sh).
 """
@@ -38,13 +39,17 @@ def reference_dir(tmp_path_factory, tiktoken_file):
 
 
 # fp32 over all 10 of the reference's steps; bf16 with recompute 2 over 3 (its first step's tensors are what differs
-# from fp32's path; the interpreter's time is per step)
-@pytest.mark.parametrize("dtype, recompute, steps", [("float32", "0", 10), ("bfloat16", "2", 3)])
-def test_mainline_matches_reference(reference_dir, dtype, recompute, steps):
+# from fp32's path; the interpreter's time is per step); FP8 over 3
+@pytest.mark.parametrize("dtype, recompute, steps, precision", [("float32", "0", 10, "bf16"),
+                                                                 ("bfloat16", "2", 3, "bf16"),
+                                                                 ("float32", "0", 3, "fp8")])
+def test_mainline_matches_reference(reference_dir, dtype, recompute, steps, precision):
     proc = run("test_gpt2.py", "--model", "tiny", "--dir", str(reference_dir), "--device", "cpu", "--dtype", dtype,
-               "-r", recompute, "--steps", str(steps))
+               "-r", recompute, "--steps", str(steps), "--precision", precision)
     assert proc.returncode == 0 and "overall okay: 1" in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.count(" OK\n") == 1 + 1 + 16 + steps  # logits, loss, 16 gradient tensors, the steps' losses
+    if precision == "fp8":  # FP8 really ran: its logits are off by its rounding, far above fp32's 1e-6
+        assert float(proc.stdout.split("logits     rel err ")[1].split()[0]) > 1e-3
 
 
 def test_a_wrong_gradient_fails(reference_dir, tmp_path):

@@ -11,8 +11,9 @@ Per-tensor scaling. A tensor x enters a matmul as q = fp8(x * s); cuBLASLt multi
 the scales with 1/s (its scale pointers). s puts the tensor's largest magnitude, amax, near the format's largest
 value: here s = 2^floor(log2(FP8_MAX / amax)), a power of two, so x * s is exact in fp32 and the cast is the only
 rounding, and 1/s is exact too (amax * s lands in (FP8_MAX / 2, FP8_MAX]). Current scaling takes amax from the tensor
-itself (`amax`, then `scale_from_amax`, then `cast`); delayed scaling from earlier steps' amax, the cast writing this
-one's for the next (`cast`'s amax output). Both keep everything on the device: no host sync, CUDA-graph capturable.
+itself (`amax`, then `scale_from_amax`, then `cast`): two reads of x. Delayed scaling takes it from the amax of the
+tensor's last few casts (`update_scales`), each cast writing its own as it goes (`cast`'s amax output): one read.
+Both keep everything on the device: no host sync, CUDA-graph capturable.
 
 Rounding: to nearest, ties to even, saturating: a value beyond the largest becomes +-FP8_MAX (as PTX's
 cvt.rn.satfinite does; a delayed scale that undershoots the new amax clips instead of making NaN). NaN stays NaN.
@@ -42,6 +43,7 @@ FORMATS = {
     "e5m2": (torch.float8_e5m2, 57344.0, 2, -14),
 }
 _BLOCK_R, _BLOCK_C = 32, 128  # a cast's tile: 4096 values, 16 a thread with 8 warps
+_TILES = 8  # tiles a cast program does, one under the other
 _AMAX_BLOCK = 4096
 
 
@@ -93,19 +95,26 @@ def _cast_kernel(
     AMAX: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TILES: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # a program casts TILES tiles down its column block, then adds their amax with one atomic: one atomic per tile
+    # on the one address made the casts of the largest tensors wait on each other
     columns = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < R)[:, None] & (columns < C)[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + columns[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    scale = tl.load(scale_ptr)
+    largest = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for tile in range(TILES):
+        rows = (tl.program_id(0) * TILES + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & (columns < C)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + columns[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        largest = tl.maximum(largest, tl.abs(x))
+        q = _round_to_fp8(x * scale, out_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
+        if TRANSPOSE:
+            tl.store(out_ptr + columns.to(tl.int64)[None, :] * R + rows[:, None], q, mask=mask)
+        else:
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + columns[None, :], q, mask=mask)
     if AMAX:
-        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0), sem="relaxed")
-    q = _round_to_fp8(x * tl.load(scale_ptr), out_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
-    if TRANSPOSE:
-        tl.store(out_ptr + columns.to(tl.int64)[None, :] * R + rows[:, None], q, mask=mask)
-    else:
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + columns[None, :], q, mask=mask)
+        tl.atomic_max(amax_ptr, tl.max(tl.max(largest, axis=1), axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -116,6 +125,45 @@ def _scale_kernel(scale_ptr, inverse_ptr, amax_ptr, FP8_MAX: tl.constexpr):
     scale = tl.where(usable, tl.exp2(tl.floor(tl.log2(FP8_MAX / tl.where(usable, amax, 1.0)))), 1.0)
     tl.store(scale_ptr, scale)
     tl.store(inverse_ptr, 1.0 / scale)
+
+
+@triton.jit
+def _update_scales_kernel(history_ptr, amax_ptr, scale_ptr, inverse_ptr, n, stride, FP8_MAX: tl.constexpr,
+                          HISTORY: tl.constexpr, BLOCK: tl.constexpr):
+    # one program a block of BLOCK tensors; history (n, HISTORY) newest first; amax, scale, inverse: column 0 of
+    # (n, stride) arrays. Every load comes before the stores that shift the history by one.
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    columns = tl.arange(0, HISTORY)
+    in_range = rows < n
+    both = in_range[:, None] & (columns < HISTORY)[None, :]
+    history = tl.load(history_ptr + rows[:, None] * HISTORY + columns[None, :], mask=both, other=0.0)
+    older = tl.load(history_ptr + rows[:, None] * HISTORY + columns[None, :] - 1, mask=both & (columns >= 1)[None, :],
+                    other=0.0)
+    amax = tl.load(amax_ptr + rows * stride, mask=in_range, other=0.0)
+    cast = amax > 0  # a tensor cast since the last update (an unused one, e.g. a gradient in validation, keeps its)
+    shifted = tl.where((columns == 0)[None, :], amax[:, None], older)
+    history = tl.where(cast[:, None], shifted, history)
+    tl.store(history_ptr + rows[:, None] * HISTORY + columns[None, :], history, mask=both)
+    tl.store(amax_ptr + rows * stride, tl.zeros_like(amax), mask=in_range)
+    largest = tl.max(history, axis=1)
+    usable = (largest > 0) & (largest < float("inf"))
+    scale = tl.where(usable, tl.exp2(tl.floor(tl.log2(FP8_MAX / tl.where(usable, largest, 1.0)))), 1.0)
+    tl.store(scale_ptr + rows * stride, scale, mask=in_range)
+    tl.store(inverse_ptr + rows * stride, 1.0 / scale, mask=in_range)
+
+
+def update_scales(history, amax_now, scale, inverse, fmt):
+    """Delayed scaling of n tensors: each tensor's amax since the last update, amax_now[:, 0] (written by its casts'
+    amax output), joins the front of its history (n, H) (H a power of two; the oldest drops off) and is zeroed, and
+    its scale becomes the power of two scale_from_amax would give for the largest amax in the history; inverse
+    = 1 / scale. amax_now, scale, inverse: fp32 (n, stride), column 0 used (the rows' stride lets each scale sit on
+    an alignment cuBLASLt accepts). A tensor with amax_now 0 (not cast since the last update) keeps its history.
+    One launch for all n."""
+    n, H = history.shape
+    assert H & (H - 1) == 0 and amax_now.stride() == scale.stride() == inverse.stride() and amax_now.stride(1) == 1
+    block = 32
+    _update_scales_kernel[(triton.cdiv(n, block),)](history, amax_now, scale, inverse, n, amax_now.stride(0),
+                                                    FP8_MAX=FORMATS[fmt][1], HISTORY=H, BLOCK=block)
 
 
 def _check_2d(name, x):
@@ -156,7 +204,7 @@ def cast(out, x, scale, amax_out=None, transpose=False):
     _, fp8_max, mantissa, min_exp = FORMATS[fmt]
     if R * C == 0:
         return
-    grid = (triton.cdiv(R, _BLOCK_R), triton.cdiv(C, _BLOCK_C))
+    grid = (triton.cdiv(R, _BLOCK_R * _TILES), triton.cdiv(C, _BLOCK_C))
     _cast_kernel[grid](out, x, scale, amax_out if amax_out is not None else scale, R, C, x.stride(0),
                        FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp, TRANSPOSE=transpose,
-                       AMAX=amax_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=8)
+                       AMAX=amax_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, TILES=_TILES, num_warps=8)

@@ -6,17 +6,24 @@ subclasses Model and writes _forward, backward and init_weights.
 
 import torch
 
+from .. import precision as precisions
 from ..kernels import encoder, reduce
 
 
 class Model:
-    def __init__(self, config, B, T, runtime, deterministic):
+    LINEAR = ()  # a family's per-layer linear weights (L, OC, K): FP8 under --precision fp8
+
+    def __init__(self, config, B, T, runtime, deterministic, precision="bf16", fp8_options=None):
         """For micro-batches of (B, T) tokens on runtime's buffers. deterministic: the embedding's backward sums each
         token's rows in an order fixed by the tokens (encoder.DeterministicEncoderBackward, from tables made on the
-        host) instead of with float atomics."""
+        host) instead of with float atomics. precision "bf16" or "fp8", fp8_options (llmpy.precision.FP8's): the
+        matmuls the family's forward and backward call, self.matmuls; FP8 for the LINEAR weights."""
         device = runtime.device
         self.config, self.B, self.T, self.runtime = config, B, T, runtime
         self.p, self.g = runtime.p, runtime.g
+        self.precision = precision
+        linear = [(self.p[name][l], self.g[name][l]) for name in self.LINEAR for l in range(config.num_layers)]
+        self.matmuls = precisions.matmuls(precision, linear, B * T, runtime.dtype, device, **(fp8_options or {}))
         self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.ordered_encoder_backward = (encoder.DeterministicEncoderBackward(B, T, config.channels, device)

@@ -1,10 +1,10 @@
 """GPT-2 on the GPU, the mainline: its activations and its forward and backward pass written out layer by layer.
 
 The model works on the views of a Runtime's flat buffers (llmpy/runtime.py: the parameters, the gradients, the
-optimizer, the CUDA graphs, the side stream; built from GPT-2's parameter table, llmpy.configs.gpt2.param_table), plus the
-activations of one (B, T) micro-batch, allocated once. Matmuls go to cuBLASLt and attention to cuDNN (llmpy.vendor)
-or our own flash attention; every other op is one of our Triton kernels (llmpy.kernels), except the forward's GELU,
-which with gelu_fusion runs in the fc matmul's cuBLASLt epilogue.
+optimizer, the CUDA graphs, the side stream; built from GPT-2's parameter table, llmpy.configs.gpt2.param_table),
+plus the activations of one (B, T) micro-batch, allocated once. Matmuls go to cuBLASLt (llmpy.vendor, in bf16 or
+FP8: llmpy.precision) and attention to cuDNN or our own flash attention; every other op is one of our Triton kernels
+(llmpy.kernels), except the forward's GELU, which with gelu_fusion runs in the fc matmul's cuBLASLt epilogue.
 
 Notation: B batch, T sequence length, C channels, NH heads, L layers, V vocab, Vp padded vocab, N = B*T rows.
 """
@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import vendor
+from .. import precision
 from ..configs.gpt2 import gpt2_init, param_table
 from ..kernels import attention, bias, classifier, encoder, gelu, layernorm
 from ..runtime import Runtime
@@ -38,24 +38,25 @@ class LayerActivations(NamedTuple):
     residual3: torch.Tensor  # residual2 + MLP projection: the layer's output
 
 
-def layer_forward(p, l, residual, acts, attend, gelu_fusion):
+def layer_forward(p, l, residual, acts, attend, gelu_fusion, matmuls=precision.BF16):
     """Layer l of GPT-2 on N rows of the residual stream, residual (N, C): writes every tensor of acts
     (LayerActivations), the layer's output last, into acts.residual3 (which may be residual itself: residual is last
     read before it is written). p: the parameter views (llmpy.configs.gpt2.split_params). attend(l, acts): the causal
-    self-attention, from acts.qkv to acts.atty. gelu_fusion: GELU in the fc matmul's cuBLASLt epilogue (GPU only)."""
+    self-attention, from acts.qkv to acts.atty. gelu_fusion: GELU in the fc matmul's cuBLASLt epilogue (GPU only).
+    matmuls: the linear layers' precision (llmpy.precision)."""
     # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual
     layernorm.layernorm_forward(acts.ln1, acts.ln1_mean, acts.ln1_rstd, residual, p["ln1w"][l], p["ln1b"][l])
-    vendor.matmul_forward(acts.qkv, acts.ln1, p["qkvw"][l], p["qkvb"][l])
+    matmuls.forward(acts.qkv, acts.ln1, p["qkvw"][l], p["qkvb"][l])
     attend(l, acts)
-    vendor.matmul_forward(acts.residual2, acts.atty, p["attprojw"][l], p["attprojb"][l], residual=residual)
+    matmuls.forward(acts.residual2, acts.atty, p["attprojw"][l], p["attprojb"][l], residual=residual)
     # MLP: layernorm, fc, GELU, projection joining the residual
     layernorm.layernorm_forward(acts.ln2, acts.ln2_mean, acts.ln2_rstd, acts.residual2, p["ln2w"][l], p["ln2b"][l])
     if gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
-        vendor.matmul_gelu_forward(acts.fch_gelu, acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
+        matmuls.forward_gelu(acts.fch_gelu, acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
     else:
-        vendor.matmul_forward(acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
+        matmuls.forward(acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
         gelu.gelu_forward(acts.fch_gelu, acts.fch)
-    vendor.matmul_forward(acts.residual3, acts.fch_gelu, p["fcprojw"][l], p["fcprojb"][l], residual=acts.residual2)
+    matmuls.forward(acts.residual3, acts.fch_gelu, p["fcprojw"][l], p["fcprojb"][l], residual=acts.residual2)
 
 
 class Activations:
@@ -135,20 +136,23 @@ class GPT2Attention(Attention):
 
 
 class GPT2(Model):
+    LINEAR = ("qkvw", "attprojw", "fcw", "fcprojw")  # the blocks' linear layers: FP8 under --precision fp8
+
     def __init__(self, config, B, T, runtime, recompute=0, attention_impl="cudnn", gelu_fusion=0,
-                 deterministic=False):
+                 deterministic=False, precision="bf16", fp8_options=None):
         """GPT-2 of this config for micro-batches of (B, T) tokens, on runtime's buffers (made from
         param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" or "triton" (choose_attention).
         gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on Hopper and newer,
         where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues slower.
-        deterministic: the embedding's backward in a fixed order (Model)."""
+        deterministic: the embedding's backward in a fixed order (Model). precision "bf16" or "fp8" and fp8_options:
+        the linear layers' matmuls (llmpy.precision)."""
         if gelu_fusion not in (-1, 0, 1):
             raise ValueError(f"-ge/--gelu_fusion must be -1, 0 or 1, not {gelu_fusion}")
         device, dtype = runtime.device, runtime.dtype
         attention_impl = choose_attention(config, T, attention_impl, dtype, device)
         if gelu_fusion == -1:
             gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
-        super().__init__(config, B, T, runtime, deterministic)
+        super().__init__(config, B, T, runtime, deterministic, precision, fp8_options)
         self.recompute, self.attention_impl = recompute, attention_impl
         self.gelu_fusion = gelu_fusion if device.type == "cuda" else 0
         self.acts = Activations(config, B, T, dtype, device, recompute)
@@ -184,12 +188,13 @@ class GPT2(Model):
         """The forward of the batch in self.inputs (and self.targets): no host work but launches."""
         cfg, a, p = self.config, self.acts, self.p
         B, T, C, L = self.B, self.T, cfg.channels, cfg.num_layers
+        self.matmuls.prepare()
         encoder.encoder_forward(a.encoded.view(B, T, C), self.inputs, p["wte"], p["wpe"])
         for l in range(L):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
-            layer_forward(p, l, residual, self._layer_acts(l), self._attend, self.gelu_fusion)
+            layer_forward(p, l, residual, self._layer_acts(l), self._attend, self.gelu_fusion, self.matmuls)
         layernorm.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.residual3[L - 1], p["lnfw"], p["lnfb"])
-        vendor.matmul_forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
+        self.matmuls.forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
         if has_targets:
             classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,
                                         write_dlogits=train)
@@ -235,9 +240,9 @@ class GPT2(Model):
         if first:
             rt.start_gradients()
         # LM head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf (the encoder's gradient is added to it below)
-        vendor.matmul_backward_input(a.dbtc, a.logits, p["wte"])
+        self.matmuls.backward_input(a.dbtc, a.logits, p["wte"])
         with rt.beside():
-            vendor.matmul_backward_weight(g["wte"], a.logits, a.lnf, accumulate)
+            self.matmuls.backward_weight(g["wte"], a.logits, a.lnf, accumulate)
         # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
         a.dresidual.zero_()
         layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_mean,
@@ -256,25 +261,25 @@ class GPT2(Model):
                 gelu.gelu_forward(self._fch_gelu(l), a.fch[l])
             # MLP projection: dresidual flows into it unchanged (residual3 = residual2 + proj)
             rt.wait(fc_read)
-            vendor.matmul_backward_input(a.dfch, a.dresidual, p["fcprojw"][l])
+            self.matmuls.backward_input(a.dfch, a.dresidual, p["fcprojw"][l])
             with rt.beside() as fcproj_read:
-                vendor.matmul_backward_weight(g["fcprojw"][l], a.dresidual, self._fch_gelu(l), accumulate)
+                self.matmuls.backward_weight(g["fcprojw"][l], a.dresidual, self._fch_gelu(l), accumulate)
             gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, scratch=self.fc_bias_sums.partials[l])
-            vendor.matmul_backward_input(a.dbtc, a.dfch, p["fcw"][l])
+            self.matmuls.backward_input(a.dbtc, a.dfch, p["fcw"][l])
             with rt.beside() as fc_read:
-                vendor.matmul_backward_weight(g["fcw"][l], a.dfch, self._ln2(l), accumulate)
+                self.matmuls.backward_weight(g["fcw"][l], a.dfch, self._ln2(l), accumulate)
             rt.wait(fcproj_read)
             layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual2[l], p["ln2w"][l],
                                          a.ln2_mean[l], a.ln2_rstd[l], self._layernorm_partials(("ln2", l)))
             # attention projection, attention, qkv projection
-            vendor.matmul_backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
+            self.matmuls.backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
             with rt.beside() as attproj_read:
-                vendor.matmul_backward_weight(g["attprojw"][l], a.dresidual, a.atty[l], accumulate)
+                self.matmuls.backward_weight(g["attprojw"][l], a.dresidual, a.atty[l], accumulate)
             rt.wait(qkv_read)
             self.attention.backward(l, a.dqkv, a.dbtc, a.qkv[l], a.atty[l])
-            vendor.matmul_backward_input(a.dbtc, a.dqkv, p["qkvw"][l])
+            self.matmuls.backward_input(a.dbtc, a.dqkv, p["qkvw"][l])
             with rt.beside() as qkv_read:
-                vendor.matmul_backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
+                self.matmuls.backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
                 self.attention.sum_query_bias(l, a.dqkv)
             rt.wait(attproj_read)
             layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, residual, p["ln1w"][l], a.ln1_mean[l],
@@ -295,6 +300,6 @@ class GPT2(Model):
 def build(config, B, T, dtype=torch.bfloat16, device="cuda", dist=None, zero_stage=0, cuda_graphs=False,
           deterministic=False, **options):
     """A GPT-2 and the runtime it trains on: the runtime's buffers from GPT-2's table, the model over them.
-    options: GPT2's (recompute, attention_impl, gelu_fusion)."""
+    options: GPT2's (recompute, attention_impl, gelu_fusion, precision, fp8_options)."""
     runtime = Runtime(param_table(config), dtype, device, dist, zero_stage, cuda_graphs, deterministic)
     return GPT2(config, B, T, runtime, deterministic=deterministic, **options)

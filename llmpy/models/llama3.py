@@ -2,9 +2,9 @@
 
 The model works on the views of a Runtime's flat buffers (llmpy/runtime.py, built from Llama 3's parameter table,
 llmpy.configs.llama3.param_table), plus the activations of one (B, T) micro-batch, allocated once, as GPT-2's
-(llmpy/models/gpt2.py) does. Matmuls go to cuBLASLt (llmpy.vendor), attention to cuDNN or our flash attention
-(llmpy/models/attention.py, grouped-query), and every other op is one of our Triton kernels: RMSNorm (layernorm.py's
-RMS variant), RoPE, SwiGLU, the embedding without positions, the fused classifier.
+(llmpy/models/gpt2.py) does. Matmuls go to cuBLASLt (llmpy.vendor, in bf16 or FP8: llmpy.precision), attention to
+cuDNN or our flash attention (llmpy/models/attention.py, grouped-query), and every other op is one of our Triton
+kernels: RMSNorm (layernorm.py's RMS variant), RoPE, SwiGLU, the embedding without positions, the fused classifier.
 
 A layer, pre-norm, no biases (x: the residual stream, (N, C)):
     ln1  = rmsnorm(x) * ln1w                      (N, C), and its rstd (N,) fp32 for the backward
@@ -23,7 +23,6 @@ width, L layers, V vocab (128,256: a multiple of 128, so no padding), N = B*T ro
 
 import torch
 
-from .. import vendor
 from ..configs.llama3 import init_params, param_table, rope_tables
 from ..kernels import bias, classifier, encoder, layernorm, rope, swiglu
 from ..runtime import Runtime
@@ -73,13 +72,17 @@ def halves(fch):
 
 
 class Llama3(Model):
-    def __init__(self, config, B, T, runtime, recompute=0, attention_impl="cudnn", deterministic=False):
+    LINEAR = ("qkvw", "attprojw", "fcw", "fc2w", "fcprojw")  # the blocks' linear layers: FP8 under --precision fp8
+
+    def __init__(self, config, B, T, runtime, recompute=0, attention_impl="cudnn", deterministic=False,
+                 precision="bf16", fp8_options=None):
         """Llama 3 of this config for micro-batches of (B, T) tokens, on runtime's buffers (made from
         param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" or "triton" (choose_attention).
-        deterministic: the embedding's backward in a fixed order (Model)."""
+        deterministic: the embedding's backward in a fixed order (Model). precision "bf16" or "fp8" and
+        fp8_options: the linear layers' matmuls (llmpy.precision)."""
         device, dtype = runtime.device, runtime.dtype
         attention_impl = choose_attention(config, T, attention_impl, dtype, device)
-        super().__init__(config, B, T, runtime, deterministic)
+        super().__init__(config, B, T, runtime, deterministic, precision, fp8_options)
         self.recompute, self.attention_impl = recompute, attention_impl
         L, C, N, NH, KV = config.num_layers, config.channels, B * T, config.num_heads, config.num_kv_heads
         self.acts = Activations(config, B, T, dtype, device, recompute)
@@ -105,11 +108,12 @@ class Llama3(Model):
         """The forward of the batch in self.inputs (and self.targets): no host work but launches."""
         cfg, a, p = self.config, self.acts, self.p
         B, T, C, L = self.B, self.T, cfg.channels, cfg.num_layers
+        self.matmuls.prepare()
         encoder.encoder_forward(a.encoded.view(B, T, C), self.inputs, p["wte"], None)  # no position embedding
         for l in range(L):
             self._layer_forward(l, a.encoded if l == 0 else a.residual3[l - 1])
         layernorm.rmsnorm_forward(a.lnf, a.lnf_rstd, a.residual3[L - 1], p["lnfw"], cfg.norm_eps)
-        vendor.matmul_forward(a.logits, a.lnf, p[self.head])  # (N, C) @ (C, V)
+        self.matmuls.forward(a.logits, a.lnf, p[self.head])  # (N, C) @ (C, V)
         if has_targets:
             classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,
                                         write_dlogits=train)
@@ -119,17 +123,17 @@ class Llama3(Model):
         cfg, a, p, eps = self.config, self.acts, self.p, self.config.norm_eps
         # attention: RMSNorm, qkv projection, RoPE on q and k, grouped-query attention, projection joining the stream
         layernorm.rmsnorm_forward(self._ln1(l), a.ln1_rstd[l], residual, p["ln1w"][l], eps)
-        vendor.matmul_forward(a.qkv[l], self._ln1(l), p["qkvw"][l])
+        self.matmuls.forward(a.qkv[l], self._ln1(l), p["qkvw"][l])
         rope.rope_forward(self._qkv_rows(a.qkv[l]), self.rope_cos, self.rope_sin, cfg.num_heads, cfg.num_kv_heads)
         self.attention.forward(l, a.qkv[l], a.atty[l])
-        vendor.matmul_forward(a.residual2[l], a.atty[l], p["attprojw"][l], residual=residual)
+        self.matmuls.forward(a.residual2[l], a.atty[l], p["attprojw"][l], residual=residual)
         # MLP: RMSNorm, up and gate projections side by side, SwiGLU, projection joining the stream
         layernorm.rmsnorm_forward(self._ln2(l), a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], eps)
         up, gate = halves(a.fch[l])
-        vendor.matmul_forward(up, self._ln2(l), p["fcw"][l])
-        vendor.matmul_forward(gate, self._ln2(l), p["fc2w"][l])
+        self.matmuls.forward(up, self._ln2(l), p["fcw"][l])
+        self.matmuls.forward(gate, self._ln2(l), p["fc2w"][l])
         swiglu.swiglu_forward(self._swiglu(l), gate, up)
-        vendor.matmul_forward(a.residual3[l], self._swiglu(l), p["fcprojw"][l], residual=a.residual2[l])
+        self.matmuls.forward(a.residual3[l], self._swiglu(l), p["fcprojw"][l], residual=a.residual2[l])
 
     def _qkv_rows(self, qkv):
         return qkv.view(self.B, self.T, -1)
@@ -160,9 +164,9 @@ class Llama3(Model):
         if first:
             rt.start_gradients()
         # LM head: dlnf = dlogits @ W, dW += dlogits^T @ lnf (tied: W is wte, and the encoder's gradient adds to it)
-        vendor.matmul_backward_input(a.dbtc, a.logits, p[self.head])
+        self.matmuls.backward_input(a.dbtc, a.logits, p[self.head])
         with rt.beside():
-            vendor.matmul_backward_weight(g[self.head], a.logits, a.lnf, accumulate)
+            self.matmuls.backward_weight(g[self.head], a.logits, a.lnf, accumulate)
         # final RMSNorm: the residual stream's gradient starts here (zeroed, then accumulated)
         a.dresidual.zero_()
         layernorm.rmsnorm_backward(a.dresidual, None, a.dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_rstd,
@@ -180,30 +184,30 @@ class Llama3(Model):
             if self.recompute >= 1:
                 swiglu.swiglu_forward(self._swiglu(l), gate, up)
             # MLP projection: dresidual flows into it unchanged (residual3 = residual2 + proj)
-            vendor.matmul_backward_input(a.dswiglu, a.dresidual, p["fcprojw"][l])
+            self.matmuls.backward_input(a.dswiglu, a.dresidual, p["fcprojw"][l])
             with rt.beside() as fcproj_read:
-                vendor.matmul_backward_weight(g["fcprojw"][l], a.dresidual, self._swiglu(l), accumulate)
+                self.matmuls.backward_weight(g["fcprojw"][l], a.dresidual, self._swiglu(l), accumulate)
             # SwiGLU, then the up and gate projections: ln2 feeds both, so its gradient is the sum of two matmuls
             rt.wait(fc_read)
             swiglu.swiglu_backward(dgate, dup, a.dswiglu, gate, up)
-            vendor.matmul_backward_input(a.dbtc, dup, p["fcw"][l])
-            vendor.matmul_backward_input(a.dbtc, dgate, p["fc2w"][l], accumulate=True)
+            self.matmuls.backward_input(a.dbtc, dup, p["fcw"][l])
+            self.matmuls.backward_input(a.dbtc, dgate, p["fc2w"][l], accumulate=True)
             with rt.beside() as fc_read:
-                vendor.matmul_backward_weight(g["fcw"][l], dup, self._ln2(l), accumulate)
-                vendor.matmul_backward_weight(g["fc2w"][l], dgate, self._ln2(l), accumulate)
+                self.matmuls.backward_weight(g["fcw"][l], dup, self._ln2(l), accumulate)
+                self.matmuls.backward_weight(g["fc2w"][l], dgate, self._ln2(l), accumulate)
             rt.wait(fcproj_read)
             layernorm.rmsnorm_backward(a.dresidual, None, a.dbtc, a.residual2[l], p["ln2w"][l], a.ln2_rstd[l],
                                        self._norm_partials(("ln2", l)))
             # attention projection, attention, RoPE (turned back), qkv projection
-            vendor.matmul_backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
+            self.matmuls.backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
             with rt.beside() as attproj_read:
-                vendor.matmul_backward_weight(g["attprojw"][l], a.dresidual, a.atty[l], accumulate)
+                self.matmuls.backward_weight(g["attprojw"][l], a.dresidual, a.atty[l], accumulate)
             rt.wait(qkv_read)
             self.attention.backward(l, a.dqkv, a.dbtc, a.qkv[l], a.atty[l])
             rope.rope_backward(self._qkv_rows(a.dqkv), self.rope_cos, self.rope_sin, NH, KV)
-            vendor.matmul_backward_input(a.dbtc, a.dqkv, p["qkvw"][l])
+            self.matmuls.backward_input(a.dbtc, a.dqkv, p["qkvw"][l])
             with rt.beside() as qkv_read:
-                vendor.matmul_backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
+                self.matmuls.backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
             rt.wait(attproj_read)
             layernorm.rmsnorm_backward(a.dresidual, None, a.dbtc, residual, p["ln1w"][l], a.ln1_rstd[l],
                                        self._norm_partials(("ln1", l)))
@@ -219,6 +223,6 @@ class Llama3(Model):
 def build(config, B, T, dtype=torch.bfloat16, device="cuda", dist=None, zero_stage=0, cuda_graphs=False,
           deterministic=False, **options):
     """A Llama 3 and the runtime it trains on: the runtime's buffers from Llama 3's table, the model over it.
-    options: Llama3's (recompute, attention_impl)."""
+    options: Llama3's (recompute, attention_impl, precision, fp8_options)."""
     runtime = Runtime(param_table(config), dtype, device, dist, zero_stage, cuda_graphs, deterministic)
     return Llama3(config, B, T, runtime, deterministic=deterministic, **options)

@@ -13,7 +13,7 @@ largest power of two that keeps amax * s within range.
 import pytest
 import torch
 
-from llmpy.kernels.fp8 import FORMATS, amax, cast, scale_from_amax
+from llmpy.kernels.fp8 import FORMATS, amax, cast, scale_from_amax, update_scales
 
 FMTS = list(FORMATS)
 
@@ -53,9 +53,10 @@ def test_rounds_every_value_and_every_tie_like_torch(device, fmt):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
 def test_scaled_cast_and_its_amax(device, fmt, dtype, transpose):
-    """R = 45, C = 300: not multiples of the (32, 128) tile; x a view with 7 spare columns a row; magnitudes over 20
-    binades and a few subnormal ones after scaling. amax_out starts below the tensor's amax and must end at it."""
-    R, C = 45, 300
+    """R = 291, C = 300: not multiples of the (32, 128) tile, more rows than a program's 8 tiles; x a view with 7
+    spare columns a row; magnitudes over 20 binades and a few subnormal ones after scaling. amax_out starts below the
+    tensor's amax and must end at it."""
+    R, C = 291, 300
     generator = torch.Generator().manual_seed(R + len(fmt))
     wide = torch.randn(R, C + 7, generator=generator) * torch.exp2(torch.randint(-10, 10, (R, C + 7),
                                                                                   generator=generator).float())
@@ -83,6 +84,32 @@ def test_amax_and_the_power_of_two_scale(device, fmt):
     out.zero_()
     scale_from_amax(scale, inverse, out, fmt)  # an all-zero tensor: scale 1
     assert scale.item() == 1.0 and inverse.item() == 1.0
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_delayed_scales_follow_the_amax_history(device, fmt):
+    """update_scales against a history kept here in Python: 37 tensors (more than a block), H = 4, five updates in
+    which each tensor was cast (a random amax) or not (0: its history stays). Each scale must be what
+    scale_from_amax gives for the history's largest amax, and the amax slots zeroed."""
+    n, H, stride = 37, 4, 8
+    g = torch.Generator().manual_seed(5)
+    history = torch.zeros(n, H, device=device)
+    amax_now, scale, inverse = (torch.full((n, stride), -7.0, device=device) for _ in range(3))
+    expected = [[0.0] * H for _ in range(n)]
+    for update in range(5):
+        values = torch.rand(n, generator=g) * 10.0 ** torch.randint(-6, 3, (n,), generator=g)
+        values[torch.rand(n, generator=g) < 0.3] = 0.0
+        amax_now[:, 0] = values.to(device)
+        update_scales(history, amax_now, scale, inverse, fmt)
+        for i, value in enumerate(values.tolist()):
+            if value > 0:
+                expected[i] = [value] + expected[i][:-1]
+        assert torch.equal(history.cpu(), torch.tensor(expected))
+        assert (amax_now[:, 0] == 0).all() and (amax_now[:, 1:] == -7).all()  # only column 0 is touched
+        for i in range(n):
+            one_scale, one_inverse = torch.zeros(1, device=device), torch.zeros(1, device=device)
+            scale_from_amax(one_scale, one_inverse, torch.tensor([max(expected[i])], device=device), fmt)
+            assert scale[i, 0].item() == one_scale.item() and inverse[i, 0].item() == one_inverse.item()
 
 
 def test_bad_arguments_are_one_line(device):

@@ -1,0 +1,113 @@
+"""llmpy.precision, the linear layers' matmuls in bf16 or FP8, on the CPU (Triton's interpreter for the casts,
+vendor.matmul_fp8's emulation for the products).
+
+FP8's three products are compared with float64 products of the operands cast independently here, with torch's own
+float8 conversion and the power-of-two scale the policy promises (the largest s with amax * s <= the format's
+largest value, amax the tensor's own on its first cast, then the largest of its recent casts'): the only
+differences are fp32 sums against float64 ones, so the tolerance is 1e-5 relative. A
+weight the policy does not hold (the LM head) must run exactly as vendor's bf16 matmul. The whole model in FP8
+against the PyTorch reference is tests/test_mainline_match.py's fp8 case.
+"""
+
+import math
+
+import pytest
+import torch
+
+from llmpy import precision, vendor
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+MAX = {E4M3: 448.0, E5M2: 57344.0}
+N, K, OC = 48, 64, 96
+
+
+def fp8_values(x, fmt, amax=None):
+    """x as the FP8 policy should see it: float64 values of fp8(x * s) / s, s = 2^floor(log2(max / amax)), amax x's
+    own unless given; saturated at the format's largest value."""
+    amax = x.abs().max().item() if amax is None else amax
+    scale = 2.0 ** math.floor(math.log2(MAX[fmt] / amax))
+    return (x.double() * scale).clamp(-MAX[fmt], MAX[fmt]).to(fmt).double() / scale
+
+
+def rel_error(got, ref):
+    return (torch.linalg.vector_norm(got.double() - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+@pytest.fixture
+def layer():
+    """One FP8 linear layer (weight (OC, K) and its gradient) and random inputs."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(OC, K, generator=g) * 0.02
+    grad = torch.randn(OC, K, generator=g) * 1e-3
+    matmuls = precision.matmuls("fp8", [(weight, grad)], N, torch.float32, "cpu")
+    return matmuls, weight, grad, torch.randn(N, K, generator=g) * 3, torch.randn(N, OC, generator=g) * 1e-4
+
+
+def test_forward_is_the_product_of_e4m3_operands(layer):
+    matmuls, weight, _, inp, _ = layer
+    bias, residual = torch.randn(OC) * 0.1, torch.randn(N, OC)
+    out = torch.full((N, OC), float("nan"))
+    matmuls.prepare()
+    matmuls.forward(out, inp, weight, bias, residual)
+    ref = fp8_values(inp, E4M3) @ fp8_values(weight, E4M3).t() + bias.double() + residual.double()
+    assert rel_error(out, ref) <= 1e-5
+    assert rel_error(out, inp.double() @ weight.double().t() + bias.double() + residual.double()) > 1e-3  # FP8
+
+
+def test_input_gradient_is_e5m2_times_e4m3(layer):
+    matmuls, weight, _, _, dout = layer
+    dinp = torch.randn(N, K)
+    ref = dinp.double() + fp8_values(dout, E5M2) @ fp8_values(weight, E4M3)
+    matmuls.prepare()
+    matmuls.backward_input(dinp, dout, weight, accumulate=True)
+    assert rel_error(dinp, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_weight_gradient_is_e5m2_times_e4m3(layer, accumulate):
+    """As in the model: the forward cast the input and the input gradient cast dout; the weight gradient casts
+    both again, transposed, with those scales."""
+    matmuls, weight, grad, inp, dout = layer
+    ref = (grad.double() if accumulate else 0) + fp8_values(dout, E5M2).t() @ fp8_values(inp, E4M3)
+    matmuls.prepare()
+    matmuls.forward(torch.empty(N, OC), inp, weight)
+    matmuls.backward_input(torch.empty(N, K), dout, weight)
+    matmuls.backward_weight(grad, dout, inp, accumulate)
+    assert rel_error(grad, ref) <= 1e-5
+
+
+def test_scales_are_delayed_after_the_first_cast(layer):
+    """Micro-batch 2's input is scaled by micro-batch 1's amax (the larger of the two's in its history after that):
+    an input 3x larger saturates its largest values; micro-batch 3 then scales by 3x's amax."""
+    matmuls, weight, _, inp, _ = layer
+    out = torch.empty(N, OC)
+    w64 = fp8_values(weight, E4M3)
+    for x, amax in ((inp, None), (3 * inp, inp.abs().max().item()), (inp, 3 * inp.abs().max().item())):
+        matmuls.prepare()
+        matmuls.forward(out, x, weight)
+        assert rel_error(out, fp8_values(x, E4M3, amax) @ w64.t()) <= 1e-5
+
+
+def test_weight_gradient_in_bf16_when_asked():
+    g = torch.Generator().manual_seed(1)
+    weight, grad = torch.randn(OC, K, generator=g), torch.zeros(OC, K)
+    inp, dout = torch.randn(N, K, generator=g), torch.randn(N, OC, generator=g)
+    matmuls = precision.matmuls("fp8", [(weight, grad)], N, torch.float32, "cpu", weight_grads_fp8=False)
+    matmuls.backward_weight(grad, dout, inp, accumulate=False)
+    assert rel_error(grad, dout.double().t() @ inp.double()) <= 1e-6
+
+
+def test_other_weights_run_as_before(layer):
+    """The LM head (a weight the policy was not given) runs vendor's matmuls unchanged."""
+    matmuls, _, _, inp, _ = layer
+    head = torch.randn(OC, K)
+    out, expected = torch.empty(N, OC), torch.empty(N, OC)
+    matmuls.forward(out, inp, head)
+    vendor.matmul_forward(expected, inp, head)
+    assert torch.equal(out, expected)
+
+
+def test_bf16_is_vendor_and_nonsense_is_refused():
+    assert precision.matmuls("bf16", [], N, torch.bfloat16, "cpu").forward is vendor.matmul_forward
+    with pytest.raises(ValueError, match="--precision must be one of bf16, fp8, not 'fp16'"):
+        precision.matmuls("fp16", [], N, torch.bfloat16, "cpu")
