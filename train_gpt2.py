@@ -381,7 +381,8 @@ def format_mfu(value):
 # the flags that shape the run, saved with each checkpoint so that a resume can say which ones changed
 RUN_FLAGS = ("batch_size", "sequence_length", "total_batch_size", "max_steps", "learning_rate", "warmup_iters",
              "final_lr_frac", "lr_schedule", "weight_decay", "grad_clip", "dtype", "seed", "shuffle", "zero_stage",
-             "skip_update_lossz", "skip_update_gradz", "input_bin")
+             "skip_update_lossz", "skip_update_gradz", "input_bin", "precision")
+RUN_FLAGS_BEFORE_THEY_EXISTED = {"precision": "bf16"}  # what a checkpoint written before a flag existed ran with
 
 
 class Stopped(Exception):
@@ -442,11 +443,13 @@ def restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags,
     mine = resume.states[dist.rank] if dist.rank < old_world else None
     saved = (mine or resume.states[0]).extension
     if saved is not None:
-        changed = [f"{k} {saved['run'].get(k)} -> {run_flags[k]}" for k in RUN_FLAGS if saved["run"].get(k) !=
-                   run_flags[k]]
+        before = {k: saved["run"].get(k, RUN_FLAGS_BEFORE_THEY_EXISTED.get(k)) for k in RUN_FLAGS}
+        changed = [f"{k} {before[k]} -> {run_flags[k]}" for k in RUN_FLAGS if before[k] != run_flags[k]]
         if changed:
             say(f"note: the checkpoint's run differs ({'; '.join(changed)}): it continues, but not as it would have")
         guard.load_state(saved["outlier"])
+        if saved.get("fp8_scales") and model.precision == "fp8":  # FP8's delayed scales, as they were
+            model.matmuls.load_state(saved["fp8_scales"])
     same_layout = old_world == dist.world_size and (saved is None or (saved["run"]["batch_size"],
                   saved["run"]["sequence_length"]) == (model.B, model.T))
     try:
@@ -471,7 +474,7 @@ def checkpoint_tensors(model):
 def save_checkpoint(writer, step, model, train_loader, sample_rng, guard, run_flags):
     runtime = model.runtime
     extension = {"zero_stage": runtime.zero_stage, "shard": [runtime.shard.start, runtime.shard.stop], "run": run_flags,
-                 "loader_epoch": train_loader.epoch, "outlier": guard.state()}
+                 "loader_epoch": train_loader.epoch, "outlier": guard.state(), "fp8_scales": model.matmuls.state()}
     fields = (runtime.dist.world_size, runtime.dist.rank, sample_rng.state, train_loader.state(), extension)
     writer.save(step, model.config, *checkpoint_tensors(model), fields)
 

@@ -198,11 +198,14 @@ PY
     fp8_profile)  # where the FP8 step's time goes, kernel by kernel
         run python3 dev/profile_step.py --precision fp8 ;;
     fp8_curves)
-        # 1,000 steps of tiny Shakespeare, d12 B=16 T=1024, the same init, data and hyperparameters: FP8 against bf16
+        # 1,000 steps of tiny Shakespeare, d12 B=16 T=1024, the same init, data and hyperparameters: FP8 against bf16,
+        # and bf16 against itself run again (float atomics sum in another order): the gap FP8's is to be judged by
         flags=(-e d12 -b 16 -t 1024 -x 1000 -l 6e-4 -u 100 -q 0.1 -c 0.1 -v 100 -m 4 -s 0 --seed 42)
         run python3 train_gpt2.py "${flags[@]}" -o "${OUT:-.}/fp8_bf16"
         run python3 train_gpt2.py "${flags[@]}" --precision fp8 -o "${OUT:-.}/fp8_fp8"
+        run python3 train_gpt2.py "${flags[@]}" -o "${OUT:-.}/fp8_bf16_again"
         run python3 dev/compare_logs.py "${OUT:-.}/fp8_fp8/main.log" "${OUT:-.}/fp8_bf16/main.log"
+        run python3 dev/compare_logs.py "${OUT:-.}/fp8_bf16_again/main.log" "${OUT:-.}/fp8_bf16/main.log"
         run python3 dev/plot.py "${OUT:-.}/fp8_bf16" "${OUT:-.}/fp8_fp8" -o "${OUT:-.}/fp8_curves.png" ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which both the mainline and torch.compile run

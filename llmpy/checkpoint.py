@@ -19,7 +19,8 @@ State file, llm.c's save_state byte for byte, then an extension of ours that llm
     extension: UTF-8 JSON, then uint64 its length in bytes, int32 version (1), int32 magic 20261203. At the file's
         end, so a reader finds it from there; llm.c stops reading before it. The JSON holds what llm.c does not
         save: the ZeRO stage and which range of the (padded) flat parameter buffer the shard covers, the run's
-        flags (to say what changed on a resume), the loader's epoch and the outlier guard's windows.
+        flags (to say what changed on a resume), the loader's epoch, the outlier guard's windows and, under
+        --precision fp8, the delayed scales' amax histories (llmpy.precision.FP8.state).
 
 Shards. -z 0: every rank holds all parameters (its file is the whole state). -z 1 here: rank r holds the r-th
 contiguous 1/W of the flat buffer, padded to a multiple of W. llm.c's own -z 1 shards differently, the r-th 1/W of

@@ -41,6 +41,10 @@ class BF16:
     def prepare():
         pass
 
+    @staticmethod
+    def state():
+        return None
+
     forward = staticmethod(vendor.matmul_forward)
     forward_gelu = staticmethod(vendor.matmul_gelu_forward)
     backward_input = staticmethod(vendor.matmul_backward_input)
@@ -66,6 +70,22 @@ class _Scales:
     def update(self):
         """Every delayed scale from its history, with the amax of the casts since the last update (one launch)."""
         fp8.update_scales(self.history, self.amax, self.scale, self.inverse, self.fmt)
+
+    def state(self):
+        """What the next update needs, for a checkpoint: the histories and the amax not yet in them (host lists)."""
+        return {"history": self.history.tolist(), "amax": self.amax[:, 0].tolist()}
+
+    def load_state(self, state):
+        """Sets state(); the next update then makes the scales the run would have had. A tensor that had been cast
+        counts as calibrated."""
+        history = torch.tensor(state["history"], dtype=torch.float32)
+        amax = torch.tensor(state["amax"], dtype=torch.float32)
+        if history.shape != self.history.shape or amax.shape != (self.amax.shape[0],):
+            raise ValueError(f"FP8 scale state of shape {tuple(history.shape)}, the model has "
+                             f"{tuple(self.history.shape)}")
+        self.history.copy_(history)
+        self.amax[:, 0].copy_(amax)
+        self.calibrated = [bool(h.any() or a > 0) for h, a in zip(history, amax)]
 
     def cast(self, i, out, x, transpose=False, current=False):
         """out = fp8(x * s) (transposed if asked) with tensor i's scale s; returns 1/s (fp32 (1,)), the matmul's.
@@ -126,6 +146,15 @@ class FP8:
         for i, (w, (w8, w8t)) in enumerate(zip(self._weights, self._w8_views)):
             self._weight_scales.cast(i, w8, w, current=True)
             self._weight_scales.cast_again(i, w8t, w, transpose=True)
+
+    def state(self):
+        """The delayed scales' state, for a checkpoint (a sync with the GPU: small lists)."""
+        return {"inputs": self._input_scales.state(), "grads": self._grad_scales.state()}
+
+    def load_state(self, state):
+        """Restores state(): a resumed run scales its first casts as the run that went on would have."""
+        self._input_scales.load_state(state["inputs"])
+        self._grad_scales.load_state(state["grads"])
 
     def _weight(self, weight, transposed=False):
         """weight's index, FP8 copy ((K, OC) if transposed) and inverse scale; None if weight runs in bf16."""

@@ -293,6 +293,24 @@ def test_max_steps_zero_only_evaluates(files, tmp_path):
     assert (tmp_path / "run" / "main.log").read_text().startswith("s:0 tel:")
 
 
+def test_an_fp8_run_resumes_exactly(files, tmp_path):
+    """--precision fp8: the checkpoint carries the delayed scales' amax histories, so a run resumed from step 2 (in
+    a fresh folder) scales its casts as the run that went on did, and ends as it: the same losses, the same model
+    file. (Without them its first casts would take their own amax, and the runs would part in the last bits.)"""
+    args = [*base_args(files), "--dtype", "bfloat16", "--precision", "fp8", "-x", 4, "-n", 2, "-v", 2, "-m", 1,
+            "-s", 0]
+    code, _, err = run([*args, "-o", tmp_path / "whole"], tmp_path)
+    assert code == 0, err
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("model_00000002.bin", "state_00000002_00000.bin", "DONE_00000002", "main.log"):
+        (resumed / name).write_bytes((tmp_path / "whole" / name).read_bytes())
+    code, out, err = run([*args, "-o", resumed, "-y", 1], tmp_path)
+    assert code == 0 and "resumed from" in out and "differs" not in out, out + err
+    assert losses(resumed) == losses(tmp_path / "whole")
+    assert (resumed / "model_00000004.bin").read_bytes() == (tmp_path / "whole" / "model_00000004.bin").read_bytes()
+
+
 def test_a_bf16_run_checkpoints_its_master_weights_and_resumes_exactly(files, tmp_path):
     """bf16: the model file is a bf16 (v5) one, the state carries the fp32 master weights; a run resumed from the
     checkpoint of step 2 (copied into a fresh folder with the log) ends as the run that went on."""
