@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from common import Result, bound_of, copy_bandwidth_gbps, format_table, percent_of_bound, print_table  # noqa: E402
 
 OPS = ["encoder", "layernorm", "rmsnorm", "matmul", "bias", "attention", "rope", "gelu", "swiglu", "softmax",
-       "classifier", "adamw", "global_norm"]
+       "classifier", "adamw", "global_norm", "fp8_cast"]
 
 
 def load(op: str):
