@@ -20,7 +20,8 @@ memory and compiled state cannot help or hurt another:
   compile_fp8  the same with torchao's float8 training (torchtitan's recipe: the blocks' linear layers, tensorwise
              scales), then torch.compile: FP8's baseline (pip install torchao; not run by default)
   fp8        the mainline with --precision fp8 (llmpy/precision.py); fp8_bf16wgrad with the weight gradients in
-             bf16, fp8_fast with cuBLASLt's FP8 fast accumulation (not run by default)
+             bf16, fp8_fast with cuBLASLt's FP8 fast accumulation, fp8_head with the LM head in FP8 too (not run by
+             default)
   deterministic  the mainline with --deterministic 1 (bit-identical run to run: llmpy.vendor.set_deterministic, the
              deterministic embedding backward); not run by default
   ddp        mainline's step in a process group of one process (llmpy.distributed, -z 0): its all-reduces run
@@ -57,9 +58,10 @@ from llmpy.data import DataLoader  # noqa: E402
 from llmpy.mfu import flops_per_token, mfu, peak_flops  # noqa: E402
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
-# the mainline with --precision fp8 (llmpy.precision.FP8's options): as train_gpt2.py runs it; with the weight
-# gradients in bf16; with cuBLASLt's FP8 fast accumulation
-FP8_CONTENDERS = {"fp8": {}, "fp8_bf16wgrad": {"weight_grads_fp8": False}, "fp8_fast": {"fast_accum": True}}
+# the mainline with --precision fp8 (its fp8_options): as train_gpt2.py runs it; with the weight gradients in bf16;
+# with cuBLASLt's FP8 fast accumulation; with the LM head in FP8 too
+FP8_CONTENDERS = {"fp8": {}, "fp8_bf16wgrad": {"weight_grads_fp8": False}, "fp8_fast": {"fast_accum": True},
+                  "fp8_head": {"lm_head": True}}
 SHARDS = {families.GPT2: "dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
           families.LLAMA3: "dev/data/tinyshakespeare/tiny_shakespeare_llama3_train.bin"}
 

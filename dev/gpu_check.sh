@@ -167,9 +167,9 @@ PY
             done
         done
         run python3 test_llama3.py --model llama3.2-1b --dtype float32 --attention triton --steps 6 ;;
-    llama_bench)  # the issue's target shape: Llama 3.2 1B at T=2048, the mainline against torch.compile
-        run python3 dev/bench.py --model llama3.2-1b -b 8 -t 2048 --contenders mainline,compile --steps 10 --warmup 3 \
-            --json "${OUT:-.}/bench_llama3.2-1b.json" ;;
+    llama_bench)  # issue 18's target shape: Llama 3.2 1B at T=2048, the mainline (bf16 and FP8) against torch.compile
+        run python3 dev/bench.py --model llama3.2-1b -b 8 -t 2048 --contenders mainline,fp8,compile --steps 10 \
+            --warmup 3 --json "${OUT:-.}/bench_llama3.2-1b.json" ;;
     llama_curves)
         # 200 steps of tiny Shakespeare in Llama 3 tokens at Llama 3.2 1B's shape, B=8 T=1024, the same seeded init,
         # data order and hyperparameters: the mainline (bf16) against the reference under torch.compile (bf16
@@ -192,9 +192,12 @@ PY
         [ -f llama3.2_1B_debug_state.bin ] || run python3 train_llama3_torch.py --model llama3.2-1b --write_tensors 1 \
             --device cuda -b 4 -t 64
         run python3 test_llama3.py --model llama3.2-1b --precision fp8 --attention cudnn --steps 6 ;;
-    fp8_bench)  # the FP8 mainline and its variants against bf16's at d12 B=64 (issue 19's target: 1.6x torch.compile)
-        run python3 dev/bench.py --contenders mainline,fp8,fp8_bf16wgrad,fp8_fast,compile --steps 10 --warmup 3 \
-            --json "${OUT:-.}/bench_fp8_d12.json" ;;
+    fp8_bench)
+        # the FP8 mainline (and with its LM head in FP8 too) against bf16's, torch.compile and torchao's float8 at d12
+        # B=64 (issue 19's target: 1.6x torch.compile), then the FP8 casts alone against torch (dev/kernels/fp8_cast.py)
+        run python3 dev/bench.py --contenders mainline,fp8,fp8_head,compile,compile_fp8 --steps 10 --warmup 3 \
+            --json "${OUT:-.}/bench_fp8_d12.json"
+        run python3 dev/kernels/run.py fp8_cast ;;
     fp8_profile)  # where the FP8 step's time goes, kernel by kernel
         run python3 dev/profile_step.py --precision fp8 ;;
     fp8_curves)

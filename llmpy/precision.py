@@ -9,10 +9,11 @@ which product runs in which format is decided here and nowhere else:
              forward          out = inp @ W^T            inp e4m3, W e4m3
              input gradient   dinp = dout @ W            dout e5m2, W^T e4m3
              weight gradient  dW (+)= dout^T @ inp       dout^T e5m2, inp^T e4m3   (or in bf16: weight_grads_fp8)
-           Everything else stays as it was: the LM head (its logits' precision is the loss's), attention,
-           norms, the optimizer with its fp32 master weights, and every output of these matmuls (bf16, or the fp32
-           weight gradients they accumulate into). e4m3 has the precision (3 mantissa bits) that weights and
-           activations need; e5m2 the range (2^-16 .. 57344) that gradients need.
+           Everything else stays as it was: the LM head (its logits' precision is the loss's; the model's
+           fp8_options lm_head=True puts it in FP8 too, dev/bench.py's fp8_head), attention, norms, the optimizer
+           with its fp32 master weights, and every output of these matmuls (bf16, or the fp32 weight gradients they
+           accumulate into). e4m3 has the precision (3 mantissa bits) that weights and activations need;
+           e5m2 the range (2^-16 .. 57344) that gradients need.
 
 Scaling. Activations and gradients: delayed, each tensor's scale from the largest amax of its last HISTORY casts
 (one per micro-batch), each cast writing its tensor's amax as it goes (llmpy.kernels.fp8.update_scales), so a
@@ -130,13 +131,13 @@ class FP8:
         self._w8t = torch.empty_like(self._w8)
         self._w8_views = [(self._w8[o:o + size].view(w.shape), self._w8t[o:o + size].view(w.shape[1], w.shape[0]))
                           for o, size, w in zip(offsets, sizes, self._weights)]
-        # the casts' outputs: the widest input or output of any of these matmuls, N rows; the forward's and the
+        # the casts' outputs, N rows of the widest input (K) or output (OC) of these matmuls; the forward's and the
         # input gradient's on the main stream, the weight gradient's (transposed) on the side stream
-        widest = max(max(w.shape) for w in self._weights) * rows
+        widest_in, widest_out = (max(w.shape[d] for w in self._weights) * rows for d in (1, 0))
         e4m3, e5m2 = dict(dtype=torch.float8_e4m3fn, device=device), dict(dtype=torch.float8_e5m2, device=device)
-        self._input8, self._dout8 = torch.empty(widest, **e4m3), torch.empty(widest, **e5m2)
+        self._input8, self._dout8 = torch.empty(widest_in, **e4m3), torch.empty(widest_out, **e5m2)
         if weight_grads_fp8:
-            self._input8t, self._dout8t = torch.empty(widest, **e4m3), torch.empty(widest, **e5m2)
+            self._input8t, self._dout8t = torch.empty(widest_in, **e4m3), torch.empty(widest_out, **e5m2)
 
     def prepare(self):
         """Once before each forward: the delayed scales from the last micro-batch's amax, and the weights' FP8

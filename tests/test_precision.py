@@ -111,3 +111,20 @@ def test_bf16_is_vendor_and_nonsense_is_refused():
     assert precision.matmuls("bf16", [], N, torch.bfloat16, "cpu").forward is vendor.matmul_forward
     with pytest.raises(ValueError, match="--precision must be one of bf16, fp8, not 'fp16'"):
         precision.matmuls("fp16", [], N, torch.bfloat16, "cpu")
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_the_lm_head_is_fp8_only_when_asked(lm_head):
+    """A tiny GPT-2 in FP8: its logits are the LM head's product of lnf and wte in FP8 with lm_head=True, and the
+    bf16 (here fp32) product without."""
+    from llmpy import models
+    from llmpy.configs.gpt2 import GPT2Config
+
+    config = GPT2Config(max_seq_len=16, vocab_size=96, padded_vocab_size=128, num_layers=1, num_heads=2, channels=32)
+    model = models.build(config, 2, 16, dtype=torch.float32, device="cpu", precision="fp8",
+                         fp8_options={"lm_head": lm_head})
+    model.init_weights(0)
+    model.forward(torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0)))
+    lnf, wte = model.acts.lnf, model.p["wte"]
+    ref = fp8_values(lnf, E4M3) @ fp8_values(wte, E4M3).t() if lm_head else lnf.double() @ wte.double().t()
+    assert rel_error(model.acts.logits, ref) <= 1e-5

@@ -16,18 +16,27 @@ class Model:
     def __init__(self, config, B, T, runtime, deterministic, precision="bf16", fp8_options=None):
         """For micro-batches of (B, T) tokens on runtime's buffers. deterministic: the embedding's backward sums each
         token's rows in an order fixed by the tokens (encoder.DeterministicEncoderBackward, from tables made on the
-        host) instead of with float atomics. precision "bf16" or "fp8", fp8_options (llmpy.precision.FP8's): the
-        matmuls the family's forward and backward call, self.matmuls; FP8 for the LINEAR weights."""
+        host) instead of with float atomics. precision "bf16" or "fp8", fp8_options (llmpy.precision.FP8's, and
+        lm_head=True: the LM head in FP8 too): the matmuls the family's forward and backward call, self.matmuls;
+        FP8 for the LINEAR weights."""
         device = runtime.device
         self.config, self.B, self.T, self.runtime = config, B, T, runtime
         self.p, self.g = runtime.p, runtime.g
         self.precision = precision
         linear = [(self.p[name][l], self.g[name][l]) for name in self.LINEAR for l in range(config.num_layers)]
-        self.matmuls = precisions.matmuls(precision, linear, B * T, runtime.dtype, device, **(fp8_options or {}))
+        fp8_options = dict(fp8_options or {})
+        if fp8_options.pop("lm_head", False):
+            linear.append((self.p[self.head_name(config)], self.g[self.head_name(config)]))
+        self.matmuls = precisions.matmuls(precision, linear, B * T, runtime.dtype, device, **fp8_options)
         self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.ordered_encoder_backward = (encoder.DeterministicEncoderBackward(B, T, config.channels, device)
                                          if deterministic else None)
+
+    @staticmethod
+    def head_name(config):
+        """The LM head's weight: wte, tied (a family with an untied head says otherwise)."""
+        return "wte"
 
     def forward(self, inputs, targets=None, dloss=None, train=True):
         """inputs, targets: (B, T) integer tensors (host or device). Fills acts.logits (N, Vp) and, given targets,

@@ -88,7 +88,7 @@ class Llama3(Model):
         self.acts = Activations(config, B, T, dtype, device, recompute)
         self.attention = Attention(attention_impl, L, B, T, NH, KV, device)
         self.rope_cos, self.rope_sin = (torch.from_numpy(t).to(device) for t in rope_tables(config, T))
-        self.head = "wte" if config.tied_embeddings else "lmhead"  # the LM head's weight, (V, C)
+        self.head = self.head_name(config)  # the LM head's weight, (V, C)
         # Each RMSNorm's weight gradient is a column sum, taken in two stages (llmpy.kernels.bias): stage 1 in the
         # norm's backward kernel, into a slot of partial sums of its own, stage 2 once at the end of the backward for
         # every norm (bias.PartialSums). Slots by name: ("ln1", l), ("ln2", l), "lnf".
@@ -97,6 +97,10 @@ class Llama3(Model):
         targets = [g[f"{name}w"][l] for l in range(L) for name in ("ln1", "ln2")] + [g["lnfw"]]
         self.norm_slot = {key: i for i, key in enumerate(slots)}
         self.norm_sums = bias.PartialSums(runtime.grads, targets, layernorm.rmsnorm_backward_groups(N, C), C)
+
+    @staticmethod
+    def head_name(config):
+        return "wte" if config.tied_embeddings else "lmhead"
 
     def init_weights(self, seed):
         """Llama 3's seeded random initialisation (llmpy.configs.llama3.init_params)."""
