@@ -97,8 +97,8 @@ def _cast_kernel(
     BLOCK_C: tl.constexpr,
     TILES: tl.constexpr,
 ):
-    # a program casts TILES tiles down its column block, then adds their amax with one atomic: one atomic per tile
-    # on the one address made the casts of the largest tensors wait on each other
+    # a program casts TILES tiles down its column block, then adds their amax with one atomic instead of one a tile
+    # (expected to spare the largest casts waiting on the one address; measured on the H200: no change either way)
     columns = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     scale = tl.load(scale_ptr)
     largest = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
