@@ -259,6 +259,8 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--all_or_none", type=int, default=0, choices=[0, 1],
+                    help="1: stop at the first contender that fails (a search for the largest B that fits them all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.eager_micro == -1:
@@ -282,6 +284,8 @@ def main():
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             print(f"{name}: failed ({tail})")
             results[name] = None
+            if args.all_or_none:
+                break
             continue
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[name]
