@@ -24,7 +24,12 @@ weights change at every step; they are small next to the activations); their FP8
 byte per parameter each. All of it stays on the device (no host sync), so a micro-batch still replays as one CUDA
 graph.
 
-Hopper's FP8 matmuls take both operands K-major (vendor.matmul_fp8), so W^T, dout^T and inp^T are cast transposed.
+Hopper's FP8 matmuls take both operands K-major (vendor.matmul_fp8), so the weight gradient needs dout^T and inp^T,
+and the input gradient W^T. Each is turned from the FP8 copy the matmul before it made (fp8.transpose: 2 bytes an
+element, where casting the bf16 tensor again would move 3): W^T from W; inp^T from the forward's e4m3 input, which is
+kept for the backward (N * K bytes a weight: 7 bytes a token and channel a GPT-2 layer); dout^T from the input
+gradient's e5m2 dout, one buffer a kind of layer (a group: every layer's qkv, ...), which the next input gradient of
+that kind waits to overwrite until the weight gradient, on the side stream, has read it.
 """
 
 import torch
@@ -102,42 +107,48 @@ class _Scales:
             fp8.cast(out, x, scale, amax_out=amax, transpose=transpose)
         return inverse
 
-    def cast_again(self, i, out, x, transpose):
-        """A second FP8 copy of the tensor cast last as tensor i (the same values, e.g. transposed for the weight
-        gradient), with the same scale; returns 1/s."""
-        assert self.calibrated[i], "cast_again follows a cast of the same tensor"
-        fp8.cast(out, x, self.scale[i, :1], transpose=transpose)
-        return self.inverse[i, :1]
-
 
 class FP8:
-    def __init__(self, weights, rows, device, weight_grads_fp8=True, fast_accum=False):
-        """weights: [(weight (OC, K) view, its gradient view)] of the linear layers to run in FP8; a matmul on any
-        other weight (the LM head) runs in bf16. rows: N, the micro-batch's tokens. weight_grads_fp8: the weight
-        gradients in FP8 too (else in bf16, from the bf16 tensors). fast_accum: cuBLASLt's FP8 fast accumulation."""
+    def __init__(self, groups, rows, device, weight_grads_fp8=True, fast_accum=False):
+        """groups: the linear layers to run in FP8, one group a kind of layer (every layer's qkv projection, ...):
+        [[(weight (OC, K) view, its gradient view), ...], ...]; a matmul on any other weight (the LM head) runs in
+        bf16. rows: N, the micro-batch's tokens. weight_grads_fp8: the weight gradients in FP8 too (else in bf16, from
+        the bf16 tensors). fast_accum: cuBLASLt's FP8 fast accumulation."""
         self.weight_grads_fp8, self.fast_accum = weight_grads_fp8, fast_accum
-        self._weights = [w for w, _ in weights]
+        pairs = [pair for group in groups for pair in group]
+        self._weights = [w for w, _ in pairs]
+        self._group = [g for g, group in enumerate(groups) for _ in group]
         self._index = {w.data_ptr(): i for i, w in enumerate(self._weights)}
-        self._grad_index = {g.data_ptr(): i for i, (_, g) in enumerate(weights)}
-        n = len(weights)
+        self._grad_index = {grad.data_ptr(): i for i, (_, grad) in enumerate(pairs)}
+        n = len(pairs)
         # scales: the weights' (current: they change every step, and reading them is cheap), and each linear
         # layer's input (e4m3) and output gradient (e5m2), delayed (reading an activation twice is not)
         self._weight_scales = _Scales(n, "e4m3", device)
         self._input_scales, self._grad_scales = _Scales(n, "e4m3", device), _Scales(n, "e5m2", device)
-        # W and W^T of every weight in e4m3, in one buffer each (the same offsets)
-        sizes = [w.numel() for w in self._weights]
-        offsets = [sum(sizes[:i]) for i in range(n)]
-        self._w8 = torch.empty(sum(sizes), dtype=torch.float8_e4m3fn, device=device)
-        self._w8t = torch.empty_like(self._w8)
-        self._w8_views = [(self._w8[o:o + size].view(w.shape), self._w8t[o:o + size].view(w.shape[1], w.shape[0]))
-                          for o, size, w in zip(offsets, sizes, self._weights)]
-        # the casts' outputs, N rows of the widest input (K) or output (OC) of these matmuls; the forward's and the
-        # input gradient's on the main stream, the weight gradient's (transposed) on the side stream
-        widest_in, widest_out = (max(w.shape[d] for w in self._weights) * rows for d in (1, 0))
         e4m3, e5m2 = dict(dtype=torch.float8_e4m3fn, device=device), dict(dtype=torch.float8_e5m2, device=device)
-        self._input8, self._dout8 = torch.empty(widest_in, **e4m3), torch.empty(widest_out, **e5m2)
+        # W and W^T of every weight in e4m3, in one buffer each (the same offsets)
+        self._w8 = torch.empty(sum(w.numel() for w in self._weights), **e4m3)
+        self._w8t = torch.empty_like(self._w8)
+        self._w8_views = [(w8.view(w.shape), w8t.view(w.shape[1], w.shape[0])) for w, w8, w8t in
+                          zip(self._weights, self._split(self._w8), self._split(self._w8t))]
+        # the forward's e4m3 inputs, (N, K) each: kept, a buffer a weight, for FP8 weight gradients; else one for all
+        widths = [w.shape[1] * rows for w in self._weights]
+        self._input8 = (self._split(torch.empty(sum(widths), **e4m3), widths) if weight_grads_fp8 else
+                        [torch.empty(max(widths), **e4m3)] * n)
+        # the output gradients in e5m2, (N, OC), a buffer a group; the transposed copies (on the side stream, one
+        # after the other) in one buffer each
+        self._dout8 = [torch.empty(max(w.shape[0] for w, _ in group) * rows, **e5m2) for group in groups]
         if weight_grads_fp8:
-            self._input8t, self._dout8t = torch.empty(widest_in, **e4m3), torch.empty(widest_out, **e5m2)
+            self._input8t = torch.empty(max(widths), **e4m3)
+            self._dout8t = torch.empty(max(w.shape[0] for w in self._weights) * rows, **e5m2)
+        self._events = torch.device(device).type == "cuda"
+        self._dout_of = [None] * len(groups)  # the weight whose gradient's dout a group's buffer holds
+        self._dout_read = [None] * len(groups)  # the event after a weight gradient read it (CUDA)
+
+    def _split(self, buffer, sizes=None):
+        """buffer cut into consecutive flat views: one a weight (its numel), or of the given sizes."""
+        sizes = [w.numel() for w in self._weights] if sizes is None else sizes
+        return list(buffer.split(sizes))
 
     def prepare(self):
         """Once before each forward: the delayed scales from the last micro-batch's amax, and the weights' FP8
@@ -146,7 +157,12 @@ class FP8:
         self._grad_scales.update()
         for i, (w, (w8, w8t)) in enumerate(zip(self._weights, self._w8_views)):
             self._weight_scales.cast(i, w8, w, current=True)
-            self._weight_scales.cast_again(i, w8t, w, transpose=True)
+            fp8.transpose(w8t, w8)
+        # a new micro-batch: its backward_weight reads this one's dout copies, and waits on no event of an earlier
+        # one (whose backward joined its side stream before it ended; in a CUDA graph's capture such a wait would be
+        # an error)
+        self._dout_of = [None] * len(self._dout_of)
+        self._dout_read = [None] * len(self._dout_read)
 
     def state(self):
         """The delayed scales' state, for a checkpoint (a sync with the GPU: small lists)."""
@@ -169,7 +185,7 @@ class FP8:
         return buffer[:shape[0] * shape[1]].view(shape)
 
     def _input(self, i, inp):
-        out = self._view(self._input8, inp.shape)
+        out = self._view(self._input8[i], inp.shape)
         return out, self._input_scales.cast(i, out, inp)
 
     def forward(self, out, inp, weight, bias=None, residual=None):
@@ -189,33 +205,47 @@ class FP8:
                           fast_accum=self.fast_accum)
 
     def backward_input(self, dinp, dout, weight, accumulate=False):
-        """vendor.matmul_backward_input: dinp (N, K) (+)= dout (N, OC) @ W, in FP8 as dout @ (W^T)^T."""
+        """vendor.matmul_backward_input: dinp (N, K) (+)= dout (N, OC) @ W, in FP8 as dout @ (W^T)^T; dout's e5m2
+        copy stays in its group's buffer for backward_weight."""
         w = self._weight(weight, transposed=True)
         if w is None:
             vendor.matmul_backward_input(dinp, dout, weight, accumulate)
             return
         i, w8t, w_inverse = w
-        dout8 = self._view(self._dout8, dout.shape)
+        group = self._group[i]
+        if self._dout_read[group] is not None:  # the last weight gradient of this group has read the buffer
+            torch.cuda.current_stream().wait_event(self._dout_read[group])
+        dout8 = self._view(self._dout8[group], dout.shape)
+        self._dout_of[group] = i
         vendor.matmul_fp8(dinp, dout8, self._grad_scales.cast(i, dout8, dout), w8t, w_inverse,
                           c=dinp if accumulate else None, fast_accum=self.fast_accum)
 
     def backward_weight(self, dweight, dout, inp, accumulate=True):
-        """vendor.matmul_backward_weight: dW (OC, K) fp32 (+)= dout (N, OC)^T @ inp (N, K), in FP8 as
-        dout^T @ (inp^T)^T when weight_grads_fp8, each cast again transposed with the scale of its first cast (the
-        input's in the forward, the gradient's in backward_input, which runs first)."""
+        """vendor.matmul_backward_weight: dW (OC, K) fp32 (+)= dout (N, OC)^T @ inp (N, K). With FP8 weight
+        gradients, as dout^T @ (inp^T)^T from the FP8 copies of dout (backward_input's, which must come first) and of
+        inp (the forward's), each turned (fp8.transpose), at the scales of their casts; dout and inp give the shapes
+        only. Else in bf16 from dout and inp."""
         i = self._grad_index.get(dweight.data_ptr())
         if not self.weight_grads_fp8 or i is None:
             vendor.matmul_backward_weight(dweight, dout, inp, accumulate)
             return
+        group = self._group[i]
+        if self._dout_of[group] != i:
+            raise RuntimeError("FP8.backward_weight of a weight follows its backward_input (whose dout it reads)")
         (N, OC), K = dout.shape, inp.shape[1]
         dout8t, input8t = self._view(self._dout8t, (OC, N)), self._view(self._input8t, (K, N))
-        vendor.matmul_fp8(dweight, dout8t, self._grad_scales.cast_again(i, dout8t, dout, transpose=True),
-                          input8t, self._input_scales.cast_again(i, input8t, inp, transpose=True),
-                          c=dweight if accumulate else None, fast_accum=self.fast_accum)
+        fp8.transpose(dout8t, self._view(self._dout8[group], (N, OC)))
+        fp8.transpose(input8t, self._view(self._input8[i], (N, K)))
+        vendor.matmul_fp8(dweight, dout8t, self._grad_scales.inverse[i, :1], input8t,
+                          self._input_scales.inverse[i, :1], c=dweight if accumulate else None,
+                          fast_accum=self.fast_accum)
+        if self._events:
+            self._dout_read[group] = torch.cuda.Event()
+            self._dout_read[group].record()
 
 
-def matmuls(precision, weights, rows, dtype, device, **options):
-    """The matmuls of a model in this precision ("bf16" or "fp8"), for a run in dtype on device. weights, rows,
+def matmuls(precision, groups, rows, dtype, device, **options):
+    """The matmuls of a model in this precision ("bf16" or "fp8"), for a run in dtype on device. groups, rows,
     options: FP8's (unused in bf16). ValueError, one line, for what cannot run: FP8 takes bf16 runs on GPUs with FP8
     tensor cores (compute capability 8.9: Ada, Hopper and newer), and any run on the CPU (tests: vendor.matmul_fp8
     emulates the products)."""
@@ -231,4 +261,4 @@ def matmuls(precision, weights, rows, dtype, device, **options):
         if capability < (8, 9):
             raise ValueError(f"--precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper "
                              f"and later); this GPU is {capability[0]}.{capability[1]}: use --precision bf16")
-    return FP8(weights, rows, device, **options)
+    return FP8(groups, rows, device, **options)

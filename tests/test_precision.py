@@ -39,7 +39,7 @@ def layer():
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(OC, K, generator=g) * 0.02
     grad = torch.randn(OC, K, generator=g) * 1e-3
-    matmuls = precision.matmuls("fp8", [(weight, grad)], N, torch.float32, "cpu")
+    matmuls = precision.matmuls("fp8", [[(weight, grad)]], N, torch.float32, "cpu")
     return matmuls, weight, grad, torch.randn(N, K, generator=g) * 3, torch.randn(N, OC, generator=g) * 1e-4
 
 
@@ -65,15 +65,37 @@ def test_input_gradient_is_e5m2_times_e4m3(layer):
 
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_weight_gradient_is_e5m2_times_e4m3(layer, accumulate):
-    """As in the model: the forward cast the input and the input gradient cast dout; the weight gradient casts
-    both again, transposed, with those scales."""
+    """As in the model: the forward casts the input and the input gradient casts dout; the weight gradient turns
+    those FP8 copies, at their scales. The bf16 tensors it is passed give the shapes only: other random values
+    there must not change it."""
     matmuls, weight, grad, inp, dout = layer
     ref = (grad.double() if accumulate else 0) + fp8_values(dout, E5M2).t() @ fp8_values(inp, E4M3)
     matmuls.prepare()
     matmuls.forward(torch.empty(N, OC), inp, weight)
     matmuls.backward_input(torch.empty(N, K), dout, weight)
-    matmuls.backward_weight(grad, dout, inp, accumulate)
+    matmuls.backward_weight(grad, torch.randn(N, OC), torch.randn(N, K), accumulate)
     assert rel_error(grad, ref) <= 1e-5
+
+
+def test_every_layer_keeps_its_own_input_for_its_weight_gradient():
+    """Two layers of one group (two weights of one kind), in a model's order: both forwards, then each layer's
+    input gradient and weight gradient, the top layer first. Each weight gradient is of its own layer's input and
+    output gradient; a weight gradient before its input gradient is refused (it would read another's dout)."""
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(OC, K, generator=g) * 0.02 for _ in range(2)]
+    grads = [torch.zeros(OC, K) for _ in range(2)]
+    inps = [torch.randn(N, K, generator=g) * s for s in (3, 0.5)]
+    douts = [torch.randn(N, OC, generator=g) * s for s in (1e-4, 2e-3)]
+    matmuls = precision.matmuls("fp8", [list(zip(weights, grads))], N, torch.float32, "cpu")
+    matmuls.prepare()
+    for w, x in zip(weights, inps):
+        matmuls.forward(torch.empty(N, OC), x, w)
+    with pytest.raises(RuntimeError, match="follows its backward_input"):
+        matmuls.backward_weight(grads[1], douts[1], inps[1], accumulate=False)
+    for l in (1, 0):
+        matmuls.backward_input(torch.empty(N, K), douts[l], weights[l])
+        matmuls.backward_weight(grads[l], douts[l], inps[l], accumulate=False)
+        assert rel_error(grads[l], fp8_values(douts[l], E5M2).t() @ fp8_values(inps[l], E4M3)) <= 1e-5
 
 
 def test_scales_are_delayed_after_the_first_cast(layer):
@@ -92,7 +114,7 @@ def test_weight_gradient_in_bf16_when_asked():
     g = torch.Generator().manual_seed(1)
     weight, grad = torch.randn(OC, K, generator=g), torch.zeros(OC, K)
     inp, dout = torch.randn(N, K, generator=g), torch.randn(N, OC, generator=g)
-    matmuls = precision.matmuls("fp8", [(weight, grad)], N, torch.float32, "cpu", weight_grads_fp8=False)
+    matmuls = precision.matmuls("fp8", [[(weight, grad)]], N, torch.float32, "cpu", weight_grads_fp8=False)
     matmuls.backward_weight(grad, dout, inp, accumulate=False)
     assert rel_error(grad, dout.double().t() @ inp.double()) <= 1e-6
 

@@ -1,4 +1,4 @@
-"""FP8 with per-tensor scales, for the FP8 matmuls to come (issue 19): the amax of a tensor, the scale it gives, and
+"""FP8 with per-tensor scales, for the FP8 matmuls (llmpy/precision.py): the amax of a tensor, the scale it gives, and
 the scaled, saturating cast to e4m3 or e5m2 (optionally transposed), on the GPU and under Triton's interpreter alike.
 
 The formats (OCP FP8, as Hopper's tensor cores take them):
@@ -24,10 +24,11 @@ the dropped ones (round to nearest even, as rounding.round_to does for bf16), su
 2^23 steps (fp32's own rounding to nearest even at the subnormal step), then clamps, and writes NaN's bits itself.
 On the GPU the branch is compiled out.
 
-Layout: x is (R, C) with unit column stride (any row stride); out (R, C) or, transposed, (C, R) contiguous: Hopper's
-FP8 matmuls take both operands K-major, so a weight gradient's operands (dY^T, X^T) and the input gradient's weight
-(W^T) are cast transposed, in the same pass. Tiles of (BLOCK_R, BLOCK_C); amax is one atomic max a tile (max is
-order-free: deterministic).
+Layout: x is (R, C) with unit column stride (any row stride); out (R, C) or, transposed, (C, R) contiguous. Hopper's
+FP8 matmuls take both operands K-major, so a weight gradient needs its operands (dY^T, X^T) and the input gradient
+its weight (W^T) transposed: llmpy.precision turns the row-major FP8 copy it has already (`transpose`, a copy of
+bytes) rather than casting x again. Tiles of (BLOCK_R, BLOCK_C); amax is one atomic max a program (max is order-free:
+deterministic).
 """
 
 import torch
@@ -115,6 +116,18 @@ def _cast_kernel(
             tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + columns[None, :], q, mask=mask)
     if AMAX:
         tl.atomic_max(amax_ptr, tl.max(tl.max(largest, axis=1), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _transpose_kernel(out_ptr, x_ptr, R, C, BLOCK: tl.constexpr):
+    # one program a (BLOCK, BLOCK) tile of bytes: loaded along x's rows, turned, stored along out's rows, so both
+    # sides move runs of BLOCK contiguous bytes (the turn goes through shared memory)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + columns[None, :],
+                   mask=(rows < R)[:, None] & (columns < C)[None, :])
+    tl.store(out_ptr + columns.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(tile),
+             mask=(columns < C)[:, None] & (rows < R)[None, :])
 
 
 @triton.jit
@@ -208,3 +221,22 @@ def cast(out, x, scale, amax_out=None, transpose=False):
     _cast_kernel[grid](out, x, scale, amax_out if amax_out is not None else scale, R, C, x.stride(0),
                        FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp, TRANSPOSE=transpose,
                        AMAX=amax_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, TILES=_TILES, num_warps=8)
+
+
+_TRANSPOSE_BLOCK = 128
+
+
+def transpose(out, x):
+    """out (C, R) = x (R, C)^T, both contiguous and of one FP8 dtype: an FP8 copy turned for a weight gradient
+    (Hopper's FP8 matmuls take K-major operands), its values as they are, so its scale is x's. Moves 2 bytes an
+    element where casting the bf16 tensor again, transposed, moves 3."""
+    if x.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or x.dim() != 2 or not x.is_contiguous() or \
+            out.dtype != x.dtype or not out.is_contiguous() or tuple(out.shape) != tuple(x.shape[::-1]):
+        raise ValueError(f"transpose: x must be a contiguous (R, C) FP8 tensor and out its (C, R) contiguous "
+                         f"transpose of the same dtype, got x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} "
+                         f"{out.dtype}")
+    R, C = x.shape
+    if R * C:
+        grid = (triton.cdiv(R, _TRANSPOSE_BLOCK), triton.cdiv(C, _TRANSPOSE_BLOCK))
+        # as bytes: a copy needs no FP8 arithmetic (nor the interpreter's FP8 support)
+        _transpose_kernel[grid](out.view(torch.uint8), x.view(torch.uint8), R, C, BLOCK=_TRANSPOSE_BLOCK, num_warps=8)

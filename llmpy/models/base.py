@@ -23,10 +23,11 @@ class Model:
         self.config, self.B, self.T, self.runtime = config, B, T, runtime
         self.p, self.g = runtime.p, runtime.g
         self.precision = precision
-        linear = [(self.p[name][l], self.g[name][l]) for name in self.LINEAR for l in range(config.num_layers)]
+        # a group a kind of linear layer: its weight in every layer
+        linear = [[(self.p[name][l], self.g[name][l]) for l in range(config.num_layers)] for name in self.LINEAR]
         fp8_options = dict(fp8_options or {})
         if fp8_options.pop("lm_head", False):
-            linear.append((self.p[self.head_name(config)], self.g[self.head_name(config)]))
+            linear.append([(self.p[self.head_name(config)], self.g[self.head_name(config)])])
         self.matmuls = precisions.matmuls(precision, linear, B * T, runtime.dtype, device, **fp8_options)
         self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)

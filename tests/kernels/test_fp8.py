@@ -13,7 +13,7 @@ largest power of two that keeps amax * s within range.
 import pytest
 import torch
 
-from llmpy.kernels.fp8 import FORMATS, amax, cast, scale_from_amax, update_scales
+from llmpy.kernels.fp8 import FORMATS, amax, cast, scale_from_amax, transpose, update_scales
 
 FMTS = list(FORMATS)
 
@@ -112,6 +112,19 @@ def test_delayed_scales_follow_the_amax_history(device, fmt):
             assert scale[i, 0].item() == one_scale.item() and inverse[i, 0].item() == one_inverse.item()
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("shape", [(300, 129), (64, 2304), (1, 5)])
+def test_transpose_of_an_fp8_copy_is_exact(device, fmt, shape):
+    """transpose against torch's .t() of the same bytes: every one of the 256 bit patterns (NaN included) at random
+    positions; shapes that are not multiples of the 128-byte tile, one as wide as GPT-2 d12's qkv, and a single
+    row. The output starts as other bytes, so an element left unwritten fails."""
+    g = torch.Generator().manual_seed(shape[0] * shape[1])
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).view(FORMATS[fmt][0])
+    out = torch.full(shape[::-1], 0x55, dtype=torch.uint8).view(FORMATS[fmt][0]).to(device)
+    transpose(out, x.to(device))
+    assert torch.equal(out.cpu().view(torch.uint8), x.view(torch.uint8).t())
+
+
 def test_bad_arguments_are_one_line(device):
     x = torch.zeros(4, 8, device=device)
     scale = torch.ones(1, device=device)
@@ -121,3 +134,8 @@ def test_bad_arguments_are_one_line(device):
         cast(torch.empty(4, 8, device=device).to(torch.float8_e4m3fn), x, scale, transpose=True)
     with pytest.raises(ValueError, match="unit column stride"):
         cast(torch.empty(8, 4, device=device).to(torch.float8_e4m3fn), x.t(), scale)
+    x8 = torch.zeros(4, 8, device=device).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="transpose: x must be a contiguous"):
+        transpose(torch.empty(4, 8, device=device).to(torch.float8_e4m3fn), x8)
+    with pytest.raises(ValueError, match="transpose: x must be a contiguous"):
+        transpose(torch.empty(8, 4, device=device).to(torch.float8_e5m2), x8)
