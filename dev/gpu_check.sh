@@ -208,9 +208,10 @@ PY
     fp8_bench)
         # the FP8 mainline (and with its LM head in FP8 too) against bf16's, torch.compile and torchao's float8 at d12
         # B=64 (issue 19's target: 1.6x torch.compile), then the FP8 casts alone against torch (dev/kernels/fp8_cast.py)
+        # and the layernorm writing e4m3 itself against the layernorm and a cast (dev/kernels/layernorm.py)
         run python3 dev/bench.py --contenders mainline,fp8,fp8_head,compile,compile_fp8 --steps 10 --warmup 3 \
             --json "${OUT:-.}/bench_fp8_d12.json"
-        run python3 dev/kernels/run.py fp8_cast ;;
+        run python3 dev/kernels/run.py fp8_cast layernorm ;;
     fp8_profile)  # where the FP8 step's time goes, kernel by kernel
         run python3 dev/profile_step.py --precision fp8 ;;
     fp8_curves)

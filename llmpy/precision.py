@@ -30,6 +30,9 @@ element, where casting the bf16 tensor again would move 3): W^T from W; inp^T fr
 kept for the backward (N * K bytes a weight: 7 bytes a token and channel a GPT-2 layer); dout^T from the input
 gradient's e5m2 dout, one buffer a kind of layer (a group: every layer's qkv, ...), which the next input gradient of
 that kind waits to overwrite until the weight gradient, on the side stream, has read it.
+
+Fused casts: a kernel that writes a linear layer's input can write it in e4m3 itself, with its amax (fp8_input):
+GPT-2's layernorms and Llama's first RMSNorm of a layer do, so those inputs cost no cast of their own.
 """
 
 import torch
@@ -49,6 +52,10 @@ class BF16:
 
     @staticmethod
     def state():
+        return None
+
+    @staticmethod
+    def fp8_input(weight, rows):
         return None
 
     forward = staticmethod(vendor.matmul_forward)
@@ -141,6 +148,7 @@ class FP8:
         if weight_grads_fp8:
             self._input8t = torch.empty(max(widths), **e4m3)
             self._dout8t = torch.empty(max(w.shape[0] for w in self._weights) * rows, **e5m2)
+        self._produced = [False] * n  # the next forward's FP8 input was written by its producer (fp8_input)
         self._events = torch.device(device).type == "cuda"
         self._dout_of = [None] * len(groups)  # the weight whose gradient's dout a group's buffer holds
         self._dout_read = [None] * len(groups)  # the event after a weight gradient read it (CUDA)
@@ -184,8 +192,25 @@ class FP8:
     def _view(buffer, shape):
         return buffer[:shape[0] * shape[1]].view(shape)
 
+    def fp8_input(self, weight, rows):
+        """For the kernel that writes weight's next input (a layernorm) to write it in FP8 itself, the cast fused
+        into it: (out (rows, K) e4m3, scale, amax), fp32 (1,) each, to write fp8(x * scale) into out and max |x| into
+        amax; forward then takes out as it is. None if weight runs in bf16, if its weight gradient does (it reads the
+        bf16 input), or if its input has no scale yet (its first cast takes the tensor's own amax: the producer
+        writes the bf16 tensor and forward casts it)."""
+        i = self._index.get(weight.data_ptr())
+        if i is None or not self.weight_grads_fp8 or not self._input_scales.calibrated[i]:
+            return None
+        self._produced[i] = True
+        scales = self._input_scales
+        return self._view(self._input8[i], (rows, weight.shape[1])), scales.scale[i, :1], scales.amax[i, :1]
+
     def _input(self, i, inp):
+        """weight i's FP8 input and its inverse scale: written by its producer (fp8_input), or cast from inp."""
         out = self._view(self._input8[i], inp.shape)
+        if self._produced[i]:
+            self._produced[i] = False
+            return out, self._input_scales.inverse[i, :1]
         return out, self._input_scales.cast(i, out, inp)
 
     def forward(self, out, inp, weight, bias=None, residual=None):

@@ -110,6 +110,36 @@ def test_scales_are_delayed_after_the_first_cast(layer):
         assert rel_error(out, fp8_values(x, E4M3, amax) @ w64.t()) <= 1e-5
 
 
+def test_an_input_written_by_its_producer_is_taken_as_it_is(layer):
+    """fp8_input hands a producer (a layernorm) the FP8 input buffer, scale and amax of a weight's next forward, once
+    the input has a scale (before its first cast: None, the forward casts). Here fp8.cast plays the producer with
+    another input, x2: the forward must multiply x2's FP8 values at the delayed scale (from the first input's amax),
+    not the bf16 tensor it is passed; x2's amax must reach the next scale. A weight not in FP8, or one whose weight
+    gradient reads the bf16 input (weight_grads_fp8=False), gets None."""
+    from llmpy.kernels import fp8
+
+    matmuls, weight, grad, inp, _ = layer
+    out = torch.empty(N, OC)
+    w64 = fp8_values(weight, E4M3)
+    matmuls.prepare()
+    assert matmuls.fp8_input(weight, N) is None
+    matmuls.forward(out, inp, weight)
+    matmuls.prepare()
+    out8, scale, amax = matmuls.fp8_input(weight, N)
+    x2 = torch.randn(N, K, generator=torch.Generator().manual_seed(9)) * 7
+    fp8.cast(out8, x2, scale, amax_out=amax)
+    matmuls.forward(out, torch.randn(N, K), weight)
+    assert rel_error(out, fp8_values(x2, E4M3, inp.abs().max().item()) @ w64.t()) <= 1e-5
+    matmuls.prepare()
+    matmuls.forward(out, inp, weight)  # cast again: at the scale of the larger amax in its history, x2's
+    assert rel_error(out, fp8_values(inp, E4M3, x2.abs().max().item()) @ w64.t()) <= 1e-5
+    assert matmuls.fp8_input(torch.randn(OC, K), N) is None
+    bf16_weight_grads = precision.matmuls("fp8", [[(weight, grad)]], N, torch.float32, "cpu", weight_grads_fp8=False)
+    bf16_weight_grads.prepare()
+    bf16_weight_grads.forward(out, inp, weight)
+    assert bf16_weight_grads.fp8_input(weight, N) is None
+
+
 def test_weight_gradient_in_bf16_when_asked():
     g = torch.Generator().manual_seed(1)
     weight, grad = torch.randn(OC, K, generator=g), torch.zeros(OC, K)

@@ -36,6 +36,12 @@ backward  v1  one program per row, dweight and dbias summed with float atomics: 
           v4  the mainline as the model calls it: v3 also sums the columns of the dinp it has just written, a third
               partial sum per group, added up by the same second launch. Without it the projection's bias gradient
               reads the (N, C) dinp back in a pass of its own: 5 row transfers instead of 4.
+fp8       the forward under --precision fp8, whose output only the next matmul reads, in e4m3 at a delayed scale
+              with its amax (llmpy.precision):
+          v3  the mainline's layernorm, then fp8.cast of its output: out written (2 bytes a value), read back (2),
+              cast (1): 2*N*C*es + N*C bytes after the read of x.
+          v5  the mainline under FP8: the layernorm writes fp8(out * s) in out's stead, and maxes max |out| into the
+              amax (fp8_out): x read, one byte a value written. Expected at the memory's pace: ~3/5 of v3's bytes.
 The bound: the fastest of torch's fused eager kernels (native_layer_norm and its backward; for v4 followed by a
 column sum of dinp) and torch.compile of the torch code (`reference_*` in fp32, with the same in-place accumulation as
 ours; for v4 with the column sum compiled in).
@@ -47,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmpy.kernels import fp8
 from llmpy.kernels import layernorm as mainline
 from llmpy.kernels.bias import bias_backward, bias_backward_scratch, sum_partials
 from llmpy.kernels.rounding import round_to
@@ -176,6 +183,24 @@ def forward_v3(out, mean, rstd, inp, weight, bias):
     more independent loads in flight, and weight and bias are loaded once per tile instead of once per row.
     """
     mainline.layernorm_forward(out, mean, rstd, inp, weight, bias, EPS)
+
+
+def forward_then_cast_v3(out8, amax, out, mean, rstd, inp, weight, bias, scale):
+    """v3, then the mainline's delayed cast of its output (fp8.cast with the amax): a pass of its own."""
+    forward_v3(out, mean, rstd, inp, weight, bias)
+    fp8.cast(out8, out, scale, amax_out=amax)
+
+
+def forward_fp8_v5(out8, amax, out, mean, rstd, inp, weight, bias, scale):
+    """The mainline under --precision fp8: layernorm_forward with fp8_out; out is not written."""
+    mainline.layernorm_forward(out, mean, rstd, inp, weight, bias, EPS, fp8_out=(out8, scale, amax))
+
+
+def torch_forward_fp8(out8, amax, out, mean, rstd, inp, weight, bias, scale):
+    """The layernorm and the cast in torch code, for torch.compile to fuse: out rounded to bf16, then to e4m3."""
+    y = torch.nn.functional.layer_norm(inp.float(), inp.shape[-1:], weight.float(), bias.float(), EPS).to(inp.dtype)
+    out8.copy_((y.float() * scale).clamp(-448.0, 448.0).to(out8.dtype))
+    amax.copy_(torch.maximum(amax, y.float().abs().amax()))
 
 
 # The fused residual forward.
@@ -447,6 +472,32 @@ def check(small: bool) -> list[str]:
         err = assert_close(f"layernorm forward eager {tag} out", out, out_ref, act_tol)
         lines.append(f"forward torch eager {tag}: out rel error {err:.1e}")
 
+        if dtype == torch.bfloat16:  # FP8 (bf16 runs only): the e4m3 bytes and amax of each version against v3's
+            scale = torch.tensor([2.0**5], device=dev)  # as a delayed scale may be: some values saturate at 448
+            fp8_versions = {"v3 then cast": forward_then_cast_v3, "v5 mainline, fp8_out": forward_fp8_v5}
+            if dev == "cuda":
+                fp8_versions["torch.compile"] = compiled(torch_forward_fp8)
+            results = {}
+            for name, fn in fp8_versions.items():
+                out8 = torch.full((N, C), 0x55, dtype=torch.uint8, device=dev).view(torch.float8_e4m3fn)
+                amax = torch.zeros(1, device=dev)
+                fn(out8, amax, _nan((N, C), dtype, dev), _nan((N,), torch.float32, dev),
+                   _nan((N,), torch.float32, dev), x, weight, bias, scale)
+                results[name] = (out8.view(torch.uint8), amax)
+            # ours must agree bit for bit (the same bf16 out, the same cast); torch's layer_norm sums in another
+            # order, so its bf16 out may round the other way now and then (a 1e-7 relative difference against bf16's
+            # 4e-3 steps): up to 0.1% of the bytes, the amax within a bf16 step
+            base8, base_amax = results["v3 then cast"]
+            for name, (out8, amax) in results.items():
+                differ = (out8 != base8).float().mean().item()
+                amax_error = abs(amax.item() - base_amax.item()) / base_amax.item()
+                exact = name != "torch.compile"
+                if differ > (0 if exact else 1e-3) or amax_error > (0 if exact else 2**-8):
+                    raise AssertionError(f"layernorm forward fp8 {name}: {100 * differ:.3f}% of the bytes differ from "
+                                         f"v3's, the amax by {amax_error:.1e}")
+                lines.append(f"forward fp8 {name}: e4m3 bytes differing from v3 then cast {100 * differ:.3f}%, "
+                             f"amax {amax_error:.1e}")
+
         residuals = {
             "v1": residual_v1,
             "v2 fused": residual_v2,
@@ -533,6 +584,14 @@ def benchmark() -> list[Result]:
         timed("layernorm_forward", "torch eager", eager_forward, (x, weight, bias), forward_bytes),
         timed("layernorm_forward", "torch.compile", compiled(torch_forward), forward_args, forward_bytes),
     ])
+    op = "layernorm_forward + e4m3 cast"  # bytes: x read, one byte a value written, the statistics
+    fp8_bytes = row_bytes + N * C + stats_bytes
+    out8, amax, scale = torch.empty(N, C, device=dev, dtype=torch.float8_e4m3fn), torch.zeros(1, device=dev), \
+        torch.tensor([16.0], device=dev)
+    fp8_args = (out8, amax, out, mean, rstd, x, weight, bias, scale)
+    results += [timed(op, "v3 then fp8.cast", forward_then_cast_v3, fp8_args, fp8_bytes),
+                timed(op, "v5 fp8_out", forward_fp8_v5, fp8_args, fp8_bytes, mainline=True)]
+    results += mark_bound([timed(op, "torch.compile", compiled(torch_forward_fp8), fp8_args, fp8_bytes)])
     residual_bytes = 4 * row_bytes + stats_bytes
     results += [
         timed("residual_layernorm_forward", "v1 add + layernorm", residual_v1, residual_args, residual_bytes),

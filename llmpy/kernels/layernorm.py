@@ -23,6 +23,8 @@ weight (C,) in the parameter dtype, rstd fp32 (N,), the backward's scratch fp32 
 dinp accumulates as LayerNorm's does: the input is the residual stream here too. The forward computes
 x * rstd * weight in fp32 and rounds once; train_llama3_torch.py's RMSNorm (Meta's, llm.c's) rounds x * rstd to
 the activation dtype before the weight multiplies it, so in bf16 the two may differ by a rounding.
+Under --precision fp8 the forward can write the next matmul's e4m3 input itself (fp8_out): fp8(out * scale) in
+out's stead, with out's amax, the values a separate cast of out would give (llmpy.precision, FP8.fp8_input).
 The two norms are one forward and one backward kernel with a constexpr switch, RMS, that compiles the mean, the
 bias and their gradients away: RMSNorm shares LayerNorm's tiling, pipelining and deterministic two-stage sums
 below, and LayerNorm's compiled kernels are what they were without the switch (the same PTX for sm_90, debug line
@@ -56,6 +58,7 @@ import triton
 import triton.language as tl
 
 from .bias import sum_partials
+from .fp8 import FORMATS, _round_to_fp8
 from .rounding import round_to
 
 
@@ -82,7 +85,14 @@ def _layernorm_forward_kernel(
     N,
     C,
     eps,
+    out8_ptr,  # (N, C) float8 (if FP8): written in out's stead
+    scale_ptr,  # fp32 (1,): out8's scale (if FP8)
+    amax_ptr,  # fp32 (1,): max |out| is atomically maxed into it (if FP8)
     RMS: tl.constexpr,  # RMSNorm: no mean subtracted, no bias
+    FP8: tl.constexpr,  # out8 = fp8(out * scale) instead of out: the next matmul's FP8 input (llmpy.precision)
+    FP8_MAX: tl.constexpr,
+    MANTISSA: tl.constexpr,
+    MIN_EXP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -107,39 +117,57 @@ def _layernorm_forward_kernel(
     else:
         bias = tl.load(bias_ptr + columns, mask=column_mask).to(tl.float32)
         out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
-    tl.store(out_ptr + offsets, round_to(out, out_ptr.dtype.element_ty), mask=mask)
+    out = round_to(out, out_ptr.dtype.element_ty)
+    if FP8:  # out rounded to the activation dtype first: the FP8 values a cast of the stored out would give
+        q = _round_to_fp8(out.to(tl.float32) * tl.load(scale_ptr), out8_ptr.dtype.element_ty, FP8_MAX, MANTISSA,
+                          MIN_EXP)
+        tl.store(out8_ptr + offsets, q, mask=mask)
+        largest = tl.max(tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=1), axis=0)
+        tl.atomic_max(amax_ptr, largest, sem="relaxed")
+    else:
+        tl.store(out_ptr + offsets, out, mask=mask)
     if not RMS:
         tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
-def _forward(out, mean, rstd, inp, weight, bias, eps):
+def _forward(out, mean, rstd, inp, weight, bias, eps, fp8_out):
     """layernorm_forward's and, with mean and bias None, rmsnorm_forward's launch."""
     C = inp.shape[-1]
     N = inp.numel() // C
     rms = mean is None
     assert inp.is_contiguous() and out.is_contiguous() and rstd.numel() == N and (rms or mean.numel() == N)
+    if fp8_out is None:
+        out8, scale, amax, fmt = out, rstd, rstd, "e4m3"  # placeholders, never touched
+    else:
+        out8, scale, amax = fp8_out
+        fmt = next((name for name, spec in FORMATS.items() if spec[0] == out8.dtype), None)
+        assert fmt and out8.is_contiguous() and out8.shape == out.shape, "fp8_out: (N, C) contiguous float8"
+    _, fp8_max, mantissa, min_exp = FORMATS[fmt]
     rows, block_c, num_warps = _row_tile(C)
     _layernorm_forward_kernel[(triton.cdiv(N, rows),)](
         # RMSNorm never touches mean_ptr or bias_ptr: rstd and weight are placeholders
-        out, rstd if rms else mean, rstd, inp, weight, weight if rms else bias, N, C, eps,
-        RMS=rms, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+        out, rstd if rms else mean, rstd, inp, weight, weight if rms else bias, N, C, eps, out8, scale, amax,
+        RMS=rms, FP8=fp8_out is not None, FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp, ROWS=rows,
+        BLOCK_C=block_c, num_warps=num_warps,
     )
 
 
-def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5):
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=1e-5, fp8_out=None):
     """out (N, C) = layernorm(inp (N, C)) * weight (C,) + bias (C,); mean, rstd fp32 (N,) written for the backward.
 
     All row tensors contiguous; inp and out in the activation dtype (bf16 or fp32), weight and bias in the
-    parameter dtype.
+    parameter dtype. fp8_out (out8 (N, C) float8, scale fp32 (1,), amax fp32 (1,)), from the next matmul's
+    precision (llmpy.precision.FP8.fp8_input): out8 = fp8(out * scale) is written instead of out, as fp8.cast of
+    out would write it, and max |out| maxed into amax; the cast fused into the norm saves it a pass.
     """
-    _forward(out, mean, rstd, inp, weight, bias, eps)
+    _forward(out, mean, rstd, inp, weight, bias, eps, fp8_out)
 
 
-def rmsnorm_forward(out, rstd, inp, weight, eps=1e-5):
+def rmsnorm_forward(out, rstd, inp, weight, eps=1e-5, fp8_out=None):
     """out (N, C) = inp (N, C) * rstd * weight (C,), rstd = 1 / sqrt(mean(inp^2) + eps) per row; rstd fp32 (N,)
-    written for the backward. Tensors as layernorm_forward's."""
-    _forward(out, None, rstd, inp, weight, None, eps)
+    written for the backward. Tensors and fp8_out as layernorm_forward's."""
+    _forward(out, None, rstd, inp, weight, None, eps, fp8_out)
 
 
 @triton.jit

@@ -44,13 +44,17 @@ def layer_forward(p, l, residual, acts, attend, gelu_fusion, matmuls=precision.B
     read before it is written). p: the parameter views (llmpy.configs.gpt2.split_params). attend(l, acts): the causal
     self-attention, from acts.qkv to acts.atty. gelu_fusion: GELU in the fc matmul's cuBLASLt epilogue (GPU only).
     matmuls: the linear layers' precision (llmpy.precision)."""
-    # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual
-    layernorm.layernorm_forward(acts.ln1, acts.ln1_mean, acts.ln1_rstd, residual, p["ln1w"][l], p["ln1b"][l])
+    N = residual.shape[0]
+    # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual; under FP8
+    # the layernorms write their matmul's e4m3 input themselves (fp8_input; None: they write acts.ln1, acts.ln2)
+    layernorm.layernorm_forward(acts.ln1, acts.ln1_mean, acts.ln1_rstd, residual, p["ln1w"][l], p["ln1b"][l],
+                                fp8_out=matmuls.fp8_input(p["qkvw"][l], N))
     matmuls.forward(acts.qkv, acts.ln1, p["qkvw"][l], p["qkvb"][l])
     attend(l, acts)
     matmuls.forward(acts.residual2, acts.atty, p["attprojw"][l], p["attprojb"][l], residual=residual)
     # MLP: layernorm, fc, GELU, projection joining the residual
-    layernorm.layernorm_forward(acts.ln2, acts.ln2_mean, acts.ln2_rstd, acts.residual2, p["ln2w"][l], p["ln2b"][l])
+    layernorm.layernorm_forward(acts.ln2, acts.ln2_mean, acts.ln2_rstd, acts.residual2, p["ln2w"][l], p["ln2b"][l],
+                                fp8_out=matmuls.fp8_input(p["fcw"][l], N))
     if gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
         matmuls.forward_gelu(acts.fch_gelu, acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
     else:

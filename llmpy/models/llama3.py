@@ -126,7 +126,10 @@ class Llama3(Model):
         """Layer l on the residual stream residual (N, C), into its activations; its output is acts.residual3[l]."""
         cfg, a, p, eps = self.config, self.acts, self.p, self.config.norm_eps
         # attention: RMSNorm, qkv projection, RoPE on q and k, grouped-query attention, projection joining the stream
-        layernorm.rmsnorm_forward(self._ln1(l), a.ln1_rstd[l], residual, p["ln1w"][l], eps)
+        # under FP8 the first RMSNorm writes qkv's e4m3 input itself (fp8_input); the second's output feeds two
+        # matmuls (up and gate), each casting it
+        layernorm.rmsnorm_forward(self._ln1(l), a.ln1_rstd[l], residual, p["ln1w"][l], eps,
+                                  fp8_out=self.matmuls.fp8_input(p["qkvw"][l], residual.shape[0]))
         self.matmuls.forward(a.qkv[l], self._ln1(l), p["qkvw"][l])
         rope.rope_forward(self._qkv_rows(a.qkv[l]), self.rope_cos, self.rope_sin, cfg.num_heads, cfg.num_kv_heads)
         self.attention.forward(l, a.qkv[l], a.atty[l])

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from llmpy.kernels.bias import PartialSums
-from llmpy.kernels.layernorm import layernorm_backward, layernorm_backward_scratch, layernorm_forward
+from llmpy.kernels.fp8 import cast
+from llmpy.kernels.layernorm import layernorm_backward, layernorm_backward_scratch, layernorm_forward, rmsnorm_forward
 
 EPS = 1e-5
 FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -109,6 +110,34 @@ def run_backward_case(device, N, C, dtype, scratch, deferred=False):
     torch.testing.assert_close(dbias.double(), expected_dbias, **FP32_TOLERANCE)
     expected_dinp_column_sums += dinp.double().sum(0)
     torch.testing.assert_close(dinp_column_sums.double(), expected_dinp_column_sums, **FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_output_is_the_cast_of_the_output(device, rms, dtype):
+    """fp8_out (--precision fp8: the norm writes its matmul's e4m3 input itself): out8 must hold, bit for bit, what
+    fp8.cast writes for the norm's own output at the same scale (a power of two, 2^7, so that some values saturate at
+    448), the amax must be max |out| maxed into its start value (0.5, below it), and out must be left as it was (the
+    norm writes out8 in its stead). Shape (37, 80): masked columns, rows not a multiple of the tile."""
+    N, C = 37, 80
+    x, weight, bias = random_layer(N, C, dtype, device, seed=11)
+    expected = torch.empty(N, C, dtype=dtype, device=device)
+    stats = [torch.empty(N, device=device) for _ in range(2)]
+    out = nan_like(expected)
+    out8 = torch.full((N, C), 0x55, dtype=torch.uint8).view(torch.float8_e4m3fn).to(device)
+    scale, amax = torch.tensor([128.0], device=device), torch.tensor([0.5], device=device)
+    if rms:
+        rmsnorm_forward(expected, stats[1], x, weight)
+        rmsnorm_forward(out, stats[1], x, weight, fp8_out=(out8, scale, amax))
+    else:
+        layernorm_forward(expected, *stats, x, weight, bias)
+        layernorm_forward(out, *stats, x, weight, bias, fp8_out=(out8, scale, amax))
+    cast_of_out = torch.empty(N, C, dtype=torch.float8_e4m3fn, device=device)
+    cast(cast_of_out, expected, scale)
+    assert torch.equal(out8.view(torch.uint8), cast_of_out.view(torch.uint8))
+    assert (expected.float().abs() * 128 > 448).any()  # some saturate
+    assert amax.item() == max(0.5, expected.float().abs().max().item())
+    assert out.isnan().all()
 
 
 @pytest.mark.parametrize("N, C", SHAPES)
