@@ -211,6 +211,9 @@ PY
         # and the layernorm writing e4m3 itself against the layernorm and a cast (dev/kernels/layernorm.py)
         run python3 dev/bench.py --contenders mainline,fp8,fp8_head,compile,compile_fp8 --steps 10 --warmup 3 \
             --json "${OUT:-.}/bench_fp8_d12.json"
+        # GELU under FP8: in cuBLASLt's epilogue, then cast (the default on Hopper), or our kernel writing e4m3 itself
+        run python3 dev/bench.py --contenders mainline,fp8 --gelu_fusion 0 --steps 10 --warmup 3 \
+            --json "${OUT:-.}/bench_fp8_d12_gelu_kernel.json"
         run python3 dev/kernels/run.py fp8_cast layernorm ;;
     fp8_profile)  # where the FP8 step's time goes, kernel by kernel
         run python3 dev/profile_step.py --precision fp8 ;;

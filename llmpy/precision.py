@@ -32,7 +32,8 @@ gradient's e5m2 dout, one buffer a kind of layer (a group: every layer's qkv, ..
 that kind waits to overwrite until the weight gradient, on the side stream, has read it.
 
 Fused casts: a kernel that writes a linear layer's input can write it in e4m3 itself, with its amax (fp8_input):
-GPT-2's layernorms and Llama's first RMSNorm of a layer do, so those inputs cost no cast of their own.
+GPT-2's layernorms and its GELU kernel (with -ge 0; cuBLASLt's GELU epilogue writes bf16) and Llama's first RMSNorm
+of a layer do, so those inputs cost no cast of their own.
 """
 
 import torch

@@ -72,6 +72,16 @@ def _round_to_fp8(x, dtype: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA: tl.co
 
 
 @triton.jit
+def store_scaled(out8_ptr, offsets, y, mask, scale_ptr, FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr,
+                 MIN_EXP: tl.constexpr):
+    """For a kernel that writes a matmul's FP8 input itself (a fused cast): stores fp8(y * scale) (y fp32) at
+    out8_ptr + offsets where mask, and returns max |y| over the masked tile, for the caller's amax."""
+    q = _round_to_fp8(y * tl.load(scale_ptr), out8_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
+    tl.store(out8_ptr + offsets, q, mask=mask)
+    return tl.max(tl.where(mask, tl.abs(y), 0.0))
+
+
+@triton.jit
 def _amax_kernel(amax_ptr, x_ptr, R, C, stride_r, BLOCK: tl.constexpr):
     # one program a block of BLOCK elements of the (R, C) tensor, read row by row
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -240,3 +250,20 @@ def transpose(out, x):
         grid = (triton.cdiv(R, _TRANSPOSE_BLOCK), triton.cdiv(C, _TRANSPOSE_BLOCK))
         # as bytes: a copy needs no FP8 arithmetic (nor the interpreter's FP8 support)
         _transpose_kernel[grid](out.view(torch.uint8), x.view(torch.uint8), R, C, BLOCK=_TRANSPOSE_BLOCK, num_warps=8)
+
+
+def fused_output(fp8_out, like):
+    """What a kernel with a fused FP8 output (store_scaled) is launched with: the pointers (out8, scale, amax) and the
+    constexprs FP8, FP8_MAX, MANTISSA, MIN_EXP. fp8_out: (out8 float8 contiguous, shaped as like, scale fp32 (1,),
+    amax fp32 (1,)), or None: the kernel writes its usual output, the pointers are placeholders (like), never read."""
+    if fp8_out is None:
+        pointers, fmt = (like, like, like), "e4m3"
+    else:
+        pointers = fp8_out
+        out8 = fp8_out[0]
+        fmt = next((name for name, spec in FORMATS.items() if spec[0] == out8.dtype), None)
+        if fmt is None or not out8.is_contiguous() or out8.shape != like.shape:
+            raise ValueError(f"fp8_out: a contiguous float8 tensor of shape {tuple(like.shape)}, got "
+                             f"{tuple(out8.shape)} {out8.dtype}")
+    _, fp8_max, mantissa, min_exp = FORMATS[fmt]
+    return pointers, dict(FP8=fp8_out is not None, FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp)

@@ -7,6 +7,9 @@ no tanh (Triton's core language has none) and no cancellation in 1 + tanh(u) for
 The derivative, by the product rule, with sigmoid' = s * (1 - s) and u' = sqrt(2 / pi) * (1 + 3 * 0.044715 * x^2):
   gelu'(x) = s + x * s * (1 - s) * 2u'.
 
+Under --precision fp8 the forward can write the next matmul's e4m3 input itself (fp8_out), as the layernorm does
+(llmpy.kernels.layernorm); the fc projection then reads 1 byte a value, not 2, and no cast runs between.
+
 Forward kernel: elementwise over the flat buffer. Each program handles BLOCK = 2048 contiguous elements; with 8 warps
 every thread moves 8 contiguous values (16 bytes in bf16: one vector load or store). It reads and writes each
 element once: pure bandwidth, the arithmetic is hidden under it. An MLP activation of d12 at B=64, T=1024 is
@@ -23,9 +26,11 @@ import triton
 import triton.language as tl
 
 from .bias import bias_backward_groups, column_tile, row_group_column_block, row_tile, sum_partials
+from .fp8 import fused_output, store_scaled
 from .rounding import round_to
 
 _BLOCK = 2048
+_FP8_BLOCKS = 8  # blocks a program with an FP8 output: one atomic max (the amax) per 16,384 elements
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # a constexpr: jit functions may read only constexpr globals
 
 
@@ -46,11 +51,24 @@ def gelu_derivative(x):
 
 
 @triton.jit
-def _gelu_forward_kernel(out_ptr, inp_ptr, numel, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, round_to(gelu(x), out_ptr.dtype.element_ty), mask=mask)
+def _gelu_forward_kernel(out_ptr, inp_ptr, numel, out8_ptr, scale_ptr, amax_ptr, FP8: tl.constexpr,
+                         FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCKS: tl.constexpr):
+    # BLOCKS consecutive blocks a program; with FP8 (out8 = fp8(gelu(inp) * scale) in out's stead) their amax goes
+    # out in one atomic max a program
+    largest = 0.0
+    for block in range(BLOCKS):
+        offsets = (tl.program_id(0).to(tl.int64) * BLOCKS + block) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = round_to(gelu(x), out_ptr.dtype.element_ty)
+        if FP8:  # rounded to the activation dtype first: the values a cast of out would give
+            largest = tl.maximum(largest, store_scaled(out8_ptr, offsets, y.to(tl.float32), mask, scale_ptr,
+                                                       FP8_MAX, MANTISSA, MIN_EXP))
+        else:
+            tl.store(out_ptr + offsets, y, mask=mask)
+    if FP8:
+        tl.atomic_max(amax_ptr, largest, sem="relaxed")
 
 
 @triton.jit
@@ -80,11 +98,16 @@ def _gelu_backward_kernel(
         tl.store(partials_ptr + tl.program_id(0) * OC + columns, tl.sum(column_sums, axis=0), mask=column_mask)
 
 
-def gelu_forward(out, inp):
-    """out = gelu(inp), elementwise; contiguous tensors of the same shape, any float dtype (math in fp32)."""
+def gelu_forward(out, inp, fp8_out=None):
+    """out = gelu(inp), elementwise; contiguous tensors of the same shape, any float dtype (math in fp32).
+    fp8_out (out8, scale, amax), from the next matmul's precision (llmpy.precision.FP8.fp8_input): out8 =
+    fp8(out * scale) is written instead of out, as fp8.cast of out would write it, and max |out| maxed into amax."""
     assert out.is_contiguous() and inp.is_contiguous() and out.shape == inp.shape
     numel = inp.numel()
-    _gelu_forward_kernel[(triton.cdiv(numel, _BLOCK),)](out, inp, numel, BLOCK=_BLOCK, num_warps=8)
+    fp8_pointers, fp8_constants = fused_output(fp8_out, out)
+    blocks = _FP8_BLOCKS if fp8_out is not None else 1
+    _gelu_forward_kernel[(triton.cdiv(numel, _BLOCK * blocks),)](out, inp, numel, *fp8_pointers, BLOCK=_BLOCK,
+                                                                 BLOCKS=blocks, num_warps=8, **fp8_constants)
 
 
 def gelu_backward(dinp, inp, dout, dbias=None, scratch=None):

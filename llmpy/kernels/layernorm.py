@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .bias import sum_partials
-from .fp8 import FORMATS, _round_to_fp8
+from .fp8 import fused_output, store_scaled
 from .rounding import round_to
 
 
@@ -119,10 +119,7 @@ def _layernorm_forward_kernel(
         out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
     out = round_to(out, out_ptr.dtype.element_ty)
     if FP8:  # out rounded to the activation dtype first: the FP8 values a cast of the stored out would give
-        q = _round_to_fp8(out.to(tl.float32) * tl.load(scale_ptr), out8_ptr.dtype.element_ty, FP8_MAX, MANTISSA,
-                          MIN_EXP)
-        tl.store(out8_ptr + offsets, q, mask=mask)
-        largest = tl.max(tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=1), axis=0)
+        largest = store_scaled(out8_ptr, offsets, out.to(tl.float32), mask, scale_ptr, FP8_MAX, MANTISSA, MIN_EXP)
         tl.atomic_max(amax_ptr, largest, sem="relaxed")
     else:
         tl.store(out_ptr + offsets, out, mask=mask)
@@ -137,19 +134,12 @@ def _forward(out, mean, rstd, inp, weight, bias, eps, fp8_out):
     N = inp.numel() // C
     rms = mean is None
     assert inp.is_contiguous() and out.is_contiguous() and rstd.numel() == N and (rms or mean.numel() == N)
-    if fp8_out is None:
-        out8, scale, amax, fmt = out, rstd, rstd, "e4m3"  # placeholders, never touched
-    else:
-        out8, scale, amax = fp8_out
-        fmt = next((name for name, spec in FORMATS.items() if spec[0] == out8.dtype), None)
-        assert fmt and out8.is_contiguous() and out8.shape == out.shape, "fp8_out: (N, C) contiguous float8"
-    _, fp8_max, mantissa, min_exp = FORMATS[fmt]
+    fp8_pointers, fp8_constants = fused_output(fp8_out, out)
     rows, block_c, num_warps = _row_tile(C)
     _layernorm_forward_kernel[(triton.cdiv(N, rows),)](
         # RMSNorm never touches mean_ptr or bias_ptr: rstd and weight are placeholders
-        out, rstd if rms else mean, rstd, inp, weight, weight if rms else bias, N, C, eps, out8, scale, amax,
-        RMS=rms, FP8=fp8_out is not None, FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp, ROWS=rows,
-        BLOCK_C=block_c, num_warps=num_warps,
+        out, rstd if rms else mean, rstd, inp, weight, weight if rms else bias, N, C, eps, *fp8_pointers,
+        RMS=rms, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps, **fp8_constants,
     )
 
 

@@ -46,7 +46,8 @@ def layer_forward(p, l, residual, acts, attend, gelu_fusion, matmuls=precision.B
     matmuls: the linear layers' precision (llmpy.precision)."""
     N = residual.shape[0]
     # attention: layernorm, qkv projection, causal self-attention, output projection joining the residual; under FP8
-    # the layernorms write their matmul's e4m3 input themselves (fp8_input; None: they write acts.ln1, acts.ln2)
+    # the layernorms (and our GELU) write their matmul's e4m3 input themselves (fp8_input; None: they write acts.ln1
+    # etc.)
     layernorm.layernorm_forward(acts.ln1, acts.ln1_mean, acts.ln1_rstd, residual, p["ln1w"][l], p["ln1b"][l],
                                 fp8_out=matmuls.fp8_input(p["qkvw"][l], N))
     matmuls.forward(acts.qkv, acts.ln1, p["qkvw"][l], p["qkvb"][l])
@@ -57,9 +58,9 @@ def layer_forward(p, l, residual, acts, attend, gelu_fusion, matmuls=precision.B
                                 fp8_out=matmuls.fp8_input(p["fcw"][l], N))
     if gelu_fusion:  # one cuBLASLt call writes fch and gelu(fch)
         matmuls.forward_gelu(acts.fch_gelu, acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
-    else:
+    else:  # our GELU kernel, which under FP8 writes the fc projection's e4m3 input itself too
         matmuls.forward(acts.fch, acts.ln2, p["fcw"][l], p["fcb"][l])
-        gelu.gelu_forward(acts.fch_gelu, acts.fch)
+        gelu.gelu_forward(acts.fch_gelu, acts.fch, fp8_out=matmuls.fp8_input(p["fcprojw"][l], N))
     matmuls.forward(acts.residual3, acts.fch_gelu, p["fcprojw"][l], p["fcprojb"][l], residual=acts.residual2)
 
 

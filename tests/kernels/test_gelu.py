@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmpy.kernels.bias import PartialSums, bias_backward_groups, bias_backward_scratch
+from llmpy.kernels.fp8 import cast
 from llmpy.kernels.gelu import gelu_backward, gelu_forward
 
 # x down to -12 makes sigmoid's exp(-2u) overflow to inf (the right limit, gelu -> -0); under the interpreter numpy
@@ -41,6 +42,28 @@ def random_inputs(device, dtype, seed):
     x = (3 * torch.randn(SHAPE, generator=generator)).to(device=device, dtype=dtype)  # covers both tails
     dout = torch.randn(SHAPE, generator=generator).to(device=device, dtype=dtype)
     return x, dout
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (100, 170)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_output_is_the_cast_of_the_output(device, shape, dtype):
+    """fp8_out (--precision fp8: the GELU writes the fc projection's e4m3 input itself): out8 must hold, bit for bit,
+    what fp8.cast writes for the GELU's own output at the same scale (2^7: values past 3.5 saturate at 448), the amax
+    must be max |out| maxed into its start value, and out must be left as it was. 17,000 elements: more than one
+    program's 8 blocks of 2048, the last program partly masked."""
+    x = (3 * torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))).to(device=device, dtype=dtype)
+    expected = torch.empty_like(x)
+    gelu_forward(expected, x)
+    out = torch.full_like(x, float("nan"))
+    out8 = torch.full(shape, 0x55, dtype=torch.uint8).view(torch.float8_e4m3fn).to(device)
+    scale, amax = torch.tensor([128.0], device=device), torch.tensor([0.5], device=device)
+    gelu_forward(out, x, fp8_out=(out8, scale, amax))
+    cast_of_out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
+    cast(cast_of_out, expected, scale)
+    assert torch.equal(out8.view(torch.uint8), cast_of_out.view(torch.uint8))
+    assert (expected.float() * 128 > 448).any()
+    assert amax.item() == expected.float().abs().max().item()
+    assert out.isnan().all()
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, FP32_TOLERANCE), (torch.bfloat16, BF16_TOLERANCE)])
