@@ -166,7 +166,8 @@ def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
              "attention and the optimizer stay as they are (llmpy/precision.py)")
     add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
     add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
-        help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms")
+        help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms "
+             "(--precision fp8 needs neither: it keeps its own FP8 copies, and runs as 0)")
     add("--attention", default="cudnn", choices=("cudnn", "triton"),
         help="cuDNN's flash attention or ours (float32 and CPU runs always use ours)")
     add("--cuda_graphs", type=int, default=1, choices=(0, 1),
@@ -607,7 +608,7 @@ def describe_run(args, run, dist, say):
              + (", tied head" if getattr(config, "tied_embeddings", True) else ", untied head"))
     say(f"model {args.init}: {shape}, {family.num_parameters(config):,} parameters")
     say(f"device {run.device_name}, dtype {args.dtype}, matmuls {args.precision}, attention "
-        f"{run.model.attention_impl}, recompute {args.recompute}{', deterministic' if args.deterministic else ''}")
+        f"{run.model.attention_impl}, recompute {run.model.recompute}{', deterministic' if args.deterministic else ''}")
     say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
         f", zero stage {args.zero_stage}")
     per_process = (f" x {world} processes", f" for each of {world} processes") if world > 1 else ("", "")

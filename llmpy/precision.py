@@ -27,7 +27,8 @@ graph.
 Hopper's FP8 matmuls take both operands K-major (vendor.matmul_fp8), so the weight gradient needs dout^T and inp^T,
 and the input gradient W^T. Each is turned from the FP8 copy the matmul before it made (fp8.transpose: 2 bytes an
 element, where casting the bf16 tensor again would move 3): W^T from W; inp^T from the forward's e4m3 input, which is
-kept for the backward (N * K bytes a weight: 7 bytes a token and channel a GPT-2 layer); dout^T from the input
+kept for the backward (N * K bytes a weight: 7 bytes a token and channel a GPT-2 layer, where the bf16 inputs the
+model would save take 12: it keeps them as scratch instead, keeps_inputs); dout^T from the input
 gradient's e5m2 dout, one buffer a kind of layer (a group: every layer's qkv, ...), which the next input gradient of
 that kind waits to overwrite until the weight gradient, on the side stream, has read it.
 
@@ -46,6 +47,8 @@ PRECISIONS = ("bf16", "fp8")
 
 class BF16:
     """Every matmul in the run's dtype: llmpy.vendor's, unchanged."""
+
+    keeps_inputs = False  # the weight gradients read the bf16 inputs the model saved
 
     @staticmethod
     def prepare():
@@ -123,6 +126,8 @@ class FP8:
         bf16. rows: N, the micro-batch's tokens. weight_grads_fp8: the weight gradients in FP8 too (else in bf16, from
         the bf16 tensors). fast_accum: cuBLASLt's FP8 fast accumulation."""
         self.weight_grads_fp8, self.fast_accum = weight_grads_fp8, fast_accum
+        # the weight gradients read the e4m3 inputs kept here: the model need not save its bf16 ones
+        self.keeps_inputs = weight_grads_fp8
         pairs = [pair for group in groups for pair in group]
         self._weights = [w for w, _ in pairs]
         self._group = [g for g, group in enumerate(groups) for _ in group]

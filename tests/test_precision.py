@@ -180,3 +180,27 @@ def test_the_lm_head_is_fp8_only_when_asked(lm_head):
     lnf, wte = model.acts.lnf, model.p["wte"]
     ref = fp8_values(lnf, E4M3) @ fp8_values(wte, E4M3).t() if lm_head else lnf.double() @ wte.double().t()
     assert rel_error(model.acts.logits, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+def test_under_fp8_the_bf16_linear_inputs_are_scratch(family):
+    """FP8 keeps the e4m3 inputs its weight gradients read, so a model in FP8 holds one slot for all layers of its
+    bf16 norm outputs and MLP activation output, and recomputes nothing even when asked (-r 2); in bf16, or with
+    bf16 weight gradients (which read those tensors), one a layer, and recompute as asked."""
+    from llmpy import models
+    from llmpy.configs.gpt2 import GPT2Config
+    from llmpy.configs.llama3 import Llama3Config
+
+    config = (GPT2Config(max_seq_len=16, vocab_size=96, padded_vocab_size=128, num_layers=3, num_heads=2, channels=32)
+              if family == "gpt2" else
+              Llama3Config(max_seq_len=16, vocab_size=96, num_layers=3, num_heads=2, num_kv_heads=1, channels=32,
+                           multiple_of=32))
+    hidden = "fch_gelu" if family == "gpt2" else "fch_swiglu"
+    for precision, options, recompute, slots in (("fp8", {}, 2, 1), ("fp8", {"weight_grads_fp8": False}, 1, 3),
+                                                 ("bf16", {}, 0, 3)):
+        model = models.build(config, 2, 16, dtype=torch.float32, device="cpu", precision=precision,
+                             fp8_options=options, recompute=recompute)
+        acts = model.acts
+        expected = (1, 1, 1) if slots == 1 else (3, 3, 1 if recompute else 3)
+        assert (len(acts.ln1), len(acts.ln2), len(getattr(acts, hidden))) == expected
+        assert model.recompute == (0 if slots == 1 else recompute)

@@ -67,25 +67,27 @@ def layer_forward(p, l, residual, acts, attend, gelu_fusion, matmuls=precision.B
 class Activations:
     """The forward's saved tensors for one micro-batch, and the backward's scratch.
 
-    recompute 0 keeps everything; 1 drops the GELU output (recomputed from fch in the backward);
-    2 also drops the layernorm outputs (recomputed from the residual stream and the saved mean/rstd).
+    shared: which outputs one slot holds for all layers, as the backward does not read them as saved. 0 none; 1 the
+    GELU output; 2 also the layernorm outputs. Under recompute 1 or 2 the backward recomputes them; under FP8
+    (2), which keeps its own e4m3 copies of the linear layers' inputs for the weight gradients, it needs none of them.
     """
 
-    def __init__(self, config, B, T, dtype, device, recompute):
+    def __init__(self, config, B, T, dtype, device, shared):
         L, C, Vp = config.num_layers, config.channels, config.padded_vocab_size
         N = B * T
+        self.shared = shared
         act = dict(dtype=dtype, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         self.encoded = torch.empty(N, C, **act)  # wte[tokens] + wpe: the residual stream entering layer 0
-        self.ln1 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln1 = torch.empty(1 if shared >= 2 else L, N, C, **act)
         self.ln1_mean, self.ln1_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
         self.qkv = torch.empty(L, N, 3 * C, **act)
         self.atty = torch.empty(L, N, C, **act)  # attention output (N, C), heads side by side
         self.residual2 = torch.empty(L, N, C, **act)  # residual + attention projection
-        self.ln2 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln2 = torch.empty(1 if shared >= 2 else L, N, C, **act)
         self.ln2_mean, self.ln2_rstd = torch.empty(L, N, **f32), torch.empty(L, N, **f32)
         self.fch = torch.empty(L, N, 4 * C, **act)  # MLP hidden, before GELU
-        self.fch_gelu = torch.empty(1 if recompute >= 1 else L, N, 4 * C, **act)
+        self.fch_gelu = torch.empty(1 if shared >= 1 else L, N, 4 * C, **act)
         self.residual3 = torch.empty(L, N, C, **act)  # residual2 + MLP projection: the next layer's input
         self.lnf = torch.empty(N, C, **act)
         self.lnf_mean, self.lnf_rstd = torch.empty(N, **f32), torch.empty(N, **f32)
@@ -158,9 +160,11 @@ class GPT2(Model):
         if gelu_fusion == -1:
             gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
         super().__init__(config, B, T, runtime, deterministic, precision, fp8_options)
-        self.recompute, self.attention_impl = recompute, attention_impl
+        # FP8 keeps the e4m3 inputs its weight gradients read: the bf16 ones are scratch, and nothing is recomputed
+        kept = self.matmuls.keeps_inputs
+        self.recompute, self.attention_impl = 0 if kept else recompute, attention_impl
         self.gelu_fusion = gelu_fusion if device.type == "cuda" else 0
-        self.acts = Activations(config, B, T, dtype, device, recompute)
+        self.acts = Activations(config, B, T, dtype, device, 2 if kept else recompute)
         self.attention = GPT2Attention(attention_impl, config, B, T, runtime)
         C, N, L, g = config.channels, B * T, config.num_layers, self.g
         # The bias and layernorm gradients are column sums, taken in two stages (llmpy.kernels.bias): stage 1 in the
@@ -208,16 +212,16 @@ class GPT2(Model):
         self.attention.forward(l, acts.qkv, acts.atty)
 
     def _ln1(self, l):
-        return self.acts.ln1[0 if self.recompute >= 2 else l]
+        return self.acts.ln1[0 if self.acts.shared >= 2 else l]
 
     def _ln2(self, l):
-        return self.acts.ln2[0 if self.recompute >= 2 else l]
+        return self.acts.ln2[0 if self.acts.shared >= 2 else l]
 
     def _fch_gelu(self, l):
-        return self.acts.fch_gelu[0 if self.recompute >= 1 else l]
+        return self.acts.fch_gelu[0 if self.acts.shared >= 1 else l]
 
     def _layer_acts(self, l):
-        """Layer l's slices of the activations (one shared slot for the ones recomputed in the backward)."""
+        """Layer l's slices of the activations (one shared slot for those the backward does not read as saved)."""
         a = self.acts
         return LayerActivations(self._ln1(l), a.ln1_mean[l], a.ln1_rstd[l], a.qkv[l], a.atty[l], a.residual2[l],
                                 self._ln2(l), a.ln2_mean[l], a.ln2_rstd[l], a.fch[l], self._fch_gelu(l), a.residual3[l])

@@ -33,25 +33,27 @@ from .base import Model
 class Activations:
     """The forward's saved tensors for one micro-batch, and the backward's scratch.
 
-    recompute 0 keeps everything; 1 drops the SwiGLU output (recomputed from fch in the backward);
-    2 also drops the RMSNorm outputs (recomputed from the residual stream and the saved rstd).
+    shared: which outputs one slot holds for all layers, as the backward does not read them as saved. 0 none; 1 the
+    SwiGLU output; 2 also the RMSNorm outputs. Under recompute 1 or 2 the backward recomputes them; under FP8
+    (2), which keeps its own e4m3 copies of the linear layers' inputs for the weight gradients, it needs none of them.
     """
 
-    def __init__(self, config, B, T, dtype, device, recompute):
+    def __init__(self, config, B, T, dtype, device, shared):
         L, C, V, H, Q = config.num_layers, config.channels, config.vocab_size, config.ffn_hidden, config.qkv_channels
         N = B * T
+        self.shared = shared
         act = dict(dtype=dtype, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         self.encoded = torch.empty(N, C, **act)  # wte[tokens]: the residual stream entering layer 0
-        self.ln1 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln1 = torch.empty(1 if shared >= 2 else L, N, C, **act)
         self.ln1_rstd = torch.empty(L, N, **f32)
         self.qkv = torch.empty(L, N, Q, **act)  # q and k after RoPE: what the attention read
         self.atty = torch.empty(L, N, C, **act)  # attention output, heads side by side
         self.residual2 = torch.empty(L, N, C, **act)  # residual + attention projection
-        self.ln2 = torch.empty(1 if recompute >= 2 else L, N, C, **act)
+        self.ln2 = torch.empty(1 if shared >= 2 else L, N, C, **act)
         self.ln2_rstd = torch.empty(L, N, **f32)
         self.fch = torch.empty(L, N, 2 * H, **act)  # [up | gate], before SwiGLU
-        self.fch_swiglu = torch.empty(1 if recompute >= 1 else L, N, H, **act)
+        self.fch_swiglu = torch.empty(1 if shared >= 1 else L, N, H, **act)
         self.residual3 = torch.empty(L, N, C, **act)  # residual2 + MLP projection: the next layer's input
         self.lnf = torch.empty(N, C, **act)
         self.lnf_rstd = torch.empty(N, **f32)
@@ -83,9 +85,11 @@ class Llama3(Model):
         device, dtype = runtime.device, runtime.dtype
         attention_impl = choose_attention(config, T, attention_impl, dtype, device)
         super().__init__(config, B, T, runtime, deterministic, precision, fp8_options)
-        self.recompute, self.attention_impl = recompute, attention_impl
+        # FP8 keeps the e4m3 inputs its weight gradients read: the bf16 ones are scratch, and nothing is recomputed
+        kept = self.matmuls.keeps_inputs
+        self.recompute, self.attention_impl = 0 if kept else recompute, attention_impl
         L, C, N, NH, KV = config.num_layers, config.channels, B * T, config.num_heads, config.num_kv_heads
-        self.acts = Activations(config, B, T, dtype, device, recompute)
+        self.acts = Activations(config, B, T, dtype, device, 2 if kept else recompute)
         self.attention = Attention(attention_impl, L, B, T, NH, KV, device)
         self.rope_cos, self.rope_sin = (torch.from_numpy(t).to(device) for t in rope_tables(config, T))
         self.head = self.head_name(config)  # the LM head's weight, (V, C)
@@ -146,13 +150,13 @@ class Llama3(Model):
         return qkv.view(self.B, self.T, -1)
 
     def _ln1(self, l):
-        return self.acts.ln1[0 if self.recompute >= 2 else l]
+        return self.acts.ln1[0 if self.acts.shared >= 2 else l]
 
     def _ln2(self, l):
-        return self.acts.ln2[0 if self.recompute >= 2 else l]
+        return self.acts.ln2[0 if self.acts.shared >= 2 else l]
 
     def _swiglu(self, l):
-        return self.acts.fch_swiglu[0 if self.recompute >= 1 else l]
+        return self.acts.fch_swiglu[0 if self.acts.shared >= 1 else l]
 
     # ------------------------------------------------------------------------- backward
 
