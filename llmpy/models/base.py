@@ -34,6 +34,12 @@ class Model:
         self.ordered_encoder_backward = (encoder.DeterministicEncoderBackward(B, T, config.channels, device)
                                          if deterministic else None)
 
+    def _saved_activations(self, recompute):
+        """(what the backward recomputes, its Activations' shared) under -r recompute: as asked, unless the matmuls
+        keep the linear layers' inputs themselves (FP8: matmuls.keeps_inputs); then the bf16 ones are scratch, one
+        slot for all layers (shared 2), and nothing is recomputed."""
+        return (0, 2) if self.matmuls.keeps_inputs else (recompute, recompute)
+
     @staticmethod
     def head_name(config):
         """The LM head's weight: wte, tied (a family with an untied head says otherwise)."""

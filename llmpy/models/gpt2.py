@@ -160,11 +160,10 @@ class GPT2(Model):
         if gelu_fusion == -1:
             gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
         super().__init__(config, B, T, runtime, deterministic, precision, fp8_options)
-        # FP8 keeps the e4m3 inputs its weight gradients read: the bf16 ones are scratch, and nothing is recomputed
-        kept = self.matmuls.keeps_inputs
-        self.recompute, self.attention_impl = 0 if kept else recompute, attention_impl
+        self.recompute, shared = self._saved_activations(recompute)
+        self.attention_impl = attention_impl
         self.gelu_fusion = gelu_fusion if device.type == "cuda" else 0
-        self.acts = Activations(config, B, T, dtype, device, 2 if kept else recompute)
+        self.acts = Activations(config, B, T, dtype, device, shared)
         self.attention = GPT2Attention(attention_impl, config, B, T, runtime)
         C, N, L, g = config.channels, B * T, config.num_layers, self.g
         # The bias and layernorm gradients are column sums, taken in two stages (llmpy.kernels.bias): stage 1 in the

@@ -85,11 +85,10 @@ class Llama3(Model):
         device, dtype = runtime.device, runtime.dtype
         attention_impl = choose_attention(config, T, attention_impl, dtype, device)
         super().__init__(config, B, T, runtime, deterministic, precision, fp8_options)
-        # FP8 keeps the e4m3 inputs its weight gradients read: the bf16 ones are scratch, and nothing is recomputed
-        kept = self.matmuls.keeps_inputs
-        self.recompute, self.attention_impl = 0 if kept else recompute, attention_impl
+        self.recompute, shared = self._saved_activations(recompute)
+        self.attention_impl = attention_impl
         L, C, N, NH, KV = config.num_layers, config.channels, B * T, config.num_heads, config.num_kv_heads
-        self.acts = Activations(config, B, T, dtype, device, 2 if kept else recompute)
+        self.acts = Activations(config, B, T, dtype, device, shared)
         self.attention = Attention(attention_impl, L, B, T, NH, KV, device)
         self.rope_cos, self.rope_sin = (torch.from_numpy(t).to(device) for t in rope_tables(config, T))
         self.head = self.head_name(config)  # the LM head's weight, (V, C)
