@@ -40,6 +40,22 @@ bench_largest() {  # model, extra flags, contenders, then batch sizes, largest f
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
 } 2>&1 | tee -a "$LOG"
 
+# what the steps need, checked before any of them runs: a missing package or file ends the check in seconds, not after
+# minutes of steps that fail on it one by one
+needs=()
+has_step() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+python3 -c "import cudnn" 2>/dev/null || needs+=("NVIDIA's cuDNN frontend (pip install nvidia-cudnn-frontend): the default attention")
+has_step fp8_bench && { python3 -c "import torchao" 2>/dev/null || needs+=("torchao (pip install torchao): fp8_bench's float8 contender"); }
+[ -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ] || needs+=("the tiny Shakespeare shards: python dev/data/tinyshakespeare.py")
+for step in llama llama_bench llama_curves fp8_llama; do
+    has_step $step && { [ -f dev/data/tinyshakespeare/tiny_shakespeare_llama3_train.bin ] ||
+        needs+=("the Llama 3 tiny Shakespeare shards ($step): python dev/data/tinyshakespeare.py -m llama-3"); break; }
+done
+if [ ${#needs[@]} -gt 0 ]; then
+    printf 'gpu_check: missing %s\n' "${needs[@]}" | tee -a "$LOG"
+    exit 1
+fi
+
 for step in "${steps[@]}"; do
     case "$step" in
     kernels)
