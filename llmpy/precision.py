@@ -34,7 +34,8 @@ that kind waits to overwrite until the weight gradient, on the side stream, has 
 
 Fused casts: a kernel that writes a linear layer's input can write it in e4m3 itself, with its amax (fp8_input):
 GPT-2's layernorms and its GELU kernel (with -ge 0; cuBLASLt's GELU epilogue writes bf16) and Llama's first RMSNorm
-of a layer do, so those inputs cost no cast of their own.
+of a layer do, so those inputs cost no cast of their own. So can a kernel that writes a linear layer's output
+gradient write it in e5m2 (fp8_grad): GPT-2's GELU backward, for the fc layer.
 """
 
 import torch
@@ -61,6 +62,8 @@ class BF16:
     @staticmethod
     def fp8_input(weight, rows):
         return None
+
+    fp8_grad = fp8_input
 
     forward = staticmethod(vendor.matmul_forward)
     forward_gelu = staticmethod(vendor.matmul_gelu_forward)
@@ -155,6 +158,7 @@ class FP8:
             self._input8t = torch.empty(max(widths), **e4m3)
             self._dout8t = torch.empty(max(w.shape[0] for w in self._weights) * rows, **e5m2)
         self._produced = [False] * n  # the next forward's FP8 input was written by its producer (fp8_input)
+        self._grad_produced = [False] * n  # the next input gradient's FP8 dout was written by its producer
         self._events = torch.device(device).type == "cuda"
         self._dout_of = [None] * len(groups)  # the weight whose gradient's dout a group's buffer holds
         self._dout_read = [None] * len(groups)  # the event after a weight gradient read it (CUDA)
@@ -211,6 +215,25 @@ class FP8:
         scales = self._input_scales
         return self._view(self._input8[i], (rows, weight.shape[1])), scales.scale[i, :1], scales.amax[i, :1]
 
+    def fp8_grad(self, weight, rows):
+        """fp8_input's twin for the backward: for the kernel that writes weight's output gradient (GPT-2's GELU
+        backward) to write it in e5m2 itself, into the buffer of weight's group: (out (rows, OC) e5m2, scale, amax), or
+        None (as fp8_input). The next backward_input of weight then takes out as it is."""
+        i = self._index.get(weight.data_ptr())
+        if i is None or not self.weight_grads_fp8 or not self._grad_scales.calibrated[i]:
+            return None
+        self._grad_produced[i] = True
+        group = self._group[i]
+        self._wait_for_dout_read(group)  # the producer overwrites the buffer now, not the input gradient
+        scales = self._grad_scales
+        return self._view(self._dout8[group], (rows, weight.shape[0])), scales.scale[i, :1], scales.amax[i, :1]
+
+    def _wait_for_dout_read(self, group):
+        """The current stream waits until the last weight gradient of group (on the side stream) has read the
+        group's dout buffer."""
+        if self._dout_read[group] is not None:
+            torch.cuda.current_stream().wait_event(self._dout_read[group])
+
     def _input(self, i, inp):
         """weight i's FP8 input and its inverse scale: written by its producer (fp8_input), or cast from inp."""
         out = self._view(self._input8[i], inp.shape)
@@ -237,19 +260,23 @@ class FP8:
 
     def backward_input(self, dinp, dout, weight, accumulate=False):
         """vendor.matmul_backward_input: dinp (N, K) (+)= dout (N, OC) @ W, in FP8 as dout @ (W^T)^T; dout's e5m2
-        copy stays in its group's buffer for backward_weight."""
+        copy (cast here, or written by its producer: fp8_grad) stays in its group's buffer for backward_weight."""
         w = self._weight(weight, transposed=True)
         if w is None:
             vendor.matmul_backward_input(dinp, dout, weight, accumulate)
             return
         i, w8t, w_inverse = w
         group = self._group[i]
-        if self._dout_read[group] is not None:  # the last weight gradient of this group has read the buffer
-            torch.cuda.current_stream().wait_event(self._dout_read[group])
         dout8 = self._view(self._dout8[group], dout.shape)
+        if self._grad_produced[i]:  # written by its producer (fp8_grad)
+            self._grad_produced[i] = False
+            dout_inverse = self._grad_scales.inverse[i, :1]
+        else:
+            self._wait_for_dout_read(group)
+            dout_inverse = self._grad_scales.cast(i, dout8, dout)
         self._dout_of[group] = i
-        vendor.matmul_fp8(dinp, dout8, self._grad_scales.cast(i, dout8, dout), w8t, w_inverse,
-                          c=dinp if accumulate else None, fast_accum=self.fast_accum)
+        vendor.matmul_fp8(dinp, dout8, dout_inverse, w8t, w_inverse, c=dinp if accumulate else None,
+                          fast_accum=self.fast_accum)
 
     def backward_weight(self, dweight, dout, inp, accumulate=True):
         """vendor.matmul_backward_weight: dW (OC, K) fp32 (+)= dout (N, OC)^T @ inp (N, K). With FP8 weight

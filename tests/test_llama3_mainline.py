@@ -40,9 +40,11 @@ def reference_dir(request, tmp_path_factory, llama3_tokenizer_file):
     return out, bool(request.param)
 
 
+# FP8 over 3 steps: its fused e5m2 gradients start with the second backward (the first calibrates their scales), whose
+# effect the third step's loss shows
 @pytest.mark.parametrize("dtype, recompute, steps, precision", [("float32", "0", 4, "bf16"),
                                                                  ("bfloat16", "2", 2, "bf16"),
-                                                                 ("float32", "0", 2, "fp8")])
+                                                                 ("float32", "0", 3, "fp8")])
 def test_mainline_matches_reference(reference_dir, dtype, recompute, steps, precision):
     folder, tied = reference_dir
     if tied and dtype == "bfloat16":

@@ -140,6 +140,42 @@ def test_an_input_written_by_its_producer_is_taken_as_it_is(layer):
     assert bf16_weight_grads.fp8_input(weight, N) is None
 
 
+def test_an_output_gradient_written_by_its_producer_is_taken_as_it_is(layer):
+    """fp8_grad, fp8_input's twin for the backward: it hands a producer (GPT-2's GELU backward) the e5m2 buffer,
+    scale and amax of a weight's next output gradient, once that gradient has a scale. fp8.cast plays the producer
+    with another gradient, dout2: the input gradient and the weight gradient must both multiply dout2's e5m2 values
+    at the delayed scale (from the first dout's amax), not the tensor they are passed, and dout2's amax must reach
+    the next scale. A weight not in FP8, or one with a bf16 weight gradient (it reads the bf16 dout), gets None."""
+    from llmpy.kernels import fp8
+
+    matmuls, weight, grad, inp, dout = layer
+    w64, inp64 = fp8_values(weight, E4M3), fp8_values(inp, E4M3)
+    matmuls.prepare()
+    assert matmuls.fp8_grad(weight, N) is None
+    matmuls.forward(torch.empty(N, OC), inp, weight)
+    matmuls.backward_input(torch.empty(N, K), dout, weight)
+    matmuls.prepare()
+    matmuls.forward(torch.empty(N, OC), inp, weight)
+    out8, scale, amax = matmuls.fp8_grad(weight, N)
+    dout2 = torch.randn(N, OC, generator=torch.Generator().manual_seed(8)) * 3e-4
+    fp8.cast(out8, dout2, scale, amax_out=amax)
+    dinp = torch.empty(N, K)
+    matmuls.backward_input(dinp, torch.randn(N, OC), weight)
+    matmuls.backward_weight(grad, torch.randn(N, OC), torch.randn(N, K), accumulate=False)
+    dout2_64 = fp8_values(dout2, E5M2, dout.abs().max().item())
+    assert rel_error(dinp, dout2_64 @ w64) <= 1e-5
+    assert rel_error(grad, dout2_64.t() @ inp64) <= 1e-5
+    matmuls.prepare()
+    matmuls.backward_input(dinp, dout, weight)  # cast again: at the scale of the larger amax in its history, dout2's
+    assert rel_error(dinp, fp8_values(dout, E5M2, dout2.abs().max().item()) @ w64) <= 1e-5
+    assert matmuls.fp8_grad(torch.randn(OC, K), N) is None
+    bf16_weight_grads = precision.matmuls("fp8", [[(weight, grad)]], N, torch.float32, "cpu", weight_grads_fp8=False)
+    bf16_weight_grads.prepare()
+    bf16_weight_grads.backward_input(dinp, dout, weight)
+    assert bf16_weight_grads.fp8_grad(weight, N) is None
+    assert precision.BF16.fp8_grad(weight, N) is None
+
+
 def test_weight_gradient_in_bf16_when_asked():
     g = torch.Generator().manual_seed(1)
     weight, grad = torch.randn(OC, K, generator=g), torch.zeros(OC, K)

@@ -8,7 +8,9 @@ The derivative, by the product rule, with sigmoid' = s * (1 - s) and u' = sqrt(2
   gelu'(x) = s + x * s * (1 - s) * 2u'.
 
 Under --precision fp8 the forward can write the next matmul's e4m3 input itself (fp8_out), as the layernorm does
-(llmpy.kernels.layernorm); the fc projection then reads 1 byte a value, not 2, and no cast runs between.
+(llmpy.kernels.layernorm); the fc projection then reads 1 byte a value, not 2, and no cast runs between. So can the
+backward write the fc layer's output gradient in e5m2 for its FP8 input and weight gradients: 1 byte a value of the
+(N, 4C) gradient written instead of 2, and the cast's pass over it (3 bytes a value) gone.
 
 Forward kernel: elementwise over the flat buffer. Each program handles BLOCK = 2048 contiguous elements; with 8 warps
 every thread moves 8 contiguous values (16 bytes in bf16: one vector load or store). It reads and writes each
@@ -80,22 +82,36 @@ def _gelu_backward_kernel(
     N,
     OC,
     rows_per_group,  # ceil(N / G)
+    out8_ptr,  # fp8 (N, OC): with FP8, out, fp8(dinp * scale) in dinp's stead
+    scale_ptr,  # fp32 (1,)
+    amax_ptr,  # fp32 (1,): max |dinp| is atomically maxed into it
     SUM_COLUMNS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_OC: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    MANTISSA: tl.constexpr,
+    MIN_EXP: tl.constexpr,
 ):
     columns, column_mask, first_row, end_row = row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
     column_sums = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
+    largest = 0.0
     for tile_start in range(first_row, end_row, ROWS):
         _, mask, offsets = row_tile(tile_start, end_row, columns, column_mask, OC, ROWS)
         x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dinp = round_to(dout * gelu_derivative(x), dinp_ptr.dtype.element_ty)
-        tl.store(dinp_ptr + offsets, dinp, mask=mask)
+        if FP8:  # from the values rounded to dinp's dtype: the bytes a cast of dinp would write
+            largest = tl.maximum(largest, store_scaled(out8_ptr, offsets, dinp.to(tl.float32), mask, scale_ptr,
+                                                       FP8_MAX, MANTISSA, MIN_EXP))
+        else:
+            tl.store(dinp_ptr + offsets, dinp, mask=mask)
         if SUM_COLUMNS:  # the stored (rounded) values, as a separate pass over dinp would read them
             column_sums += dinp.to(tl.float32)
     if SUM_COLUMNS:
         tl.store(partials_ptr + tl.program_id(0) * OC + columns, tl.sum(column_sums, axis=0), mask=column_mask)
+    if FP8:
+        tl.atomic_max(amax_ptr, largest, sem="relaxed")
 
 
 def gelu_forward(out, inp, fp8_out=None):
@@ -110,13 +126,16 @@ def gelu_forward(out, inp, fp8_out=None):
                                                                  BLOCKS=blocks, num_warps=8, **fp8_constants)
 
 
-def gelu_backward(dinp, inp, dout, dbias=None, scratch=None):
+def gelu_backward(dinp, inp, dout, dbias=None, scratch=None, fp8_out=None):
     """dinp = dout * gelu'(inp), and with dbias, dbias (OC,) fp32 += dinp.sum(0) (deterministic).
 
     inp, dout, dinp: contiguous (N, OC), inp the forward's input (the pre-activation). dinp may be dout itself (in
     place): each element is read, then written, by the same program. scratch: fp32 (G, OC) partial sums from
     bias.bias_backward_scratch, needed with dbias. scratch without dbias: the partial sums are left in scratch for a
     later stage 2 (bias.PartialSums).
+    fp8_out (out8, scale, amax), from the fc matmul's precision (llmpy.precision.FP8.fp8_grad): out8 = fp8(dinp *
+    scale) is written instead of dinp, as fp8.cast of dinp would write it, and max |dinp| maxed into amax; the column
+    sums are dinp's all the same.
     """
     assert dinp.is_contiguous() and inp.is_contiguous() and dout.is_contiguous()
     assert dinp.shape == inp.shape == dout.shape and inp.dim() == 2
@@ -127,9 +146,10 @@ def gelu_backward(dinp, inp, dout, dbias=None, scratch=None):
     G = scratch.shape[0] if sum_columns else bias_backward_groups(N, OC)
     rows, block_columns = column_tile(OC)
     grid = (G, triton.cdiv(OC, block_columns))
+    fp8_pointers, fp8_constants = fused_output(fp8_out, dinp)
     _gelu_backward_kernel[grid](
-        dinp, scratch if sum_columns else dinp, inp, dout, N, OC, triton.cdiv(N, G),
-        SUM_COLUMNS=sum_columns, ROWS=rows, BLOCK_OC=block_columns, num_warps=8,
+        dinp, scratch if sum_columns else dinp, inp, dout, N, OC, triton.cdiv(N, G), *fp8_pointers,
+        SUM_COLUMNS=sum_columns, ROWS=rows, BLOCK_OC=block_columns, num_warps=8, **fp8_constants,
     )
     if dbias is not None:
         sum_partials(dbias, scratch)

@@ -29,12 +29,17 @@ Llama's widths (8192, 14,336) are multiples of 2048, so a tile is one row segmen
 (the tiny test model's 224) stacks rows so a program still moves 2048 elements. Program (i, j) covers row block i
 (grid axis 0, which allows 2^31 - 1 programs) and column block j. Offsets are int64: N * row stride can pass 2^31.
 Llama has no biases, so unlike GELU's backward this one sums no columns: it is elementwise too, on the forward's tile.
+
+Under --precision fp8 the backward can write dup and dgate, the output gradients of the up and gate projections, in
+e5m2 for their FP8 matmuls itself (fp8_up, fp8_gate, as gelu.gelu_backward's fp8_out): 1 byte a value written instead
+of 2, and the two casts' passes (3 bytes a value each) gone.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from .fp8 import fused_output, store_scaled
 from .rounding import round_to
 
 _TILE_ELEMENTS = 2048
@@ -107,6 +112,13 @@ def _swiglu_backward_kernel(
     stride_dout,
     stride_gate,
     stride_up,
+    dgate8_ptr, dgate_scale_ptr, dgate_amax_ptr,  # with DGATE8: fp8 (N, H) contiguous, fp8(dgate * scale), in dgate's
+    dup8_ptr, dup_scale_ptr, dup_amax_ptr,  # stead, its amax maxed into amax; likewise dup with DUP8
+    DGATE8: tl.constexpr,
+    DUP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    MANTISSA: tl.constexpr,
+    MIN_EXP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -116,10 +128,19 @@ def _swiglu_backward_kernel(
     up = _load_fp32(up_ptr, stride_up, rows, columns, mask)
     dout = _load_fp32(dout_ptr, stride_dout, rows, columns, mask)
     s, one_minus_s = sigmoid_and_complement(gate)
-    dup = dout * (gate * s)
-    dgate = dout * up * (s * (1.0 + gate * one_minus_s))
-    tl.store(dgate_ptr + rows * stride_dgate + columns, round_to(dgate, dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + rows * stride_dup + columns, round_to(dup, dup_ptr.dtype.element_ty), mask=mask)
+    dup = round_to(dout * (gate * s), dup_ptr.dtype.element_ty)
+    dgate = round_to(dout * up * (s * (1.0 + gate * one_minus_s)), dgate_ptr.dtype.element_ty)
+    # FP8: from the values rounded to the gradients' dtype, the bytes a cast of them would write
+    if DGATE8:
+        tl.atomic_max(dgate_amax_ptr, store_scaled(dgate8_ptr, rows * H + columns, dgate.to(tl.float32), mask,
+                                                   dgate_scale_ptr, FP8_MAX, MANTISSA, MIN_EXP), sem="relaxed")
+    else:
+        tl.store(dgate_ptr + rows * stride_dgate + columns, dgate, mask=mask)
+    if DUP8:
+        tl.atomic_max(dup_amax_ptr, store_scaled(dup8_ptr, rows * H + columns, dup.to(tl.float32), mask,
+                                                 dup_scale_ptr, FP8_MAX, MANTISSA, MIN_EXP), sem="relaxed")
+    else:
+        tl.store(dup_ptr + rows * stride_dup + columns, dup, mask=mask)
 
 
 def _check_gate(function, gate):
@@ -155,7 +176,7 @@ def swiglu_forward(out, gate, up):
     )
 
 
-def swiglu_backward(dgate, dup, dout, gate, up):
+def swiglu_backward(dgate, dup, dout, gate, up, fp8_gate=None, fp8_up=None):
     """dup = dout * silu(gate) and dgate = dout * up * silu'(gate), elementwise; gate, up the forward's inputs.
 
     All (N, H), all bf16 or all fp32 (math in fp32, one rounding each), unit column stride, any row strides: gate and
@@ -163,6 +184,9 @@ def swiglu_backward(dgate, dup, dout, gate, up):
     and dup may be up itself (the same views; either or both), so the forward's buffers can take their gradients.
     Every element's gate, up and dout are read before its dgate and dup are written, by the same program. dgate and
     dup must not overlap each other, nor partly overlap an input.
+    fp8_gate, fp8_up (out8, scale, amax), from the gate and up matmuls' precision (llmpy.precision.FP8.fp8_grad): out8 =
+    fp8(dgate * scale) is written instead of dgate, as fp8.cast of dgate would write it, and max |dgate| maxed into
+    amax; likewise dup. Either, both (in one FP8 format) or neither.
     """
     N, H = _check_gate("swiglu_backward", gate)
     for name, tensor in (("up", up), ("dout", dout), ("dgate", dgate), ("dup", dup)):
@@ -173,8 +197,15 @@ def swiglu_backward(dgate, dup, dout, gate, up):
         raise ValueError("swiglu_backward: dgate and dup must be different tensors")
     rows, block_columns = _tile(H)
     grid = (triton.cdiv(N, rows), triton.cdiv(H, block_columns))
+    dgate8, dgate_format = fused_output(fp8_gate, gate)
+    dup8, dup_format = fused_output(fp8_up, up)
+    fp8_format = {name: value for name, value in (dup_format if fp8_up is not None else dgate_format).items()
+                  if name != "FP8"}
+    if fp8_gate is not None and fp8_up is not None and fp8_gate[0].dtype != fp8_up[0].dtype:
+        raise ValueError("swiglu_backward: fp8_gate and fp8_up must be of one FP8 format")
     _swiglu_backward_kernel[grid](
         dgate, dup, dout, gate, up, N, H,
-        dgate.stride(0), dup.stride(0), dout.stride(0), gate.stride(0), up.stride(0),
-        ROWS=rows, BLOCK_H=block_columns, num_warps=8,
+        dgate.stride(0), dup.stride(0), dout.stride(0), gate.stride(0), up.stride(0), *dgate8, *dup8,
+        DGATE8=fp8_gate is not None, DUP8=fp8_up is not None, **fp8_format, ROWS=rows, BLOCK_H=block_columns,
+        num_warps=8,
     )

@@ -272,7 +272,9 @@ class GPT2(Model):
             self.matmuls.backward_input(a.dfch, a.dresidual, p["fcprojw"][l])
             with rt.beside() as fcproj_read:
                 self.matmuls.backward_weight(g["fcprojw"][l], a.dresidual, self._fch_gelu(l), accumulate)
-            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, scratch=self.fc_bias_sums.partials[l])
+            # under FP8 the GELU backward writes the fc layer's e5m2 output gradient itself (fp8_grad)
+            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, scratch=self.fc_bias_sums.partials[l],
+                               fp8_out=self.matmuls.fp8_grad(p["fcw"][l], a.dfch.shape[0]))
             self.matmuls.backward_input(a.dbtc, a.dfch, p["fcw"][l])
             with rt.beside() as fc_read:
                 self.matmuls.backward_weight(g["fcw"][l], a.dfch, self._ln2(l), accumulate)

@@ -199,7 +199,10 @@ class Llama3(Model):
                 self.matmuls.backward_weight(g["fcprojw"][l], a.dresidual, self._swiglu(l), accumulate)
             # SwiGLU, then the up and gate projections: ln2 feeds both, so its gradient is the sum of two matmuls
             rt.wait(fc_read)
-            swiglu.swiglu_backward(dgate, dup, a.dswiglu, gate, up)
+            # under FP8 the SwiGLU backward writes the gate and up projections' e5m2 output gradients (fp8_grad)
+            swiglu.swiglu_backward(dgate, dup, a.dswiglu, gate, up,
+                                   fp8_gate=self.matmuls.fp8_grad(p["fc2w"][l], dup.shape[0]),
+                                   fp8_up=self.matmuls.fp8_grad(p["fcw"][l], dup.shape[0]))
             self.matmuls.backward_input(a.dbtc, dup, p["fcw"][l])
             self.matmuls.backward_input(a.dbtc, dgate, p["fc2w"][l], accumulate=True)
             with rt.beside() as fc_read:

@@ -66,6 +66,34 @@ def test_fp8_output_is_the_cast_of_the_output(device, shape, dtype):
     assert out.isnan().all()
 
 
+@pytest.mark.parametrize("N, OC", [(7, 1000), (300, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_fp8_output_is_the_cast_of_dinp(device, N, OC, dtype):
+    """fp8_out in the backward (--precision fp8: the GELU backward writes the fc layer's e5m2 output gradient itself):
+    out8 must hold, bit for bit, what fp8.cast writes for the backward's own dinp at the same scale (2^14: values
+    past 3.5 saturate at 57344), the amax must be max |dinp| maxed into its start value, the column sums (the fc
+    bias gradient) must be those without fp8_out (to the column sums' tolerance, rtol 1e-5: the kernel compiled with
+    the FP8 store may add a tile's fp32 values in another order; on the H200 it does at (300, 80)), and dinp must be
+    left as it was. (300, 80): several row groups, so several programs max into amax; (7, 1000): a masked column
+    block."""
+    generator = torch.Generator().manual_seed(OC)
+    x = (3 * torch.randn(N, OC, generator=generator)).to(device=device, dtype=dtype)
+    dout = (2 * torch.randn(N, OC, generator=generator)).to(device=device, dtype=dtype)
+    expected, expected_sums = torch.empty_like(x), bias_backward_scratch(N, OC, device)
+    gelu_backward(expected, x, dout, scratch=expected_sums)
+    dinp, sums = torch.full_like(x, float("nan")), bias_backward_scratch(N, OC, device).fill_(float("nan"))
+    out8 = torch.full((N, OC), 0x55, dtype=torch.uint8).view(torch.float8_e5m2).to(device)
+    scale, amax = torch.tensor([2.0**14], device=device), torch.tensor([0.25], device=device)
+    gelu_backward(dinp, x, dout, scratch=sums, fp8_out=(out8, scale, amax))
+    cast_of_dinp = torch.empty((N, OC), dtype=torch.float8_e5m2, device=device)
+    cast(cast_of_dinp, expected, scale)
+    assert torch.equal(out8.view(torch.uint8), cast_of_dinp.view(torch.uint8))
+    assert (expected.float() * 2.0**14 > 57344).any()
+    assert amax.item() == expected.float().abs().max().item()
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
+    assert dinp.isnan().all()
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, FP32_TOLERANCE), (torch.bfloat16, BF16_TOLERANCE)])
 def test_forward_and_backward_match_torch(device, dtype, tolerance):
     x, dout = random_inputs(device, dtype, seed=0)

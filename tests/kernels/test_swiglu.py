@@ -159,3 +159,37 @@ def test_bad_shapes_and_dtypes_are_refused(device):
         swiglu_backward(gate.clone(), up.clone(), dout.bfloat16(), gate, up)
     with pytest.raises(ValueError, match="dgate and dup must be different tensors"):
         swiglu_backward(out, out, dout, gate, up)
+
+
+@pytest.mark.parametrize("which", ["both", "gate", "up"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_fp8_outputs_are_the_casts_of_the_gradients(device, which, dtype):
+    """fp8_gate, fp8_up (--precision fp8: the backward writes the gate and up projections' e5m2 output gradients
+    itself), either or both: each out8 must hold, bit for bit, what fp8.cast writes for the gradient the backward
+    writes without it, at its own scale (2^14 and 2^13: the largest values saturate at 57344), each amax must be max
+    |gradient| maxed into its start value, the gradient it replaces must be left as it was and the other written as
+    ever. gate and up are the halves of one (N, 2H) buffer, dgate and dup of another, as in the model; (7, 1000):
+    masked tiles in both directions, several programs maxing into each amax."""
+    from llmpy.kernels.fp8 import cast
+
+    N, H = 7, 1000
+    gate, up, dout = random_inputs(N, H, device, dtype, seed=5)
+    gate_up, dgate_dup = torch.cat([gate, up], 1), nans(N, 2 * H, device, dtype)
+    gate, up, dgate, dup = gate_up[:, :H], gate_up[:, H:], dgate_dup[:, :H], dgate_dup[:, H:]
+    _, expected_dgate, expected_dup = run_kernels(gate.contiguous(), up.contiguous(), 4 * dout)
+    scales = {"gate": 2.0**14, "up": 2.0**13}
+    outputs = {name: (torch.full((N, H), 0x55, dtype=torch.uint8).view(torch.float8_e5m2).to(device),
+                      torch.tensor([scales[name]], device=device), torch.tensor([0.125], device=device))
+               for name in (("gate", "up") if which == "both" else (which,))}
+    swiglu_backward(dgate, dup, 4 * dout, gate, up, fp8_gate=outputs.get("gate"), fp8_up=outputs.get("up"))
+    for name, expected, written in (("gate", expected_dgate, dgate), ("up", expected_dup, dup)):
+        if name not in outputs:
+            assert torch.equal(written, expected)
+            continue
+        out8, scale, amax = outputs[name]
+        cast_of_gradient = torch.empty((N, H), dtype=torch.float8_e5m2, device=device)
+        cast(cast_of_gradient, expected, scale)
+        assert torch.equal(out8.view(torch.uint8), cast_of_gradient.view(torch.uint8))
+        assert (expected.float() * scale > 57344).any()
+        assert amax.item() == expected.float().abs().max().item()
+        assert written.isnan().all()
