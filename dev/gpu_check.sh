@@ -231,8 +231,10 @@ PY
         run python3 dev/bench.py --contenders mainline,fp8 --gelu_fusion 0 --steps 10 --warmup 3 \
             --json "${OUT:-.}/bench_fp8_d12_gelu_kernel.json"
         run python3 dev/kernels/run.py fp8_cast layernorm ;;
-    fp8_profile)  # where the FP8 step's time goes, kernel by kernel
-        run python3 dev/profile_step.py --precision fp8 ;;
+    fp8_profile)  # where the FP8 step's time goes, kernel by kernel and stream by stream, at d12 and d24 (its trace too)
+        run python3 dev/profile_step.py --precision fp8
+        run python3 dev/profile_step.py --precision fp8 --model d24 -b 48 --steps 2 --trace "${OUT:-.}/trace_fp8_d24.json"
+        gzip -f "${OUT:-.}/trace_fp8_d24.json" ;;
     fp8_curves)
         # 1,000 steps of tiny Shakespeare, d12 B=16 T=1024, the same init, data and hyperparameters: FP8 against bf16,
         # and bf16 against itself run again (float atomics sum in another order): the gap FP8's is to be judged by

@@ -6,8 +6,8 @@
     python dev/profile_step.py --model llama3.2-1b -b 8 -t 2048        # Llama 3's mainline
 
 Prints where a step makes the host wait for the GPU (torch's sync debug mode), the GPU time per kernel (grouped by
-name, sorted) and per kind of kernel (matmul, attention, the rest), the step's wall time, and the GPU's busy time
-within it: wall minus busy is time the GPU sat idle (launch gaps, host work, synchronisation), and the longest of
+name, sorted) and per kind of kernel (matmul, attention, the rest), the busy time of each stream, the step's wall
+time, and the GPU's busy time within it: wall minus busy is time the GPU sat idle (launch gaps, host work, synchronisation), and the longest of
 those gaps with the kernels on either side. With --contender compile it profiles dev/bench.py's torch.compile step
 instead, so the two breakdowns can be set side by side.
 """
@@ -87,10 +87,11 @@ def print_synchronizations(step):
     print(f"host-device synchronizations in one step: {len(in_step)} ({', '.join(in_step)})")
 
 
-def kernel_spans(prof):
-    """(start, end, name) of every GPU kernel and copy in the trace, by start time (microseconds)."""
+def kernel_spans(prof, stream=None):
+    """(start, end, name) of every GPU kernel and copy in the trace (on one stream if given), by start time
+    (microseconds)."""
     return sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
-                  if e.device_type == torch.autograd.DeviceType.CUDA)
+                  if e.device_type == torch.autograd.DeviceType.CUDA and stream in (None, e.device_resource_id))
 
 
 def busy_time(spans):
@@ -102,6 +103,21 @@ def busy_time(spans):
             busy += end - max(start, last_end)
             last_end = end
     return busy
+
+
+def print_streams(prof, steps):
+    """The GPU's busy time on each stream (the backward's weight gradients run on a side stream beside the main
+    one): a stream busy for nearly the whole step is its critical path, and work taken off another one gains
+    nothing."""
+    streams = sorted({e.device_resource_id for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+    for stream in streams:
+        spans = kernel_spans(prof, stream)
+        kinds = {}
+        for start, end, name in spans:
+            kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + (end - start) / 1000 / steps
+        print(f"stream {stream}: busy {busy_time(spans) / 1000 / steps:.1f} ms/step, {len(spans) / steps:.0f} kernels "
+              f"a step (" + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]))
+              + ")")
 
 
 def print_gaps(spans, steps, top=8):
@@ -168,6 +184,7 @@ def main():
     print(f"{args.contender} {args.model} B={B} T={T} attention={args.attention} recompute={args.recompute}: "
           f"wall {wall_ms:.1f} ms/step (profiled), GPU busy {busy_ms:.1f} ms, idle {wall_ms - busy_ms:.1f} ms")
     print("by kind: " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    print_streams(prof, args.steps)
     print_gaps(spans, args.steps)
     print(f"{'ms/step':>8s} {'calls':>6s}  kernel (times overlap where kernels ran on both streams)")
     for name, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]:

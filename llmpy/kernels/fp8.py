@@ -74,11 +74,13 @@ def _round_to_fp8(x, dtype: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA: tl.co
 @triton.jit
 def store_scaled(out8_ptr, offsets, y, mask, scale_ptr, FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr,
                  MIN_EXP: tl.constexpr):
-    """For a kernel that writes a matmul's FP8 input itself (a fused cast): stores fp8(y * scale) (y fp32) at
-    out8_ptr + offsets where mask, and returns max |y| over the masked tile, for the caller's amax."""
+    """For a kernel that writes a matmul's FP8 operand itself (a fused cast): stores fp8(y * scale) (y fp32) at
+    out8_ptr + offsets where mask, and returns |y| where mask (0 elsewhere), for the caller's amax. A kernel that
+    stores several tiles keeps their elementwise maximum and reduces it once, at its end (tl.max): a reduction crosses
+    the warps through shared memory, behind a barrier, which once a tile would stall the loads of the next."""
     q = _round_to_fp8(y * tl.load(scale_ptr), out8_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
     tl.store(out8_ptr + offsets, q, mask=mask)
-    return tl.max(tl.where(mask, tl.abs(y), 0.0))
+    return tl.where(mask, tl.abs(y), 0.0)
 
 
 @triton.jit

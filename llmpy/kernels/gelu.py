@@ -58,7 +58,7 @@ def _gelu_forward_kernel(out_ptr, inp_ptr, numel, out8_ptr, scale_ptr, amax_ptr,
                          BLOCKS: tl.constexpr):
     # BLOCKS consecutive blocks a program; with FP8 (out8 = fp8(gelu(inp) * scale) in out's stead) their amax goes
     # out in one atomic max a program
-    largest = 0.0
+    largest = tl.zeros((BLOCK,), dtype=tl.float32)  # elementwise over the blocks, reduced at the end
     for block in range(BLOCKS):
         offsets = (tl.program_id(0).to(tl.int64) * BLOCKS + block) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel
@@ -70,7 +70,7 @@ def _gelu_forward_kernel(out_ptr, inp_ptr, numel, out8_ptr, scale_ptr, amax_ptr,
         else:
             tl.store(out_ptr + offsets, y, mask=mask)
     if FP8:
-        tl.atomic_max(amax_ptr, largest, sem="relaxed")
+        tl.atomic_max(amax_ptr, tl.max(largest, axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _gelu_backward_kernel(
 ):
     columns, column_mask, first_row, end_row = row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
     column_sums = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)
-    largest = 0.0
+    largest = tl.zeros((ROWS, BLOCK_OC), dtype=tl.float32)  # |dinp|, elementwise over the tiles (FP8)
     for tile_start in range(first_row, end_row, ROWS):
         _, mask, offsets = row_tile(tile_start, end_row, columns, column_mask, OC, ROWS)
         x = tl.load(inp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -111,7 +111,7 @@ def _gelu_backward_kernel(
     if SUM_COLUMNS:
         tl.store(partials_ptr + tl.program_id(0) * OC + columns, tl.sum(column_sums, axis=0), mask=column_mask)
     if FP8:
-        tl.atomic_max(amax_ptr, largest, sem="relaxed")
+        tl.atomic_max(amax_ptr, tl.max(tl.max(largest, axis=1), axis=0), sem="relaxed")
 
 
 def gelu_forward(out, inp, fp8_out=None):

@@ -119,8 +119,8 @@ def _layernorm_forward_kernel(
         out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
     out = round_to(out, out_ptr.dtype.element_ty)
     if FP8:  # out rounded to the activation dtype first: the FP8 values a cast of the stored out would give
-        largest = store_scaled(out8_ptr, offsets, out.to(tl.float32), mask, scale_ptr, FP8_MAX, MANTISSA, MIN_EXP)
-        tl.atomic_max(amax_ptr, largest, sem="relaxed")
+        magnitudes = store_scaled(out8_ptr, offsets, out.to(tl.float32), mask, scale_ptr, FP8_MAX, MANTISSA, MIN_EXP)
+        tl.atomic_max(amax_ptr, tl.max(magnitudes), sem="relaxed")
     else:
         tl.store(out_ptr + offsets, out, mask=mask)
     if not RMS:

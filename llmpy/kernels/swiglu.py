@@ -132,13 +132,13 @@ def _swiglu_backward_kernel(
     dgate = round_to(dout * up * (s * (1.0 + gate * one_minus_s)), dgate_ptr.dtype.element_ty)
     # FP8: from the values rounded to the gradients' dtype, the bytes a cast of them would write
     if DGATE8:
-        tl.atomic_max(dgate_amax_ptr, store_scaled(dgate8_ptr, rows * H + columns, dgate.to(tl.float32), mask,
-                                                   dgate_scale_ptr, FP8_MAX, MANTISSA, MIN_EXP), sem="relaxed")
+        tl.atomic_max(dgate_amax_ptr, tl.max(store_scaled(dgate8_ptr, rows * H + columns, dgate.to(tl.float32), mask,
+                                                          dgate_scale_ptr, FP8_MAX, MANTISSA, MIN_EXP)), sem="relaxed")
     else:
         tl.store(dgate_ptr + rows * stride_dgate + columns, dgate, mask=mask)
     if DUP8:
-        tl.atomic_max(dup_amax_ptr, store_scaled(dup8_ptr, rows * H + columns, dup.to(tl.float32), mask,
-                                                 dup_scale_ptr, FP8_MAX, MANTISSA, MIN_EXP), sem="relaxed")
+        tl.atomic_max(dup_amax_ptr, tl.max(store_scaled(dup8_ptr, rows * H + columns, dup.to(tl.float32), mask,
+                                                        dup_scale_ptr, FP8_MAX, MANTISSA, MIN_EXP)), sem="relaxed")
     else:
         tl.store(dup_ptr + rows * stride_dup + columns, dup, mask=mask)
 
