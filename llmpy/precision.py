@@ -35,7 +35,8 @@ that kind waits to overwrite until the weight gradient, on the side stream, has 
 Fused casts: a kernel that writes a linear layer's input can write it in e4m3 itself, with its amax (fp8_input):
 GPT-2's layernorms and its GELU kernel (with -ge 0; cuBLASLt's GELU epilogue writes bf16) and Llama's first RMSNorm
 of a layer do, so those inputs cost no cast of their own. So can a kernel that writes a linear layer's output
-gradient write it in e5m2 (fp8_grad): GPT-2's GELU backward, for the fc layer.
+gradient write it in e5m2 (fp8_grad): GPT-2's GELU backward, for the fc layer, and Llama's SwiGLU backward, for
+the gate and up projections.
 """
 
 import torch
