@@ -44,9 +44,12 @@ bench_largest() {  # model, extra flags, contenders, then batch sizes, largest f
 # minutes of steps that fail on it one by one
 needs=()
 has_step() { [[ " ${steps[*]} " == *" $1 "* ]]; }
-python3 -c "import cudnn" 2>/dev/null || needs+=("NVIDIA's cuDNN frontend (pip install nvidia-cudnn-frontend): the default attention")
-has_step fp8_bench && { python3 -c "import torchao" 2>/dev/null || needs+=("torchao (pip install torchao): fp8_bench's float8 contender"); }
-[ -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ] || needs+=("the tiny Shakespeare shards: python dev/data/tinyshakespeare.py")
+python3 -c "import cudnn" 2>/dev/null ||
+    needs+=("NVIDIA's cuDNN frontend (pip install nvidia-cudnn-frontend): the default attention")
+has_step fp8_bench && { python3 -c "import torchao" 2>/dev/null ||
+    needs+=("torchao (pip install torchao): fp8_bench's float8 contender"); }
+[ -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ] ||
+    needs+=("the tiny Shakespeare shards: python dev/data/tinyshakespeare.py")
 for step in llama llama_bench llama_curves fp8_llama; do
     has_step $step && { [ -f dev/data/tinyshakespeare/tiny_shakespeare_llama3_train.bin ] ||
         needs+=("the Llama 3 tiny Shakespeare shards ($step): python dev/data/tinyshakespeare.py -m llama-3"); break; }
@@ -231,9 +234,10 @@ PY
         run python3 dev/bench.py --contenders mainline,fp8 --gelu_fusion 0 --steps 10 --warmup 3 \
             --json "${OUT:-.}/bench_fp8_d12_gelu_kernel.json"
         run python3 dev/kernels/run.py fp8_cast layernorm ;;
-    fp8_profile)  # where the FP8 step's time goes, kernel by kernel and stream by stream, at d12 and d24 (its trace too)
+    fp8_profile)  # where the FP8 step's time goes, kernel by kernel and stream by stream, at d12 and d24 (with trace)
         run python3 dev/profile_step.py --precision fp8
-        run python3 dev/profile_step.py --precision fp8 --model d24 -b 48 --steps 2 --trace "${OUT:-.}/trace_fp8_d24.json"
+        run python3 dev/profile_step.py --precision fp8 --model d24 -b 48 --steps 2 \
+            --trace "${OUT:-.}/trace_fp8_d24.json"
         gzip -f "${OUT:-.}/trace_fp8_d24.json" ;;
     fp8_curves)
         # 1,000 steps of tiny Shakespeare, d12 B=16 T=1024, the same init, data and hyperparameters: FP8 against bf16,

@@ -197,15 +197,15 @@ def swiglu_backward(dgate, dup, dout, gate, up, fp8_gate=None, fp8_up=None):
         raise ValueError("swiglu_backward: dgate and dup must be different tensors")
     rows, block_columns = _tile(H)
     grid = (triton.cdiv(N, rows), triton.cdiv(H, block_columns))
-    dgate8, dgate_format = fused_output(fp8_gate, gate)
-    dup8, dup_format = fused_output(fp8_up, up)
-    fp8_format = {name: value for name, value in (dup_format if fp8_up is not None else dgate_format).items()
-                  if name != "FP8"}
     if fp8_gate is not None and fp8_up is not None and fp8_gate[0].dtype != fp8_up[0].dtype:
         raise ValueError("swiglu_backward: fp8_gate and fp8_up must be of one FP8 format")
+    dgate8, dgate_constants = fused_output(fp8_gate, gate)
+    dup8, dup_constants = fused_output(fp8_up, up)
+    # one format's constants serve both outputs: the FP8 one's (FP8 itself becomes DGATE8 and DUP8)
+    constants = dup_constants if fp8_up is not None else dgate_constants
     _swiglu_backward_kernel[grid](
         dgate, dup, dout, gate, up, N, H,
         dgate.stride(0), dup.stride(0), dout.stride(0), gate.stride(0), up.stride(0), *dgate8, *dup8,
-        DGATE8=fp8_gate is not None, DUP8=fp8_up is not None, **fp8_format, ROWS=rows, BLOCK_H=block_columns,
-        num_warps=8,
+        DGATE8=dgate_constants["FP8"], DUP8=dup_constants["FP8"], FP8_MAX=constants["FP8_MAX"],
+        MANTISSA=constants["MANTISSA"], MIN_EXP=constants["MIN_EXP"], ROWS=rows, BLOCK_H=block_columns, num_warps=8,
     )
