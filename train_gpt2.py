@@ -175,7 +175,8 @@ def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
     if trainer.family is families.GPT2:
         add("-ge", "--gelu_fusion", type=int, default=-1, choices=(-1, 0, 1),
             help="1: the forward's GELU in the fc matmul's cuBLASLt epilogue; 0: our GELU kernel; -1: 1 on Hopper and "
-                 "newer GPUs, else 0 (llm.c's -ge 2, the backward's too, is slower on an H100: BENCHMARKS.md)")
+                 "newer GPUs in bf16, else 0 (under --precision fp8 our kernel writes the next matmul's FP8 input "
+                 "itself; llm.c's -ge 2, the backward's too, is slower on an H100: BENCHMARKS.md)")
     add("--device", default="cuda", help="cuda, cuda:N or auto; cpu only under TRITON_INTERPRET=1 (tests)")
     add("--tokenizer", default=trainer.tokenizer_file, help="llm.c tokenizer file for decoding samples")
     add("--write_model", default=None, metavar="FILE", help="write the final weights as an llm.c model file (fp32)")

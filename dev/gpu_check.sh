@@ -213,26 +213,26 @@ PY
         run python3 dev/compare_logs.py "${OUT:-.}/llama_mainline/main.log" "${OUT:-.}/llama_torch/main.log"
         run python3 dev/plot.py "${OUT:-.}/llama_mainline" "${OUT:-.}/llama_torch" -o "${OUT:-.}/llama_curves.png" ;;
     fp8)
-        # --precision fp8 (llmpy/precision.py): the FP8 casts and cuBLASLt's FP8 matmuls against float64, then the match
-        # test at d12 with FP8's tolerances on both attentions, GELU in the epilogue or not, recompute; then Llama 3
-        run python3 -m pytest -q tests/kernels/test_fp8.py tests/kernels/test_matmul_fp8.py
+        # --precision fp8 (llmpy/precision.py): the FP8 casts, cuBLASLt's FP8 matmuls against float64 and the classifier
+        # writing e5m2 dlogits, then the match test at d12 with FP8's tolerances on both attentions, GELU in the
+        # epilogue or not, recompute
+        run python3 -m pytest -q tests/kernels/test_fp8.py tests/kernels/test_matmul_fp8.py \
+            tests/kernels/test_classifier.py
         [ -f gpt2_124M_debug_state.bin ] || run python3 train_gpt2_torch.py --model d12 --write_tensors 1 --device cuda
         run python3 test_gpt2.py --precision fp8 --attention cudnn -r 0
-        run python3 test_gpt2.py --precision fp8 --attention cudnn -r 0 -ge 0
+        run python3 test_gpt2.py --precision fp8 --attention cudnn -r 0 -ge 1
         run python3 test_gpt2.py --precision fp8 --attention triton -r 2 ;;
     fp8_llama)
         [ -f llama3.2_1B_debug_state.bin ] || run python3 train_llama3_torch.py --model llama3.2-1b --write_tensors 1 \
             --device cuda -b 4 -t 64
         run python3 test_llama3.py --model llama3.2-1b --precision fp8 --attention cudnn --steps 6 ;;
     fp8_bench)
-        # the FP8 mainline (and with its LM head in FP8 too) against bf16's, torch.compile and torchao's float8 at d12
-        # B=64 (issue 19's target: 1.6x torch.compile), then the FP8 casts alone against torch (dev/kernels/fp8_cast.py)
-        # and the layernorm writing e4m3 itself against the layernorm and a cast (dev/kernels/layernorm.py)
-        run python3 dev/bench.py --contenders mainline,fp8,fp8_head,compile,compile_fp8 --steps 10 --warmup 3 \
-            --json "${OUT:-.}/bench_fp8_d12.json"
-        # GELU under FP8: in cuBLASLt's epilogue, then cast (the default on Hopper), or our kernel writing e4m3 itself
-        run python3 dev/bench.py --contenders mainline,fp8 --gelu_fusion 0 --steps 10 --warmup 3 \
-            --json "${OUT:-.}/bench_fp8_d12_gelu_kernel.json"
+        # the FP8 mainline (and with its LM head's gradients in FP8, and with GELU in cuBLASLt's epilogue) against
+        # bf16's, torch.compile and torchao's float8 at d12 B=64 (issue 19's target: 1.6x torch.compile), then the FP8
+        # casts alone against torch (dev/kernels/fp8_cast.py) and the layernorm writing e4m3 itself against the
+        # layernorm and a cast (dev/kernels/layernorm.py)
+        run python3 dev/bench.py --contenders mainline,fp8,fp8_head_grads,fp8_gelu_epilogue,compile,compile_fp8 \
+            --steps 10 --warmup 3 --json "${OUT:-.}/bench_fp8_d12.json"
         run python3 dev/kernels/run.py fp8_cast layernorm ;;
     fp8_profile)  # where the FP8 step's time goes, kernel by kernel and stream by stream, at d12 and d24 (with trace)
         run python3 dev/profile_step.py --precision fp8

@@ -9,8 +9,10 @@ which product runs in which format is decided here and nowhere else:
              forward          out = inp @ W^T            inp e4m3, W e4m3
              input gradient   dinp = dout @ W            dout e5m2, W^T e4m3
              weight gradient  dW (+)= dout^T @ inp       dout^T e5m2, inp^T e4m3   (or in bf16: weight_grads_fp8)
-           Everything else stays as it was: the LM head (its logits' precision is the loss's; the model's
-           fp8_options lm_head=True puts it in FP8 too, dev/bench.py's fp8_head), attention, norms, the optimizer
+           Everything else stays as it was: the LM head (the model's fp8_options lm_head=True puts it in FP8 too,
+           dev/bench.py's fp8_head; lm_head="gradients" its two gradients only, dlogits in e5m2, its logits in bf16:
+           bf16_forward below, fp8_head_grads; both are faster and both cost loss, BENCHMARKS.md), attention, norms,
+           the optimizer
            with its fp32 master weights, and every output of these matmuls (bf16, or the fp32 weight gradients they
            accumulate into). e4m3 has the precision (3 mantissa bits) that weights and activations need;
            e5m2 the range (2^-16 .. 57344) that gradients need.
@@ -35,8 +37,8 @@ that kind waits to overwrite until the weight gradient, on the side stream, has 
 Fused casts: a kernel that writes a linear layer's input can write it in e4m3 itself, with its amax (fp8_input):
 GPT-2's layernorms and its GELU kernel (with -ge 0; cuBLASLt's GELU epilogue writes bf16) and Llama's first RMSNorm
 of a layer do, so those inputs cost no cast of their own. So can a kernel that writes a linear layer's output
-gradient write it in e5m2 (fp8_grad): GPT-2's GELU backward, for the fc layer, and Llama's SwiGLU backward, for
-the gate and up projections.
+gradient write it in e5m2 (fp8_grad): GPT-2's GELU backward, for the fc layer, Llama's SwiGLU backward, for
+the gate and up projections, and the fused classifier, for the LM head when its gradients run in FP8.
 """
 
 import torch
@@ -124,17 +126,20 @@ class _Scales:
 
 
 class FP8:
-    def __init__(self, groups, rows, device, weight_grads_fp8=True, fast_accum=False):
+    def __init__(self, groups, rows, device, weight_grads_fp8=True, fast_accum=False, bf16_forward=()):
         """groups: the linear layers to run in FP8, one group a kind of layer (every layer's qkv projection, ...):
         [[(weight (OC, K) view, its gradient view), ...], ...]; a matmul on any other weight (the LM head) runs in
         bf16. rows: N, the micro-batch's tokens. weight_grads_fp8: the weight gradients in FP8 too (else in bf16, from
-        the bf16 tensors). fast_accum: cuBLASLt's FP8 fast accumulation."""
+        the bf16 tensors). fast_accum: cuBLASLt's FP8 fast accumulation. bf16_forward: the groups (indices) whose
+        forward runs in bf16 and only their gradients in FP8 (the LM head: its logits are the loss's); their forward
+        still casts the input, for the weight gradient."""
         self.weight_grads_fp8, self.fast_accum = weight_grads_fp8, fast_accum
         # the weight gradients read the e4m3 inputs kept here: the model need not save its bf16 ones
         self.keeps_inputs = weight_grads_fp8
         pairs = [pair for group in groups for pair in group]
         self._weights = [w for w, _ in pairs]
         self._group = [g for g, group in enumerate(groups) for _ in group]
+        self._bf16_forward = [g in bf16_forward for g in self._group]
         self._index = {w.data_ptr(): i for i, w in enumerate(self._weights)}
         self._grad_index = {grad.data_ptr(): i for i, (_, grad) in enumerate(pairs)}
         n = len(pairs)
@@ -218,7 +223,7 @@ class FP8:
 
     def fp8_grad(self, weight, rows):
         """fp8_input's twin for the backward: for the kernel that writes weight's output gradient (GPT-2's GELU
-        backward) to write it in e5m2 itself, into the buffer of weight's group: (out (rows, OC) e5m2, scale, amax), or
+        backward, the classifier) to write it in e5m2 itself, into the buffer of weight's group: (out (rows, OC) e5m2, scale, amax), or
         None (as fp8_input). The next backward_input of weight then takes out as it is."""
         i = self._index.get(weight.data_ptr())
         if i is None or not self.weight_grads_fp8 or not self._grad_scales.calibrated[i]:
@@ -250,8 +255,11 @@ class FP8:
             vendor.matmul_forward(out, inp, weight, bias, residual)
             return
         i, w8, w_inverse = w
-        vendor.matmul_fp8(out, *self._input(i, inp), w8, w_inverse, bias=bias, c=residual,
-                          fast_accum=self.fast_accum)
+        inp8 = self._input(i, inp)
+        if self._bf16_forward[i]:  # the e4m3 input is for the weight gradient only
+            vendor.matmul_forward(out, inp, weight, bias, residual)
+            return
+        vendor.matmul_fp8(out, *inp8, w8, w_inverse, bias=bias, c=residual, fast_accum=self.fast_accum)
 
     def forward_gelu(self, out, pre_gelu, inp, weight, bias):
         """vendor.matmul_gelu_forward, in FP8 (GELU in cuBLASLt's epilogue)."""

@@ -77,6 +77,25 @@ def test_weight_gradient_is_e5m2_times_e4m3(layer, accumulate):
     assert rel_error(grad, ref) <= 1e-5
 
 
+def test_a_bf16_forward_group_runs_only_its_gradients_in_fp8(layer):
+    """bf16_forward (the LM head under lm_head="gradients": its logits are the loss's): the forward is vendor's
+    product, bit for bit; the input and weight gradients are FP8's products, the weight gradient's e4m3 input the
+    one that forward cast."""
+    _, weight, grad, inp, dout = layer
+    matmuls = precision.matmuls("fp8", [[(weight, grad)]], N, torch.float32, "cpu", bf16_forward=[0])
+    out, expected = torch.full((N, OC), float("nan")), torch.full((N, OC), float("nan"))
+    matmuls.prepare()
+    matmuls.forward(out, inp, weight)
+    vendor.matmul_forward(expected, inp, weight)
+    assert torch.equal(out, expected)
+    dinp = torch.full((N, K), float("nan"))
+    matmuls.backward_input(dinp, dout, weight)
+    assert rel_error(dinp, fp8_values(dout, E5M2) @ fp8_values(weight, E4M3)) <= 1e-5
+    assert rel_error(dinp, dout.double() @ weight.double()) > 1e-3  # FP8 really ran
+    matmuls.backward_weight(grad, dout, inp, accumulate=False)
+    assert rel_error(grad, fp8_values(dout, E5M2).t() @ fp8_values(inp, E4M3)) <= 1e-5
+
+
 def test_every_layer_keeps_its_own_input_for_its_weight_gradient():
     """Two layers of one group (two weights of one kind), in a model's order: both forwards, then each layer's
     input gradient and weight gradient, the top layer first. Each weight gradient is of its own layer's input and
@@ -201,10 +220,10 @@ def test_bf16_is_vendor_and_nonsense_is_refused():
         precision.matmuls("fp16", [], N, torch.bfloat16, "cpu")
 
 
-@pytest.mark.parametrize("lm_head", [False, True])
+@pytest.mark.parametrize("lm_head", [False, True, "gradients"])
 def test_the_lm_head_is_fp8_only_when_asked(lm_head):
     """A tiny GPT-2 in FP8: its logits are the LM head's product of lnf and wte in FP8 with lm_head=True, and the
-    bf16 (here fp32) product without."""
+    bf16 (here fp32) product without, or with its gradients only in FP8 ("gradients")."""
     from llmpy import models
     from llmpy.configs.gpt2 import GPT2Config
 
@@ -214,7 +233,7 @@ def test_the_lm_head_is_fp8_only_when_asked(lm_head):
     model.init_weights(0)
     model.forward(torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0)))
     lnf, wte = model.acts.lnf, model.p["wte"]
-    ref = fp8_values(lnf, E4M3) @ fp8_values(wte, E4M3).t() if lm_head else lnf.double() @ wte.double().t()
+    ref = fp8_values(lnf, E4M3) @ fp8_values(wte, E4M3).t() if lm_head is True else lnf.double() @ wte.double().t()
     assert rel_error(model.acts.logits, ref) <= 1e-5
 
 

@@ -218,6 +218,13 @@ def cast_transposed_v5(out_t, x, scale):
     mainline.transpose(out_t, q)
 
 
+def _turn(transpose, out_t, x, scale):
+    """cast_transposed_v5 with another transpose kernel."""
+    q = torch.empty(x.shape, dtype=out_t.dtype, device=x.device)
+    mainline.cast(q, x, scale)
+    transpose(out_t, q)
+
+
 def cast_both_v5(out, out_t, amax, x, scale):
     """The mainline's two copies of a gradient: the row-major cast with its amax (backward_input), then that copy
     turned (backward_weight): 3*R*C + 2*R*C bytes, x read once."""
@@ -225,19 +232,45 @@ def cast_both_v5(out, out_t, amax, x, scale):
     mainline.transpose(out_t, out)
 
 
-def _cast_turned(out_t, out, amax, x, scale):
+def _cast_turned(out_t, out, amax, x, scale, tile=(_V3_BLOCK_R, _V3_BLOCK_C, _V3_TILES, 8)):
     """_cast_turned_kernel: out_t (C, R) = fp8(x * s)^T, and out (R, C) = fp8(x * s) if given, amax maxed into if
-    given. x (R, C) bf16, unit column stride."""
+    given. x (R, C) bf16, unit column stride. tile: (BLOCK_R, BLOCK_C, TILES, warps), v3's by default."""
     R, C = x.shape
     assert x.stride(1) == 1 and out_t.is_contiguous() and out_t.shape == (C, R)
     assert out is None or (out.is_contiguous() and out.shape == x.shape and out.dtype == out_t.dtype)
     _, fp8_max, mantissa, min_exp = mainline.FORMATS[_format(out_t.dtype)]
-    grid = (triton.cdiv(R, _V3_BLOCK_R * _V3_TILES), triton.cdiv(C, _V3_BLOCK_C))
+    block_r, block_c, tiles, warps = tile
+    grid = (triton.cdiv(R, block_r * tiles), triton.cdiv(C, block_c))
     # the pointers not used (ROW_MAJOR, AMAX off) are given out_t's and the scale's, never touched
     _cast_turned_kernel[grid](out_t, out_t if out is None else out, x, scale, scale if amax is None else amax, R, C,
                               x.stride(0), FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp,
-                              ROW_MAJOR=out is not None, AMAX=amax is not None, BLOCK_R=_V3_BLOCK_R,
-                              BLOCK_C=_V3_BLOCK_C, TILES=_V3_TILES, num_warps=8)
+                              ROW_MAJOR=out is not None, AMAX=amax is not None, BLOCK_R=block_r,
+                              BLOCK_C=block_c, TILES=tiles, num_warps=warps)
+
+
+# v6: v4's kernel at other tiles (BLOCK_R, BLOCK_C, TILES, warps), to find whether one read writing both layouts can
+# keep a copy's pace (v4's (128, 64) tiles did not: 0.348 ms at C = 3072 where 4 bytes a value at 3.7 TB/s is 0.22)
+V6_TILES = [(128, 128, 1, 8), (128, 128, 2, 8), (64, 128, 2, 8), (128, 128, 1, 4), (64, 64, 4, 4), (256, 64, 1, 8),
+            (64, 256, 1, 8)]
+
+
+def cast_both_v6(tile):
+    def version(out, out_t, amax, x, scale):
+        _cast_turned(out_t, out, amax, x, scale, tile)
+    return version
+
+
+# the byte transpose (fp8.transpose) at other (BLOCK, warps): its tiles are square
+TRANSPOSE_TILES = [(64, 4), (64, 8), (128, 4), (128, 16), (256, 8), (256, 16)]
+
+
+def transpose_tiled(block, warps):
+    def version(out_t, x8):
+        R, C = x8.shape
+        grid = (triton.cdiv(R, block), triton.cdiv(C, block))
+        mainline._transpose_kernel[grid](out_t.view(torch.uint8), x8.view(torch.uint8), R, C, BLOCK=block,
+                                         num_warps=warps)
+    return version
 
 
 def eager_cast(x, scale, dtype=torch.float8_e4m3fn):
@@ -333,10 +366,13 @@ def check(small: bool) -> list[str]:
                              "v2 mainline, row-strided x": lambda out, amax, _, s: cast_amax_v2(out, amax, x_slice, s)},
         "transposed": {"v2 tiles": cast_transposed_v2, "v3 turned tiles": cast_transposed_v3,
                        "v5 mainline, the copy turned": cast_transposed_v5,
+                       **{f"v5 turned, {b}x{b} tiles, {w} warps": lambda out_t, x, s, b=b, w=w: _turn(transpose_tiled(b, w), out_t, x, s)
+                          for b, w in TRANSPOSE_TILES},
                        "v3 turned tiles, row-strided x": lambda out_t, _, s: cast_transposed_v3(out_t, x_slice, s)},
         "both layouts + amax": {
             "v2 two casts": cast_both_v2, "v4 one read": cast_both_v4, "v5 mainline, cast then turned": cast_both_v5,
-            "v4 one read, row-strided x": lambda out, out_t, amax, _, s: cast_both_v4(out, out_t, amax, x_slice, s)},
+            "v4 one read, row-strided x": lambda out, out_t, amax, _, s: cast_both_v4(out, out_t, amax, x_slice, s),
+            **{"v6 one read, ({}, {}) tiles x{}, {} warps".format(*t): cast_both_v6(t) for t in V6_TILES}},
     }
     bounds = {"row-major": (eager_cast, torch_cast), "row-major + amax": (eager_cast_amax, torch_cast_amax),
               "transposed": (eager_cast_transposed, torch_cast_transposed),
@@ -397,6 +433,8 @@ def benchmark() -> list[Result]:
                     timed(op, "v3 turned tiles", cast_transposed_v3, (out_t, x, scale), one_copy),
                     timed(op, "v5 the FP8 copy turned", mainline.transpose, (out_t, out), 2 * R * C,
                           mainline=True)]
+        results += [timed(op, f"v5 turned, {b}x{b} tiles, {w} warps", transpose_tiled(b, w), (out_t, out), 2 * R * C)
+                    for b, w in TRANSPOSE_TILES]
         results += mark_bound([
             timed(op, "torch eager", eager_cast_transposed, (x, scale), one_copy),
             timed(op, "torch.compile", compiled(torch_cast_transposed), (out_t, x, scale), one_copy),
@@ -405,6 +443,8 @@ def benchmark() -> list[Result]:
         both_args = (out, out_t, amax, x, scale)
         results += [timed(op, "v2 two casts", cast_both_v2, both_args, two_copies),
                     timed(op, "v4 one read", cast_both_v4, both_args, two_copies),
+                    *(timed(op, "v6 one read, ({}, {}) tiles x{}, {} warps".format(*t), cast_both_v6(t), both_args,
+                            two_copies) for t in V6_TILES),
                     timed(op, "v5 cast, then turned", cast_both_v5, both_args, two_copies, mainline=True)]
         results += mark_bound([timed(op, "torch eager", eager_cast_both, (x, scale), two_copies),
                                timed(op, "torch.compile", compiled(torch_cast_both), both_args, two_copies)])

@@ -21,6 +21,10 @@ Bytes moved per row: Vp elements read twice and written once (the second read mo
 read), the floor for an in-place loss + gradient when the row (100 KB in bf16) is too big for registers. All math
 is fp32; exponentials per element: two (one per sweep).
 
+Under --precision fp8 with the LM head's gradients in FP8 (llmpy.precision), sweep 2 can write dlogits in e5m2
+instead (fp8_out, as the GELU backward writes the fc layer's gradient: llmpy.kernels.fp8.store_scaled): 1 byte a
+value where bf16 takes 2, and no cast after it; the LM head's input and weight gradients then read those bytes.
+
 Targets outside [0, V) are not checked on the host (that would need a device sync); the kernel makes their loss NaN
 instead of reading out of bounds, so a bad target shows up in the loss.
 """
@@ -30,6 +34,7 @@ import triton
 import triton.language as tl
 
 from llmpy.kernels import INTERPRET
+from llmpy.kernels.fp8 import fused_output, store_scaled
 from llmpy.kernels.rounding import round_to
 
 # 4096 columns per block: 16 per thread at 8 warps, read as two 16-byte vectors of bf16; 13 blocks per GPT-2 row.
@@ -55,7 +60,9 @@ def load_real_columns(row_ptr, cols, V, Vp):
 @triton.jit
 def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
                              stride_row, V, Vp, dloss,
-                             BLOCK_V: tl.constexpr, WRITE_DLOGITS: tl.constexpr):
+                             out8_ptr, scale_ptr, amax_ptr,  # with FP8: dlogits in e5m2, (N, Vp) contiguous
+                             BLOCK_V: tl.constexpr, WRITE_DLOGITS: tl.constexpr, FP8: tl.constexpr,
+                             FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row  # (N, Vp) is over 2^31 elements for GPT-2 at B*T=65536
     cols = tl.arange(0, BLOCK_V)
@@ -81,14 +88,22 @@ def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
 
     # sweep 2: overwrite the row, padding included, with dloss * (softmax - onehot(target))
     if WRITE_DLOGITS:
+        largest = tl.zeros([BLOCK_V], dtype=tl.float32)  # |dlogits|, elementwise over the blocks (FP8)
         for start in range(0, Vp, BLOCK_V):
             x = load_real_columns(row_ptr, start + cols, V, Vp)
             grad = tl.exp(x - m) * inv_sum_exp - tl.where(start + cols == target, 1.0, 0.0)
-            tl.store(row_ptr + start + cols, round_to(grad * dloss, logits_ptr.dtype.element_ty),
-                     mask=start + cols < Vp)
+            dlogits = round_to(grad * dloss, logits_ptr.dtype.element_ty)
+            if FP8:  # from the values rounded to the logits' dtype: the bytes a cast of dlogits would write
+                largest = tl.maximum(largest, store_scaled(out8_ptr + row.to(tl.int64) * Vp, start + cols,
+                                                           dlogits.to(tl.float32), start + cols < Vp, scale_ptr,
+                                                           FP8_MAX, MANTISSA, MIN_EXP))
+            else:
+                tl.store(row_ptr + start + cols, dlogits, mask=start + cols < Vp)
+        if FP8:
+            tl.atomic_max(amax_ptr, tl.max(largest, axis=0), sem="relaxed")
 
 
-def fused_classifier(logits, losses, targets, V, dloss, write_dlogits=True):
+def fused_classifier(logits, losses, targets, V, dloss, write_dlogits=True, fp8_out=None):
     """Per-row cross-entropy losses and, in place, the gradient with respect to the logits.
 
     logits: (N, Vp) bf16 or fp32, unit column stride, Vp >= V; columns [V, Vp) are ignored. With write_dlogits,
@@ -96,6 +111,9 @@ def fused_classifier(logits, losses, targets, V, dloss, write_dlogits=True):
     losses: (N,) fp32, written: logsumexp(logits[n, :V]) - logits[n, targets[n]] (NaN where a target is not in [0, V)).
     targets: (N,) int32 (or int64) token ids in [0, V).
     V: the real vocabulary size. dloss: float, d(loss)/d(losses[n]) for every row, e.g. 1 / (N * grad_accum_steps).
+    fp8_out (out8, scale, amax), from the LM head's precision (llmpy.precision.FP8.fp8_grad), with write_dlogits:
+        out8 (N, Vp) = fp8(dlogits * scale) is written instead of dlogits, as fp8.cast of dlogits would write it, and
+        max |dlogits| maxed into amax; logits are then left as they were.
     """
     N, Vp = logits.shape
     if logits.stride(1) != 1 or not 0 < V <= Vp:
@@ -105,6 +123,7 @@ def fused_classifier(logits, losses, targets, V, dloss, write_dlogits=True):
         raise ValueError(f"fused_classifier: losses must be ({N},) float32, got {tuple(losses.shape)} {losses.dtype}")
     if targets.shape != (N,) or targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fused_classifier: targets must be ({N},) int32, got {tuple(targets.shape)} {targets.dtype}")
-    _fused_classifier_kernel[(N,)](logits, losses, targets, logits.stride(0), V, Vp, float(dloss),
-                                   BLOCK_V=block_columns(Vp), WRITE_DLOGITS=write_dlogits,
-                                   num_warps=NUM_WARPS)
+    fp8_pointers, fp8_constants = fused_output(fp8_out if write_dlogits else None, logits)
+    _fused_classifier_kernel[(N,)](logits, losses, targets, logits.stride(0), V, Vp, float(dloss), *fp8_pointers,
+                                   BLOCK_V=block_columns(Vp), WRITE_DLOGITS=write_dlogits, num_warps=NUM_WARPS,
+                                   **fp8_constants)

@@ -235,7 +235,8 @@ def cast(out, x, scale, amax_out=None, transpose=False):
                        AMAX=amax_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, TILES=_TILES, num_warps=8)
 
 
-_TRANSPOSE_BLOCK = 128
+_TRANSPOSE_BLOCK = 128  # (128, 128) tiles of bytes with 16 warps: of the tiles and warps dev/kernels/fp8_cast.py
+# times, the fastest on the H200 (BENCHMARKS.md)
 
 
 def transpose(out, x):
@@ -251,7 +252,8 @@ def transpose(out, x):
     if R * C:
         grid = (triton.cdiv(R, _TRANSPOSE_BLOCK), triton.cdiv(C, _TRANSPOSE_BLOCK))
         # as bytes: a copy needs no FP8 arithmetic (nor the interpreter's FP8 support)
-        _transpose_kernel[grid](out.view(torch.uint8), x.view(torch.uint8), R, C, BLOCK=_TRANSPOSE_BLOCK, num_warps=8)
+        _transpose_kernel[grid](out.view(torch.uint8), x.view(torch.uint8), R, C, BLOCK=_TRANSPOSE_BLOCK,
+                                num_warps=16)
 
 
 def fused_output(fp8_out, like):

@@ -7,7 +7,7 @@ subclasses Model and writes _forward, backward and init_weights.
 import torch
 
 from .. import precision as precisions
-from ..kernels import encoder, reduce
+from ..kernels import classifier, encoder, reduce
 
 
 class Model:
@@ -17,8 +17,9 @@ class Model:
         """For micro-batches of (B, T) tokens on runtime's buffers. deterministic: the embedding's backward sums each
         token's rows in an order fixed by the tokens (encoder.DeterministicEncoderBackward, from tables made on the
         host) instead of with float atomics. precision "bf16" or "fp8", fp8_options (llmpy.precision.FP8's, and
-        lm_head=True: the LM head in FP8 too): the matmuls the family's forward and backward call, self.matmuls;
-        FP8 for the LINEAR weights."""
+        lm_head: False, the default, the LM head in bf16; True, its three products in FP8; "gradients", its two
+        backward products in FP8 and its forward (the logits, the loss) in bf16): the matmuls the family's forward
+        and backward call, self.matmuls; FP8 for the LINEAR weights."""
         device = runtime.device
         self.config, self.B, self.T, self.runtime = config, B, T, runtime
         self.p, self.g = runtime.p, runtime.g
@@ -26,8 +27,13 @@ class Model:
         # a group a kind of linear layer: its weight in every layer
         linear = [[(self.p[name][l], self.g[name][l]) for l in range(config.num_layers)] for name in self.LINEAR]
         fp8_options = dict(fp8_options or {})
-        if fp8_options.pop("lm_head", False):
+        lm_head = fp8_options.pop("lm_head", False)
+        if lm_head not in (False, True, "gradients"):
+            raise ValueError(f"fp8_options lm_head must be False, True or 'gradients', not {lm_head!r}")
+        if lm_head:
             linear.append([(self.p[self.head_name(config)], self.g[self.head_name(config)])])
+            if lm_head == "gradients":
+                fp8_options["bf16_forward"] = [len(linear) - 1]
         self.matmuls = precisions.matmuls(precision, linear, B * T, runtime.dtype, device, **fp8_options)
         self.inputs = torch.zeros(B, T, dtype=torch.int32, device=device)
         self.targets = torch.zeros(B, T, dtype=torch.int32, device=device)
@@ -39,6 +45,16 @@ class Model:
         keep the linear layers' inputs themselves (FP8: matmuls.keeps_inputs); then the bf16 ones are scratch, one
         slot for all layers (shared 2), and nothing is recomputed."""
         return (0, 2) if self.matmuls.keeps_inputs else (recompute, recompute)
+
+    def _head(self, has_targets, dloss, train):
+        """The LM head, acts.lnf (N, C) @ W^T into acts.logits (N, Vp), and with targets the fused classifier: the
+        losses, and dlogits (scaled by dloss) for training, in place or, where the head's gradients run in FP8, in
+        e5m2 written by the classifier itself (matmuls.fp8_grad)."""
+        a, head, N = self.acts, self.p[self.head_name(self.config)], self.B * self.T
+        self.matmuls.forward(a.logits, a.lnf, head)
+        if has_targets:
+            classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), self.config.vocab_size, dloss,
+                                        write_dlogits=train, fp8_out=self.matmuls.fp8_grad(head, N) if train else None)
 
     @staticmethod
     def head_name(config):

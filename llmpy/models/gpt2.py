@@ -15,7 +15,7 @@ import torch
 
 from .. import precision
 from ..configs.gpt2 import gpt2_init, param_table
-from ..kernels import attention, bias, classifier, encoder, gelu, layernorm
+from ..kernels import attention, bias, encoder, gelu, layernorm
 from ..runtime import Runtime
 from .attention import Attention, choose_attention
 from .base import Model
@@ -149,8 +149,10 @@ class GPT2(Model):
                  deterministic=False, precision="bf16", fp8_options=None):
         """GPT-2 of this config for micro-batches of (B, T) tokens, on runtime's buffers (made from
         param_table(config)). recompute 0/1/2 (Activations). attention_impl "cudnn" or "triton" (choose_attention).
-        gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on Hopper and newer,
-        where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues slower.
+        gelu_fusion 1: the forward's GELU in the fc matmul's cuBLASLt epilogue (GPU only); -1: 1 on Hopper and newer
+        in bf16, where it was measured faster, 0 on older GPUs, where llm.c found cuBLASLt's GELU epilogues slower,
+        and 0 under FP8, where our kernel writes the fc projection's e4m3 input itself (the epilogue writes bf16, then
+        a cast reads it): measured faster on the H200 (BENCHMARKS.md).
         deterministic: the embedding's backward in a fixed order (Model). precision "bf16" or "fp8" and fp8_options:
         the linear layers' matmuls (llmpy.precision)."""
         if gelu_fusion not in (-1, 0, 1):
@@ -158,7 +160,8 @@ class GPT2(Model):
         device, dtype = runtime.device, runtime.dtype
         attention_impl = choose_attention(config, T, attention_impl, dtype, device)
         if gelu_fusion == -1:
-            gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+            gelu_fusion = int(device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+                              and precision != "fp8")
         super().__init__(config, B, T, runtime, deterministic, precision, fp8_options)
         self.recompute, shared = self._saved_activations(recompute)
         self.attention_impl = attention_impl
@@ -202,10 +205,7 @@ class GPT2(Model):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             layer_forward(p, l, residual, self._layer_acts(l), self._attend, self.gelu_fusion, self.matmuls)
         layernorm.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.residual3[L - 1], p["lnfw"], p["lnfb"])
-        self.matmuls.forward(a.logits, a.lnf, p["wte"])  # LM head, tied to wte: (N, C) @ (C, Vp)
-        if has_targets:
-            classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,
-                                        write_dlogits=train)
+        self._head(has_targets, dloss, train)  # LM head, tied to wte: (N, C) @ (C, Vp), and the loss
 
     def _attend(self, l, acts):
         self.attention.forward(l, acts.qkv, acts.atty)

@@ -24,7 +24,7 @@ width, L layers, V vocab (128,256: a multiple of 128, so no padding), N = B*T ro
 import torch
 
 from ..configs.llama3 import init_params, param_table, rope_tables
-from ..kernels import bias, classifier, encoder, layernorm, rope, swiglu
+from ..kernels import bias, encoder, layernorm, rope, swiglu
 from ..runtime import Runtime
 from .attention import Attention, choose_attention
 from .base import Model
@@ -120,10 +120,7 @@ class Llama3(Model):
         for l in range(L):
             self._layer_forward(l, a.encoded if l == 0 else a.residual3[l - 1])
         layernorm.rmsnorm_forward(a.lnf, a.lnf_rstd, a.residual3[L - 1], p["lnfw"], cfg.norm_eps)
-        self.matmuls.forward(a.logits, a.lnf, p[self.head])  # (N, C) @ (C, V)
-        if has_targets:
-            classifier.fused_classifier(a.logits, a.losses, self.targets.view(-1), cfg.vocab_size, dloss,
-                                        write_dlogits=train)
+        self._head(has_targets, dloss, train)  # (N, C) @ (C, V), and the loss
 
     def _layer_forward(self, l, residual):
         """Layer l on the residual stream residual (N, C), into its activations; its output is acts.residual3[l]."""

@@ -110,3 +110,27 @@ def test_rejects_mismatched_losses(device):
     losses = torch.empty(N, dtype=torch.bfloat16, device=device)
     with pytest.raises(ValueError, match="losses must be"):
         fused_classifier(logits, losses, targets, V, 1.0)
+
+
+def test_fp8_output_is_the_cast_of_dlogits(device):
+    """fp8_out (--precision fp8 with the LM head's gradients in FP8: the classifier writes dlogits in e5m2 itself):
+    out8 must hold, bit for bit, what fp8.cast writes for the classifier's own bf16 dlogits at the same scale (2^20:
+    the target columns' values, near -dloss = -1/6, saturate at -57344; the padded columns are 0), the amax must be
+    max |dlogits| maxed into its start value, the losses must be those without fp8_out, and the logits must be left as
+    they were."""
+    from llmpy.kernels.fp8 import cast
+
+    dloss = 1.0 / N
+    logits, targets = make_logits(torch.bfloat16, device, seed=5)
+    expected_losses, expected = run_classifier(logits, targets, dloss)
+    out8 = torch.full((N, VP), 0x55, dtype=torch.uint8).view(torch.float8_e5m2).to(device)
+    scale, amax = torch.tensor([2.0**20], device=device), torch.tensor([1e-3], device=device)
+    result, losses = logits.clone(), torch.full((N,), float("nan"), device=device)
+    fused_classifier(result, losses, targets, V, dloss, fp8_out=(out8, scale, amax))
+    cast_of_dlogits = torch.empty((N, VP), dtype=torch.float8_e5m2, device=device)
+    cast(cast_of_dlogits, expected, scale)
+    assert torch.equal(out8.view(torch.uint8), cast_of_dlogits.view(torch.uint8))
+    assert (expected.float() * scale.item() < -57344).any()
+    assert amax.item() == expected.float().abs().max().item()
+    torch.testing.assert_close(losses, expected_losses, rtol=0, atol=0)
+    assert torch.equal(result.view(torch.int16), logits.view(torch.int16))
