@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
-#                         [hellaswag] [llama] [llama_bench] [fp8] [fp8_bench] [fp8_llama] [fp8_profile]
-#                         [llama_curves] [fp8_curves] [matmul_algos] [bench_large]
-#                         (none: all but the last six)
+#                         [hellaswag] [llama] [llama_bench] [fp8] [fp8_bench] [fp8_llama] [fp8_head]
+#                         [fp8_profile] [llama_curves] [fp8_curves] [matmul_algos] [bench_large]
+#                         (none: all but the last seven)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py, and -m llama-3 for the llama steps) and, for
 # the references' tokenizer files, LLMPY_TIKTOKEN_FILE (and LLMPY_LLAMA3_TOKENIZER_FILE for the llama steps); hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -234,6 +234,14 @@ PY
         run python3 dev/bench.py --contenders mainline,fp8,fp8_head_grads,fp8_gelu_epilogue,compile,compile_fp8 \
             --steps 10 --warmup 3 --json "${OUT:-.}/bench_fp8_d12.json"
         run python3 dev/kernels/run.py fp8_cast layernorm ;;
+    fp8_head)
+        # the LM head's gradients in FP8 (fp8_options lm_head="gradients"): the amax past 2^31 elements (its gradient's
+        # size at d12 B=64), its classifier bytes and two products against float64 (dev/fp8_head_check.py), then its
+        # speed and 13-step loss, and the head all in FP8, against the bf16 head's, in one call
+        run python3 -m pytest -q tests/kernels/test_fp8.py -k past_2
+        run python3 dev/fp8_head_check.py
+        run python3 dev/bench.py --contenders mainline,fp8,fp8_head_grads,fp8_head,compile --steps 10 --warmup 3 \
+            --json "${OUT:-.}/bench_fp8_d12_head.json" ;;
     fp8_profile)  # where the FP8 step's time goes, kernel by kernel and stream by stream, at d12 and d24 (with trace)
         run python3 dev/profile_step.py --precision fp8
         run python3 dev/profile_step.py --precision fp8 --model d24 -b 48 --steps 2 \
@@ -256,7 +264,7 @@ PY
         bench_largest d36 "" compile,mainline,fp8 28 24 ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample, hellaswag," \
-            "llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_profile, llama_curves, fp8_curves, matmul_algos," \
+            "llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_profile, llama_curves, fp8_curves, matmul_algos," \
             "bench_large)"; status=1 ;;
     esac
 done

@@ -11,10 +11,9 @@ which product runs in which format is decided here and nowhere else:
              weight gradient  dW (+)= dout^T @ inp       dout^T e5m2, inp^T e4m3   (or in bf16: weight_grads_fp8)
            Everything else stays as it was: the LM head (the model's fp8_options lm_head=True puts it in FP8 too,
            dev/bench.py's fp8_head; lm_head="gradients" its two gradients only, dlogits in e5m2, its logits in bf16:
-           bf16_forward below, fp8_head_grads; both are faster and both cost loss, BENCHMARKS.md), attention, norms,
-           the optimizer
-           with its fp32 master weights, and every output of these matmuls (bf16, or the fp32 weight gradients they
-           accumulate into). e4m3 has the precision (3 mantissa bits) that weights and activations need;
+           bf16_forward below, fp8_head_grads; both faster, their loss to be measured again, BENCHMARKS.md),
+           attention, norms, the optimizer with its fp32 master weights, and every output of these matmuls (bf16, or
+           the fp32 weight gradients they accumulate into). e4m3 has the precision (3 mantissa bits) that weights and activations need;
            e5m2 the range (2^-16 .. 57344) that gradients need.
 
 Scaling. Activations and gradients: delayed, each tensor's scale from the largest amax of its last HISTORY casts

@@ -259,3 +259,36 @@ def test_under_fp8_the_bf16_linear_inputs_are_scratch(family):
         expected = (1, 1, 1) if slots == 1 else (3, 3, 1 if recompute else 3)
         assert (len(acts.ln1), len(acts.ln2), len(getattr(acts, hidden))) == expected
         assert model.recompute == (0 if slots == 1 else recompute)
+
+
+def test_the_lm_heads_fp8_gradients_are_the_products_of_their_fp8_operands(tmp_path):
+    """dev/fp8_head_check.py on a tiny GPT-2 (GPT-2's vocabulary) under the interpreter, lm_head="gradients": after a
+    calibrating micro-batch the classifier writes the e5m2 bytes a cast of torch's dlogits would (all but 1 in 10^5:
+    the last bits of a softmax's exponentials may flip a rounding; 2 of 1.6 million differ here), the
+    input and weight gradients are the float64 products of their FP8 operands (1e-5: fp32 sums), FP8's rounding moves
+    them a few % from the bf16 operands' products (between 1e-3 and 0.1), and the rows of the tokens absent from the
+    batch (all push-down) keep their size (the bug this guards against, a zero amax past 2^31 elements, zeroed them;
+    that size is the GPU's: gpu_check.sh fp8_head)."""
+    import re
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from llmpy.formats import write_shard
+
+    shard = tmp_path / "train.bin"
+    write_shard(shard, np.random.default_rng(0).integers(0, 50257, 4096).astype(np.uint16))
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "dev/fp8_head_check.py", "--model", "tiny", "-b", "2", "-t", "16",
+                           "--device", "cpu", "--input_bin", str(shard)], capture_output=True, text=True, cwd=root,
+                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert float(re.search(r"bytes differing from torch's cast: \d+ of \d+ \((\S+)\)", out).group(1)) <= 1e-5, out
+    for name in ("dlnf", "dwte"):
+        fp8, bf16 = map(float, re.search(rf"{name}: against the float64 product of its FP8 operands (\S+), against "
+                                         r"the bf16 operands' (\S+)", out).groups())
+        assert fp8 <= 1e-5 and 1e-3 < bf16 < 0.1, out
+    ratio = float(re.search(r"mean ratio of norms (\S+)", out).group(1))
+    assert 0.9 < ratio < 1.1, out

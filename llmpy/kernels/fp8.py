@@ -84,11 +84,13 @@ def store_scaled(out8_ptr, offsets, y, mask, scale_ptr, FP8_MAX: tl.constexpr, M
 
 
 @triton.jit
-def _amax_kernel(amax_ptr, x_ptr, R, C, stride_r, BLOCK: tl.constexpr):
-    # one program a block of BLOCK elements of the (R, C) tensor, read row by row
+def _amax_kernel(amax_ptr, x_ptr, numel, C, stride_r, BLOCK: tl.constexpr):
+    # one program a block of BLOCK elements of the (R, C) tensor, read row by row. numel = R * C comes from the host,
+    # where it is a 64-bit integer (the LM head's gradient at d12 B=64 has 3.3e9 elements: R * C in the kernel's
+    # 32-bit arguments wrapped to a negative number, masked every load, and made the amax 0)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     rows, columns = offsets // C, offsets % C
-    x = tl.load(x_ptr + rows * stride_r + columns, mask=offsets < R * C, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows * stride_r + columns, mask=offsets < numel, other=0.0).to(tl.float32)
     tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0), sem="relaxed")
 
 
@@ -203,7 +205,8 @@ def amax(out, x):
     R, C = x.shape
     out.zero_()
     if R * C:
-        _amax_kernel[(triton.cdiv(R * C, _AMAX_BLOCK),)](out, x, R, C, x.stride(0), BLOCK=_AMAX_BLOCK, num_warps=8)
+        _amax_kernel[(triton.cdiv(R * C, _AMAX_BLOCK),)](out, x, R * C, C, x.stride(0), BLOCK=_AMAX_BLOCK,
+                                                         num_warps=8)
 
 
 def scale_from_amax(scale, inverse, amax_value, fmt):

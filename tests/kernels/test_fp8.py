@@ -86,6 +86,19 @@ def test_amax_and_the_power_of_two_scale(device, fmt):
     assert scale.item() == 1.0 and inverse.item() == 1.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="4.3 GB on the GPU (the interpreter would take hours)")
+def test_amax_of_a_tensor_past_2_to_the_31_elements():
+    """The LM head's gradient at d12 B=64 is (65,536, 50,304): 3.3e9 elements. With R * C computed in the kernel's
+    32-bit arguments the count wrapped negative, every load was masked and the amax came out 0 (the dlogits' scale
+    1, and most of them flushed to zero in e5m2). Here (65,536, 32,800) bf16, 2.15e9 elements, whose largest value
+    sits in the last row, past element 2^31."""
+    x = torch.zeros(65536, 32800, dtype=torch.bfloat16, device="cuda")
+    x[0, 0], x[-1, -1] = 1.0, -3.0
+    out = torch.zeros(1, device="cuda")
+    amax(out, x)
+    assert out.item() == 3.0
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 def test_delayed_scales_follow_the_amax_history(device, fmt):
     """update_scales against a history kept here in Python: 37 tensors (more than a block), H = 4, five updates in
