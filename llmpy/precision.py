@@ -36,8 +36,11 @@ that kind waits to overwrite until the weight gradient, on the side stream, has 
 Fused casts: a kernel that writes a linear layer's input can write it in e4m3 itself, with its amax (fp8_input):
 GPT-2's layernorms and its GELU kernel (with -ge 0; cuBLASLt's GELU epilogue writes bf16) and Llama's first RMSNorm
 of a layer do, so those inputs cost no cast of their own. So can a kernel that writes a linear layer's output
-gradient write it in e5m2 (fp8_grad): GPT-2's GELU backward, for the fc layer, Llama's SwiGLU backward, for
-the gate and up projections, and the fused classifier, for the LM head when its gradients run in FP8.
+gradient write it in e5m2 (fp8_grad): the norms' backward (LayerNorm's and RMSNorm's), for the projection
+below them (the residual stream's gradient they update is its output gradient), GPT-2's GELU backward, for the fc
+layer, Llama's SwiGLU backward, for the gate and up projections, and the fused classifier, for the LM head when its
+gradients run in FP8. What is still cast: the attention output and the qkv gradient (and with -ge 1 the GELU
+output, which cuBLASLt's epilogue writes in bf16).
 """
 
 import torch

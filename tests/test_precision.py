@@ -292,3 +292,41 @@ def test_the_lm_heads_fp8_gradients_are_the_products_of_their_fp8_operands(tmp_p
         assert fp8 <= 1e-5 and 1e-3 < bf16 < 0.1, out
     ratio = float(re.search(r"mean ratio of norms (\S+)", out).group(1))
     assert 0.9 < ratio < 1.1, out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+def test_the_fused_fp8_outputs_change_no_gradient(family):
+    """The kernels that write a linear layer's FP8 operand themselves (fp8_input: the norms, GPT-2's GELU; fp8_grad:
+    the norms' backward, GPT-2's GELU backward, Llama's SwiGLU backward, the classifier under lm_head="gradients")
+    write the bytes and the amax a cast would: a tiny model trained 3 micro-batches (the fused paths run from the
+    second) with them and with every one of them declined (fp8_input and fp8_grad returning None: the matmuls cast
+    instead) must have the same losses and gradients, bit for bit (the interpreter adds in one order)."""
+    from llmpy import models
+    from llmpy.configs.gpt2 import GPT2Config
+    from llmpy.configs.llama3 import Llama3Config
+
+    config = (GPT2Config(max_seq_len=16, vocab_size=96, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
+              if family == "gpt2" else
+              Llama3Config(max_seq_len=16, vocab_size=96, num_layers=2, num_heads=2, num_kv_heads=1, channels=32,
+                           multiple_of=32))
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(0, 96, (2, 16), generator=g), torch.randint(0, 96, (2, 16), generator=g))
+               for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        model = models.build(config, 2, 16, dtype=torch.float32, device="cpu", precision="fp8",
+                             fp8_options={"lm_head": "gradients"})
+        model.init_weights(0)
+        if not fused:
+            model.matmuls.fp8_input = model.matmuls.fp8_grad = lambda weight, rows: None
+        loss_sum = torch.zeros(1)
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            loss_sum.zero_()
+            model.train_micro_batch(x, y, 1.0 / 32, loss_sum, first=i == 0)
+            losses.append(loss_sum.item())
+        results.append((losses, model.runtime.grads.clone()))
+    (fused_losses, fused_grads), (cast_losses, cast_grads) = results
+    assert fused_losses == cast_losses
+    assert torch.equal(fused_grads, cast_grads)
+    assert fused_grads.abs().sum() > 0

@@ -24,7 +24,10 @@ dinp accumulates as LayerNorm's does: the input is the residual stream here too.
 x * rstd * weight in fp32 and rounds once; train_llama3_torch.py's RMSNorm (Meta's, llm.c's) rounds x * rstd to
 the activation dtype before the weight multiplies it, so in bf16 the two may differ by a rounding.
 Under --precision fp8 the forward can write the next matmul's e4m3 input itself (fp8_out): fp8(out * scale) in
-out's stead, with out's amax, the values a separate cast of out would give (llmpy.precision, FP8.fp8_input).
+out's stead, with out's amax, the values a separate cast of out would give (llmpy.precision, FP8.fp8_input). So can
+the backward write the residual stream's gradient it updates in e5m2 too (fp8_out, beside dinp, which the residual
+stream still needs): that gradient is the output gradient of the projection below (FP8.fp8_grad), whose cast it
+spares a read of the (N, C) bf16 tensor.
 The two norms are one forward and one backward kernel with a constexpr switch, RMS, that compiles the mean, the
 bias and their gradients away: RMSNorm shares LayerNorm's tiling, pipelining and deterministic two-stage sums
 below, and LayerNorm's compiled kernels are what they were without the switch (the same PTX for sm_90, debug line
@@ -175,10 +178,17 @@ def _layernorm_backward_kernel(
     C,
     G,
     rows_per_group,  # ceil(N / G)
+    out8_ptr,  # fp8 (N, C): with FP8, out, fp8(updated dinp * scale), beside dinp
+    scale_ptr,  # fp32 (1,)
+    amax_ptr,  # fp32 (1,): max |updated dinp| is atomically maxed into it
     SUM_DINP: tl.constexpr,
     RMS: tl.constexpr,  # RMSNorm: no mean subtracted, no bias gradient
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    MANTISSA: tl.constexpr,
+    MIN_EXP: tl.constexpr,
 ):
     group = tl.program_id(0)
     columns = tl.arange(0, BLOCK_C)
@@ -190,6 +200,7 @@ def _layernorm_backward_kernel(
     dweight_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     dbias_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
     dinp_sum = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+    largest = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)  # |updated dinp|, elementwise over the tiles (FP8)
     # num_stages=3: the loads of the next two tiles are in flight while this one is reduced (the tiles are
     # independent but for the accumulators), so the group's rows stream without a round trip to memory per tile
     for tile_start in tl.range(first_row, end_row, ROWS, num_stages=3):
@@ -219,6 +230,9 @@ def _layernorm_backward_kernel(
         dinp = tl.load(dinp_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dinp = round_to(dinp + dx, dinp_ptr.dtype.element_ty)
         tl.store(dinp_ptr + offsets, dinp, mask=mask)
+        if FP8:  # from the stored (rounded) values: the bytes a cast of dinp would write
+            largest = tl.maximum(largest, store_scaled(out8_ptr, offsets, dinp.to(tl.float32), mask, scale_ptr,
+                                                       FP8_MAX, MANTISSA, MIN_EXP))
 
         dweight_sum += dout * xhat
         if not RMS:
@@ -230,6 +244,8 @@ def _layernorm_backward_kernel(
         tl.store(partials_ptr + (G + group) * C + columns, tl.sum(dbias_sum, axis=0), mask=column_mask)
     if SUM_DINP:
         tl.store(partials_ptr + (2 * G + group) * C + columns, tl.sum(dinp_sum, axis=0), mask=column_mask)
+    if FP8:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(largest, axis=1), axis=0), sem="relaxed")
 
 
 def layernorm_backward_groups(N, C):
@@ -253,7 +269,7 @@ def rmsnorm_backward_scratch(N, C, device):
     return torch.empty((rmsnorm_backward_groups(N, C), C), dtype=torch.float32, device=device)
 
 
-def _backward(dinp, partials, dout, inp, weight, mean, rstd, sum_dinp):
+def _backward(dinp, partials, dout, inp, weight, mean, rstd, sum_dinp, fp8_out):
     """Stage 1 of layernorm_backward and, with mean None, of rmsnorm_backward: the kernel, G = partials.shape[-2]."""
     C = inp.shape[-1]
     N = inp.numel() // C
@@ -261,17 +277,23 @@ def _backward(dinp, partials, dout, inp, weight, mean, rstd, sum_dinp):
     assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous() and partials.is_contiguous()
     rms = mean is None
     rows, block_c, _ = _row_tile(C)
+    fp8_pointers, fp8_constants = fused_output(fp8_out, dinp)
     _layernorm_backward_kernel[(G,)](
         # RMSNorm never reads mean_ptr: rstd is a placeholder
-        dinp, partials, dout, inp, weight, rstd if rms else mean, rstd, N, C, G, triton.cdiv(N, G),
+        dinp, partials, dout, inp, weight, rstd if rms else mean, rstd, N, C, G, triton.cdiv(N, G), *fp8_pointers,
         SUM_DINP=sum_dinp, RMS=rms, ROWS=rows, BLOCK_C=block_c,
         num_warps=4,  # 4 warps pipeline better than 8 (docstring)
+        **fp8_constants,
     )
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, dinp_column_sums=None):
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, dinp_column_sums=None,
+                       fp8_out=None):
     """dinp (N, C) += d loss / d inp;  dweight, dbias fp32 (C,) += their gradients (deterministic).
     With dinp_column_sums, fp32 (C,): dinp_column_sums += the updated dinp summed over its rows (deterministic).
+    fp8_out (out8, scale, amax), from the precision of the projection whose output gradient the updated dinp is
+    (llmpy.precision.FP8.fp8_grad): out8 = fp8(dinp * scale) is written too, as fp8.cast of the updated dinp would
+    write it, and max |dinp| maxed into amax.
 
     dout, inp, dinp: contiguous (N, C) in the activation dtype; mean, rstd: fp32 (N,) from the forward;
     scratch: fp32 (3, G, C) from layernorm_backward_scratch (any G >= 1 is correct; G sets the summation order).
@@ -282,7 +304,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     K, G = scratch.shape[:2]
     assert scratch.shape == (K, G, C) and K in (2, 3)
     sum_dinp = K == 3 if dweight is None else dinp_column_sums is not None
-    _backward(dinp, scratch, dout, inp, weight, mean, rstd, sum_dinp)
+    _backward(dinp, scratch, dout, inp, weight, mean, rstd, sum_dinp, fp8_out)
     if dweight is None:
         return
     assert dweight.shape == (C,) and dbias.shape == (C,)
@@ -292,8 +314,8 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
         sum_partials([dweight, dbias], scratch[:2])
 
 
-def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, scratch):
-    """dinp (N, C) += d loss / d inp;  dweight fp32 (C,) += its gradient (deterministic).
+def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, scratch, fp8_out=None):
+    """dinp (N, C) += d loss / d inp;  dweight fp32 (C,) += its gradient (deterministic). fp8_out: layernorm_backward's.
 
     dout, inp, dinp: contiguous (N, C) in the activation dtype; rstd: fp32 (N,) from rmsnorm_forward;
     scratch: fp32 (G, C) from rmsnorm_backward_scratch (any G >= 1 is correct; G sets the summation order).
@@ -302,7 +324,7 @@ def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, scratch):
     """
     C = inp.shape[-1]
     assert scratch.dim() == 2 and scratch.shape[1] == C
-    _backward(dinp, scratch, dout, inp, weight, None, rstd, sum_dinp=False)
+    _backward(dinp, scratch, dout, inp, weight, None, rstd, sum_dinp=False, fp8_out=fp8_out)
     if dweight is not None:
         assert dweight.shape == (C,)
         sum_partials(dweight, scratch)

@@ -252,9 +252,12 @@ class GPT2(Model):
         with rt.beside():
             self.matmuls.backward_weight(g["wte"], a.logits, a.lnf, accumulate)
         # final layernorm: the residual stream's gradient starts here (zeroed, then accumulated)
+        # under FP8 each layernorm backward also writes the projection below's e5m2 output gradient (fp8_grad)
+        N = a.dresidual.shape[0]
         a.dresidual.zero_()
         layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_mean,
-                                     a.lnf_rstd, self._layernorm_partials("lnf"))
+                                     a.lnf_rstd, self._layernorm_partials("lnf"),
+                                     fp8_out=self.matmuls.fp8_grad(p["fcprojw"][L - 1], N))
         fc_read = qkv_read = None  # the layer above's fc and qkv weight gradients, done reading dfch and dqkv
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
@@ -274,13 +277,14 @@ class GPT2(Model):
                 self.matmuls.backward_weight(g["fcprojw"][l], a.dresidual, self._fch_gelu(l), accumulate)
             # under FP8 the GELU backward writes the fc layer's e5m2 output gradient itself (fp8_grad)
             gelu.gelu_backward(a.dfch, a.fch[l], a.dfch, scratch=self.fc_bias_sums.partials[l],
-                               fp8_out=self.matmuls.fp8_grad(p["fcw"][l], a.dfch.shape[0]))
+                               fp8_out=self.matmuls.fp8_grad(p["fcw"][l], N))
             self.matmuls.backward_input(a.dbtc, a.dfch, p["fcw"][l])
             with rt.beside() as fc_read:
                 self.matmuls.backward_weight(g["fcw"][l], a.dfch, self._ln2(l), accumulate)
             rt.wait(fcproj_read)
             layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, a.residual2[l], p["ln2w"][l],
-                                         a.ln2_mean[l], a.ln2_rstd[l], self._layernorm_partials(("ln2", l)))
+                                         a.ln2_mean[l], a.ln2_rstd[l], self._layernorm_partials(("ln2", l)),
+                                         fp8_out=self.matmuls.fp8_grad(p["attprojw"][l], N))
             # attention projection, attention, qkv projection
             self.matmuls.backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
             with rt.beside() as attproj_read:
@@ -293,7 +297,8 @@ class GPT2(Model):
                 self.attention.sum_query_bias(l, a.dqkv)
             rt.wait(attproj_read)
             layernorm.layernorm_backward(a.dresidual, None, None, a.dbtc, residual, p["ln1w"][l], a.ln1_mean[l],
-                                         a.ln1_rstd[l], self._layernorm_partials(("ln1", l)))
+                                         a.ln1_rstd[l], self._layernorm_partials(("ln1", l)),
+                                         fp8_out=self.matmuls.fp8_grad(p["fcprojw"][l - 1], N) if l > 0 else None)
         rt.wait_for_side_stream()  # the encoder's gradient adds to wte's
         self.encoder_backward(g["wte"], g["wpe"], a.dresidual)
         # stage 2 of every bias and layernorm gradient (__init__); the attention's last, as cuDNN's value bias

@@ -175,9 +175,11 @@ class Llama3(Model):
         with rt.beside():
             self.matmuls.backward_weight(g[self.head], a.logits, a.lnf, accumulate)
         # final RMSNorm: the residual stream's gradient starts here (zeroed, then accumulated)
+        # under FP8 each RMSNorm backward also writes the projection below's e5m2 output gradient (fp8_grad)
+        N = a.dresidual.shape[0]
         a.dresidual.zero_()
         layernorm.rmsnorm_backward(a.dresidual, None, a.dbtc, a.residual3[L - 1], p["lnfw"], a.lnf_rstd,
-                                   self._norm_partials("lnf"))
+                                   self._norm_partials("lnf"), fp8_out=self.matmuls.fp8_grad(p["fcprojw"][L - 1], N))
         dup, dgate = halves(a.dfch)
         fc_read = qkv_read = None  # the layer above's fc and qkv weight gradients, done reading dfch and dqkv
         for l in reversed(range(L)):
@@ -198,8 +200,8 @@ class Llama3(Model):
             rt.wait(fc_read)
             # under FP8 the SwiGLU backward writes the gate and up projections' e5m2 output gradients (fp8_grad)
             swiglu.swiglu_backward(dgate, dup, a.dswiglu, gate, up,
-                                   fp8_gate=self.matmuls.fp8_grad(p["fc2w"][l], dup.shape[0]),
-                                   fp8_up=self.matmuls.fp8_grad(p["fcw"][l], dup.shape[0]))
+                                   fp8_gate=self.matmuls.fp8_grad(p["fc2w"][l], N),
+                                   fp8_up=self.matmuls.fp8_grad(p["fcw"][l], N))
             self.matmuls.backward_input(a.dbtc, dup, p["fcw"][l])
             self.matmuls.backward_input(a.dbtc, dgate, p["fc2w"][l], accumulate=True)
             with rt.beside() as fc_read:
@@ -207,7 +209,8 @@ class Llama3(Model):
                 self.matmuls.backward_weight(g["fc2w"][l], dgate, self._ln2(l), accumulate)
             rt.wait(fcproj_read)
             layernorm.rmsnorm_backward(a.dresidual, None, a.dbtc, a.residual2[l], p["ln2w"][l], a.ln2_rstd[l],
-                                       self._norm_partials(("ln2", l)))
+                                       self._norm_partials(("ln2", l)),
+                                       fp8_out=self.matmuls.fp8_grad(p["attprojw"][l], N))
             # attention projection, attention, RoPE (turned back), qkv projection
             self.matmuls.backward_input(a.dbtc, a.dresidual, p["attprojw"][l])
             with rt.beside() as attproj_read:
@@ -220,7 +223,8 @@ class Llama3(Model):
                 self.matmuls.backward_weight(g["qkvw"][l], a.dqkv, self._ln1(l), accumulate)
             rt.wait(attproj_read)
             layernorm.rmsnorm_backward(a.dresidual, None, a.dbtc, residual, p["ln1w"][l], a.ln1_rstd[l],
-                                       self._norm_partials(("ln1", l)))
+                                       self._norm_partials(("ln1", l)),
+                                       fp8_out=self.matmuls.fp8_grad(p["fcprojw"][l - 1], N) if l > 0 else None)
         rt.wait_for_side_stream()  # tied: the encoder's gradient adds to the LM head's in wte
         self.encoder_backward(g["wte"], None, a.dresidual)
         self.norm_sums.add_to_targets()

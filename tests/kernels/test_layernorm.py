@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from llmpy.kernels.bias import PartialSums
 from llmpy.kernels.fp8 import cast
-from llmpy.kernels.layernorm import layernorm_backward, layernorm_backward_scratch, layernorm_forward, rmsnorm_forward
+from llmpy.kernels.layernorm import (layernorm_backward, layernorm_backward_scratch, layernorm_forward,
+                                    rmsnorm_backward, rmsnorm_backward_scratch, rmsnorm_forward)
 
 EPS = 1e-5
 FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -138,6 +139,44 @@ def test_fp8_output_is_the_cast_of_the_output(device, rms, dtype):
     assert (expected.float().abs() * 128 > 448).any()  # some saturate
     assert amax.item() == max(0.5, expected.float().abs().max().item())
     assert out.isnan().all()
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_fp8_output_is_the_cast_of_the_updated_dinp(device, rms, dtype):
+    """fp8_out in the backward (--precision fp8: the norm's backward writes the projection below's e5m2 output
+    gradient itself): dinp must be updated exactly as without fp8_out (it is the residual stream's gradient), out8
+    must hold, bit for bit, what fp8.cast writes for that updated dinp at the same scale (2^10, so that some values
+    saturate at 57344), the amax must be max |dinp| maxed into its start value (1e-3, below it), and the partial
+    sums must be those without fp8_out (rtol 1e-5: a kernel compiled with the FP8 store may add in another order).
+    Shape (37, 80): masked columns, rows not a multiple of the tile, several row groups."""
+    N, C = 37, 80
+    x, weight, bias = random_layer(N, C, dtype, device, seed=12)
+    g = torch.Generator().manual_seed(13)
+    dout = (torch.randn(N, C, generator=g) * 4).to(device=device, dtype=dtype)
+    dinp0 = (torch.randn(N, C, generator=g) * 40).to(device=device, dtype=dtype)
+    mean, rstd = (torch.empty(N, device=device) for _ in range(2))
+    if rms:
+        rmsnorm_forward(torch.empty_like(x), rstd, x, weight)
+        scratch = [rmsnorm_backward_scratch(N, C, device) for _ in range(2)]
+    else:
+        layernorm_forward(torch.empty_like(x), mean, rstd, x, weight, bias)
+        scratch = [layernorm_backward_scratch(N, C, device) for _ in range(2)]
+    out8 = torch.full((N, C), 0x55, dtype=torch.uint8).view(torch.float8_e5m2).to(device)
+    scale, amax = torch.tensor([2.0**10], device=device), torch.tensor([1e-3], device=device)
+    expected, dinp = dinp0.clone(), dinp0.clone()
+    for target, sums, fp8_out in ((expected, scratch[0], None), (dinp, scratch[1], (out8, scale, amax))):
+        if rms:
+            rmsnorm_backward(target, None, dout, x, weight, rstd, sums, fp8_out=fp8_out)
+        else:
+            layernorm_backward(target, None, None, dout, x, weight, mean, rstd, sums, fp8_out=fp8_out)
+    assert torch.equal(dinp, expected)
+    cast_of_dinp = torch.empty(N, C, dtype=torch.float8_e5m2, device=device)
+    cast(cast_of_dinp, expected, scale)
+    assert torch.equal(out8.view(torch.uint8), cast_of_dinp.view(torch.uint8))
+    assert (expected.float().abs() * 2.0**10 > 57344).any()  # some saturate
+    assert amax.item() == expected.float().abs().max().item()
+    torch.testing.assert_close(scratch[1], scratch[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("N, C", SHAPES)
