@@ -264,8 +264,8 @@ PY
         bench_largest d36 "" compile,mainline,fp8 28 24 ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample, hellaswag," \
-            "llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_profile, llama_curves, fp8_curves, matmul_algos," \
-            "bench_large)"; status=1 ;;
+            "llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_profile, llama_curves, fp8_curves," \
+            "matmul_algos, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

@@ -13,8 +13,8 @@ which product runs in which format is decided here and nowhere else:
            dev/bench.py's fp8_head; lm_head="gradients" its two gradients only, dlogits in e5m2, its logits in bf16:
            bf16_forward below, fp8_head_grads; both faster, their loss to be measured again, BENCHMARKS.md),
            attention, norms, the optimizer with its fp32 master weights, and every output of these matmuls (bf16, or
-           the fp32 weight gradients they accumulate into). e4m3 has the precision (3 mantissa bits) that weights and activations need;
-           e5m2 the range (2^-16 .. 57344) that gradients need.
+           the fp32 weight gradients they accumulate into). e4m3 has the precision (3 mantissa bits) that weights
+           and activations need; e5m2 the range (2^-16 .. 57344) that gradients need.
 
 Scaling. Activations and gradients: delayed, each tensor's scale from the largest amax of its last HISTORY casts
 (one per micro-batch), each cast writing its tensor's amax as it goes (llmpy.kernels.fp8.update_scales), so a
@@ -224,9 +224,10 @@ class FP8:
         return self._view(self._input8[i], (rows, weight.shape[1])), scales.scale[i, :1], scales.amax[i, :1]
 
     def fp8_grad(self, weight, rows):
-        """fp8_input's twin for the backward: for the kernel that writes weight's output gradient (GPT-2's GELU
-        backward, the classifier) to write it in e5m2 itself, into the buffer of weight's group: (out (rows, OC) e5m2, scale, amax), or
-        None (as fp8_input). The next backward_input of weight then takes out as it is."""
+        """fp8_input's twin for the backward: for the kernel that writes weight's output gradient (a norm's backward,
+        GPT-2's GELU backward, the classifier) to write it in e5m2 itself, into the buffer of weight's group:
+        (out (rows, OC) e5m2, scale, amax), or None (as fp8_input). The next backward_input of weight then takes out
+        as it is."""
         i = self._index.get(weight.data_ptr())
         if i is None or not self.weight_grads_fp8 or not self._grad_scales.calibrated[i]:
             return None

@@ -366,7 +366,8 @@ def check(small: bool) -> list[str]:
                              "v2 mainline, row-strided x": lambda out, amax, _, s: cast_amax_v2(out, amax, x_slice, s)},
         "transposed": {"v2 tiles": cast_transposed_v2, "v3 turned tiles": cast_transposed_v3,
                        "v5 mainline, the copy turned": cast_transposed_v5,
-                       **{f"v5 turned, {b}x{b} tiles, {w} warps": lambda out_t, x, s, b=b, w=w: _turn(transpose_tiled(b, w), out_t, x, s)
+                       **{f"v5 turned, {b}x{b} tiles, {w} warps":
+                          lambda out_t, x, s, b=b, w=w: _turn(transpose_tiled(b, w), out_t, x, s)
                           for b, w in TRANSPOSE_TILES},
                        "v3 turned tiles, row-strided x": lambda out_t, _, s: cast_transposed_v3(out_t, x_slice, s)},
         "both layouts + amax": {
