@@ -2,7 +2,8 @@
 
 The mainline's fp8_options lm_head="gradients" (llmpy/precision.py) runs the LM head's input and weight gradients in
 FP8 (dlogits in e5m2, wte and lnf in e4m3, per-tensor power-of-two scales) and measured -7 ms a step at d12 on the
-H200, but a loss 0.22 above the bf16 head's after 13 steps (BENCHMARKS.md, FP8). This script trains a small GPT-2
+H200, but a loss 0.22 above the bf16 head's after 13 steps (BENCHMARKS.md, FP8; later found to be a bug's, which
+dev/fp8_head_check.py caught). This script trains a small GPT-2
 (the reference, train_gpt2_torch.py, in fp32, with GPT-2's whole vocabulary: the head is the part in question) on
 tiny Shakespeare with the head's backward replaced by products of FP8-rounded operands, one variant at a time, from
 the same init and data:

@@ -258,11 +258,11 @@ class FP8:
             vendor.matmul_forward(out, inp, weight, bias, residual)
             return
         i, w8, w_inverse = w
-        inp8 = self._input(i, inp)
+        inp8, inp_inverse = self._input(i, inp)
         if self._bf16_forward[i]:  # the e4m3 input is for the weight gradient only
             vendor.matmul_forward(out, inp, weight, bias, residual)
             return
-        vendor.matmul_fp8(out, *inp8, w8, w_inverse, bias=bias, c=residual, fast_accum=self.fast_accum)
+        vendor.matmul_fp8(out, inp8, inp_inverse, w8, w_inverse, bias=bias, c=residual, fast_accum=self.fast_accum)
 
     def forward_gelu(self, out, pre_gelu, inp, weight, bias):
         """vendor.matmul_gelu_forward, in FP8 (GELU in cuBLASLt's epilogue)."""

@@ -269,9 +269,11 @@ def test_the_lm_heads_fp8_gradients_are_the_products_of_their_fp8_operands(tmp_p
     them a few % from the bf16 operands' products (between 1e-3 and 0.1), and the rows of the tokens absent from the
     batch (all push-down) keep their size (the bug this guards against, a zero amax past 2^31 elements, zeroed them;
     that size is the GPU's: gpu_check.sh fp8_head)."""
+    import os
     import re
     import subprocess
     import sys
+    from pathlib import Path
 
     import numpy as np
 
@@ -279,10 +281,10 @@ def test_the_lm_heads_fp8_gradients_are_the_products_of_their_fp8_operands(tmp_p
 
     shard = tmp_path / "train.bin"
     write_shard(shard, np.random.default_rng(0).integers(0, 50257, 4096).astype(np.uint16))
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "dev/fp8_head_check.py", "--model", "tiny", "-b", "2", "-t", "16",
                            "--device", "cpu", "--input_bin", str(shard)], capture_output=True, text=True, cwd=root,
-                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"}, timeout=600)
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert float(re.search(r"bytes differing from torch's cast: \d+ of \d+ \((\S+)\)", out).group(1)) <= 1e-5, out

@@ -213,13 +213,11 @@ def cast_transposed_v5(out_t, x, scale):
     """The mainline (llmpy/precision.py): the row-major FP8 copy turned, byte for byte, by fp8.transpose ((128, 128)
     tiles of bytes, turned with tl.trans). Here the copy is made first; the mainline has it already, so the benchmark
     times the turn alone (fp8.transpose)."""
-    q = torch.empty(x.shape, dtype=out_t.dtype, device=x.device)
-    mainline.cast(q, x, scale)
-    mainline.transpose(out_t, q)
+    _turn(mainline.transpose, out_t, x, scale)
 
 
 def _turn(transpose, out_t, x, scale):
-    """cast_transposed_v5 with another transpose kernel."""
+    """x cast row-major, then turned by transpose(out_t, copy): v5 with the mainline's or another transpose kernel."""
     q = torch.empty(x.shape, dtype=out_t.dtype, device=x.device)
     mainline.cast(q, x, scale)
     transpose(out_t, q)
