@@ -20,7 +20,7 @@ memory and compiled state cannot help or hurt another:
   compile_fp8  the same with torchao's float8 training (torchtitan's recipe: the blocks' linear layers, tensorwise
              scales), then torch.compile: FP8's baseline (pip install torchao; not run by default)
   fp8        the mainline with --precision fp8 (llmpy/precision.py); fp8_bf16wgrad with the weight gradients in
-             bf16, fp8_fast with cuBLASLt's FP8 fast accumulation, fp8_head with the LM head in FP8 too,
+             bf16, fp8_fast with cuBLASLt's FP8 fast accumulation, fp8_bf16_head with the LM head in bf16,
              fp8_head_grads with the LM head's two gradients in FP8 (its logits in bf16), fp8_gelu_epilogue with GELU
              in cuBLASLt's epilogue, then cast (-ge 1; under FP8 -ge -1 runs our GELU kernel writing e4m3) (not run by
              default)
@@ -61,10 +61,10 @@ from llmpy.mfu import flops_per_token, mfu, peak_flops  # noqa: E402
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
 # the mainline with --precision fp8 (its fp8_options): as train_gpt2.py runs it; with the weight gradients in bf16;
-# with cuBLASLt's FP8 fast accumulation; with the LM head in FP8 too; with its gradients only in FP8; with -ge 1 (a
+# with cuBLASLt's FP8 fast accumulation; with the LM head in bf16; with its gradients only in FP8; with -ge 1 (a
 # model option, not FP8's: taken out of the options by mainline_steps)
 FP8_CONTENDERS = {"fp8": {}, "fp8_bf16wgrad": {"weight_grads_fp8": False}, "fp8_fast": {"fast_accum": True},
-                  "fp8_head": {"lm_head": True}, "fp8_head_grads": {"lm_head": "gradients"},
+                  "fp8_bf16_head": {"lm_head": False}, "fp8_head_grads": {"lm_head": "gradients"},
                   "fp8_gelu_epilogue": {"gelu_fusion": 1}}
 SHARDS = {families.GPT2: "dev/data/tinyshakespeare/tiny_shakespeare_train.bin",
           families.LLAMA3: "dev/data/tinyshakespeare/tiny_shakespeare_llama3_train.bin"}

@@ -13,12 +13,13 @@ the same init and data:
   dgrad       the input gradient only in FP8 (the weight gradient in fp32)
   wgrad       the weight gradient only in FP8
   both_e4m3   both, dlogits in e4m3 (3 mantissa bits, less range) instead of e5m2
+  all         both, and the forward too: logits = q4(lnf) @ q4(wte)^T (the mainline's lm_head=True)
 
 q4 / q5: x -> fp8(x * s) / s with s = 2^floor(log2(max / amax(x))), the tensor's own amax (current scaling; the
 mainline's delayed scale differs only in where amax comes from). The products themselves are exact (fp32 here):
 only the operands' rounding is emulated, as cuBLASLt's FP8 matmul multiplies FP8 values exactly.
 
-    python dev/fp8_head_emulation.py [--steps 150] [-b 16] [-t 64] [--variants fp32,both,dgrad,wgrad]
+    python dev/fp8_head_emulation.py [--steps 150] [-b 16] [-t 64] [--variants fp32,both,all]
 
 Prints each variant's loss at a few steps and its mean over the last 20 against fp32's. Needs the tiny Shakespeare
 shard (python dev/data/tinyshakespeare.py).
@@ -58,6 +59,8 @@ class EmulatedHead(torch.autograd.Function):
     def forward(ctx, x, w, variant):
         ctx.save_for_backward(x, w)
         ctx.variant = variant
+        if variant == "all":
+            return fp8_round(x, torch.float8_e4m3fn) @ fp8_round(w, torch.float8_e4m3fn).t()
         return x @ w.t()
 
     @staticmethod
@@ -66,8 +69,8 @@ class EmulatedHead(torch.autograd.Function):
         grad_format = torch.float8_e4m3fn if ctx.variant == "both_e4m3" else torch.float8_e5m2
         q = fp8_round(dlogits, grad_format)
         e4m3 = torch.float8_e4m3fn
-        fp8_dgrad = ctx.variant in ("both", "dgrad", "both_e4m3")
-        fp8_wgrad = ctx.variant in ("both", "wgrad", "both_e4m3")
+        fp8_dgrad = ctx.variant in ("both", "dgrad", "both_e4m3", "all")
+        fp8_wgrad = ctx.variant in ("both", "wgrad", "both_e4m3", "all")
         dx = q @ fp8_round(w, e4m3) if fp8_dgrad else dlogits @ w
         x2 = x.reshape(-1, x.shape[-1])
         dw = (q.reshape(-1, q.shape[-1]).t() @ fp8_round(x2, e4m3) if fp8_wgrad
@@ -105,7 +108,7 @@ def main():
     ap.add_argument("-c", "--channels", type=int, default=128)
     ap.add_argument("-l", "--layers", type=int, default=2)
     ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--variants", default="fp32,both,dgrad,wgrad,both_e4m3")
+    ap.add_argument("--variants", default="fp32,both,dgrad,wgrad,both_e4m3,all")
     args = ap.parse_args()
     if not os.path.exists(SHARD):
         sys.exit(f"fp8_head_emulation.py: {SHARD} not found: python dev/data/tinyshakespeare.py")

@@ -4,17 +4,16 @@ A model calls its matmuls through one of these objects (model.matmuls), never ll
 which product runs in which format is decided here and nowhere else:
 
   BF16     every matmul in the run's dtype (bf16; fp32 in tests): llmpy.vendor's, as they are.
-  FP8      the transformer blocks' linear layers (GPT-2's qkv, attention projection, fc and fc projection; Llama's
-           also its gate) in FP8 on Hopper's tensor cores, per-tensor scaled (llmpy.kernels.fp8):
+  FP8      the linear layers (GPT-2's qkv, attention projection, fc and fc projection; Llama's also its gate; the
+           LM head) in FP8 on Hopper's tensor cores, per-tensor scaled (llmpy.kernels.fp8):
              forward          out = inp @ W^T            inp e4m3, W e4m3
              input gradient   dinp = dout @ W            dout e5m2, W^T e4m3
              weight gradient  dW (+)= dout^T @ inp       dout^T e5m2, inp^T e4m3   (or in bf16: weight_grads_fp8)
-           Everything else stays as it was: the LM head (the model's fp8_options lm_head=True puts it in FP8 too,
-           dev/bench.py's fp8_head; lm_head="gradients" its two gradients only, dlogits in e5m2, its logits in bf16:
-           bf16_forward below, fp8_head_grads; both faster, their loss to be measured again, BENCHMARKS.md),
-           attention, norms, the optimizer with its fp32 master weights, and every output of these matmuls (bf16, or
-           the fp32 weight gradients they accumulate into). e4m3 has the precision (3 mantissa bits) that weights
-           and activations need; e5m2 the range (2^-16 .. 57344) that gradients need.
+           The LM head is the model's choice (its fp8_options lm_head: True, GPT-2's default; "gradients", its two
+           gradients only, its logits in bf16: bf16_forward below; False, all in bf16, Llama 3's default). Everything
+           else stays as it was: attention, norms, the optimizer with its fp32 master weights, and every output of
+           these matmuls (bf16, or the fp32 weight gradients they accumulate into). e4m3 has the precision (3
+           mantissa bits) that weights and activations need; e5m2 the range (2^-16 .. 57344) that gradients need.
 
 Scaling. Activations and gradients: delayed, each tensor's scale from the largest amax of its last HISTORY casts
 (one per micro-batch), each cast writing its tensor's amax as it goes (llmpy.kernels.fp8.update_scales), so a
@@ -34,12 +33,12 @@ gradient's e5m2 dout, one buffer a kind of layer (a group: every layer's qkv, ..
 that kind waits to overwrite until the weight gradient, on the side stream, has read it.
 
 Fused casts: a kernel that writes a linear layer's input can write it in e4m3 itself, with its amax (fp8_input):
-GPT-2's layernorms and its GELU kernel (with -ge 0; cuBLASLt's GELU epilogue writes bf16) and Llama's first RMSNorm
-of a layer do, so those inputs cost no cast of their own. So can a kernel that writes a linear layer's output
-gradient write it in e5m2 (fp8_grad): the norms' backward (LayerNorm's and RMSNorm's), for the projection
-below them (the residual stream's gradient they update is its output gradient), GPT-2's GELU backward, for the fc
-layer, Llama's SwiGLU backward, for the gate and up projections, and the fused classifier, for the LM head when its
-gradients run in FP8. What is still cast: the attention output and the qkv gradient (and with -ge 1 the GELU
+GPT-2's layernorms and its GELU kernel (with -ge 0; cuBLASLt's GELU epilogue writes bf16), Llama's first RMSNorm
+of a layer and the final norm (the LM head's input, with the head in FP8) do, so those inputs cost no cast of their
+own. So can a kernel that writes a linear layer's output gradient write it in e5m2 (fp8_grad): the norms' backward
+(LayerNorm's and RMSNorm's), for the projection below them (the residual stream's gradient they update is its
+output gradient), GPT-2's GELU backward, for the fc layer, Llama's SwiGLU backward, for the gate and up
+projections, and the fused classifier, for the LM head in FP8. What is still cast: the attention output and the qkv gradient (and with -ge 1 the GELU
 output, which cuBLASLt's epilogue writes in bf16).
 """
 
@@ -130,7 +129,7 @@ class _Scales:
 class FP8:
     def __init__(self, groups, rows, device, weight_grads_fp8=True, fast_accum=False, bf16_forward=()):
         """groups: the linear layers to run in FP8, one group a kind of layer (every layer's qkv projection, ...):
-        [[(weight (OC, K) view, its gradient view), ...], ...]; a matmul on any other weight (the LM head) runs in
+        [[(weight (OC, K) view, its gradient view), ...], ...]; a matmul on any other weight runs in
         bf16. rows: N, the micro-batch's tokens. weight_grads_fp8: the weight gradients in FP8 too (else in bf16, from
         the bf16 tensors). fast_accum: cuBLASLt's FP8 fast accumulation. bf16_forward: the groups (indices) whose
         forward runs in bf16 and only their gradients in FP8 (the LM head: its logits are the loss's); their forward
@@ -213,11 +212,11 @@ class FP8:
     def fp8_input(self, weight, rows):
         """For the kernel that writes weight's next input (a layernorm) to write it in FP8 itself, the cast fused
         into it: (out (rows, K) e4m3, scale, amax), fp32 (1,) each, to write fp8(x * scale) into out and max |x| into
-        amax; forward then takes out as it is. None if weight runs in bf16, if its weight gradient does (it reads the
-        bf16 input), or if its input has no scale yet (its first cast takes the tensor's own amax: the producer
-        writes the bf16 tensor and forward casts it)."""
+        amax; forward then takes out as it is. None if weight runs in bf16, if its forward or weight gradient does
+        (they read the bf16 input), or if its input has no scale yet (its first cast takes the tensor's own amax: the
+        producer writes the bf16 tensor and forward casts it)."""
         i = self._index.get(weight.data_ptr())
-        if i is None or not self.weight_grads_fp8 or not self._input_scales.calibrated[i]:
+        if i is None or self._bf16_forward[i] or not self.weight_grads_fp8 or not self._input_scales.calibrated[i]:
             return None
         self._produced[i] = True
         scales = self._input_scales

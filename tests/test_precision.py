@@ -220,20 +220,27 @@ def test_bf16_is_vendor_and_nonsense_is_refused():
         precision.matmuls("fp16", [], N, torch.bfloat16, "cpu")
 
 
-@pytest.mark.parametrize("lm_head", [False, True, "gradients"])
-def test_the_lm_head_is_fp8_only_when_asked(lm_head):
-    """A tiny GPT-2 in FP8: its logits are the LM head's product of lnf and wte in FP8 with lm_head=True, and the
-    bf16 (here fp32) product without, or with its gradients only in FP8 ("gradients")."""
+@pytest.mark.parametrize("family, lm_head", [("gpt2", None), ("gpt2", False), ("gpt2", True),
+                                             ("gpt2", "gradients"), ("llama3", None), ("llama3", True)])
+def test_the_lm_head_is_fp8_as_asked_or_as_the_family_says(family, lm_head):
+    """A tiny model in FP8: its logits are the LM head's product of lnf and wte in FP8 with lm_head=True, and the
+    bf16 (here fp32) product with False, or with its gradients only in FP8 ("gradients"); with no option given
+    (None), as its family's FP8_LM_HEAD says: GPT-2's head in FP8, Llama 3's in bf16."""
     from llmpy import models
     from llmpy.configs.gpt2 import GPT2Config
+    from llmpy.configs.llama3 import Llama3Config
 
-    config = GPT2Config(max_seq_len=16, vocab_size=96, padded_vocab_size=128, num_layers=1, num_heads=2, channels=32)
+    config = (GPT2Config(max_seq_len=16, vocab_size=96, padded_vocab_size=128, num_layers=1, num_heads=2, channels=32)
+              if family == "gpt2" else
+              Llama3Config(max_seq_len=16, vocab_size=96, num_layers=1, num_heads=2, num_kv_heads=1, channels=32,
+                           multiple_of=32))
     model = models.build(config, 2, 16, dtype=torch.float32, device="cpu", precision="fp8",
-                         fp8_options={"lm_head": lm_head})
+                         fp8_options={} if lm_head is None else {"lm_head": lm_head})
     model.init_weights(0)
     model.forward(torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0)))
-    lnf, wte = model.acts.lnf, model.p["wte"]
-    ref = fp8_values(lnf, E4M3) @ fp8_values(wte, E4M3).t() if lm_head is True else lnf.double() @ wte.double().t()
+    lnf, wte = model.acts.lnf, model.p[model.head_name(config)]
+    fp8_head = lm_head is True or (lm_head is None and family == "gpt2")
+    ref = fp8_values(lnf, E4M3) @ fp8_values(wte, E4M3).t() if fp8_head else lnf.double() @ wte.double().t()
     assert rel_error(model.acts.logits, ref) <= 1e-5
 
 
@@ -296,13 +303,15 @@ def test_the_lm_heads_fp8_gradients_are_the_products_of_their_fp8_operands(tmp_p
     assert 0.9 < ratio < 1.1, out
 
 
+@pytest.mark.parametrize("lm_head", [True, "gradients"])
 @pytest.mark.parametrize("family", ["gpt2", "llama3"])
-def test_the_fused_fp8_outputs_change_no_gradient(family):
-    """The kernels that write a linear layer's FP8 operand themselves (fp8_input: the norms, GPT-2's GELU; fp8_grad:
-    the norms' backward, GPT-2's GELU backward, Llama's SwiGLU backward, the classifier under lm_head="gradients")
-    write the bytes and the amax a cast would: a tiny model trained 3 micro-batches (the fused paths run from the
-    second) with them and with every one of them declined (fp8_input and fp8_grad returning None: the matmuls cast
-    instead) must have the same losses and gradients, bit for bit (the interpreter adds in one order)."""
+def test_the_fused_fp8_outputs_change_no_gradient(family, lm_head):
+    """The kernels that write a linear layer's FP8 operand themselves (fp8_input: the norms, the final one for the LM
+    head under lm_head=True, GPT-2's GELU; fp8_grad: the norms' backward, GPT-2's GELU backward, Llama's SwiGLU
+    backward, the classifier) write the bytes and the amax a cast would: a tiny model trained 3 micro-batches (the
+    fused paths run from the second) with them and with every one of them declined (fp8_input and fp8_grad returning
+    None: the matmuls cast instead) must have the same losses and gradients, bit for bit (the interpreter adds in one
+    order). Under lm_head="gradients" the final norm writes the bf16 input the head's forward reads."""
     from llmpy import models
     from llmpy.configs.gpt2 import GPT2Config
     from llmpy.configs.llama3 import Llama3Config
@@ -317,7 +326,7 @@ def test_the_fused_fp8_outputs_change_no_gradient(family):
     results = []
     for fused in (True, False):
         model = models.build(config, 2, 16, dtype=torch.float32, device="cpu", precision="fp8",
-                             fp8_options={"lm_head": "gradients"})
+                             fp8_options={"lm_head": lm_head})
         model.init_weights(0)
         if not fused:
             model.matmuls.fp8_input = model.matmuls.fp8_grad = lambda weight, rows: None

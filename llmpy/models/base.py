@@ -12,14 +12,16 @@ from ..kernels import classifier, encoder, reduce
 
 class Model:
     LINEAR = ()  # a family's per-layer linear weights (L, OC, K): FP8 under --precision fp8
+    FP8_LM_HEAD = False  # fp8_options lm_head's default: the LM head in FP8 too, where its loss was measured to allow
 
     def __init__(self, config, B, T, runtime, deterministic, precision="bf16", fp8_options=None):
         """For micro-batches of (B, T) tokens on runtime's buffers. deterministic: the embedding's backward sums each
         token's rows in an order fixed by the tokens (encoder.DeterministicEncoderBackward, from tables made on the
         host) instead of with float atomics. precision "bf16" or "fp8", fp8_options (llmpy.precision.FP8's, and
-        lm_head: False, the default, the LM head in bf16; True, its three products in FP8; "gradients", its two
-        backward products in FP8 and its forward (the logits, the loss) in bf16): the matmuls the family's forward
-        and backward call, self.matmuls; FP8 for the LINEAR weights."""
+        lm_head: True, the LM head's three products in FP8 too; "gradients", its two backward products in FP8 and
+        its forward (the logits, the loss) in bf16; False, all three in bf16; the family's FP8_LM_HEAD by default):
+        the matmuls the family's forward and backward call, self.matmuls; FP8 for the LINEAR weights (and the
+        head's)."""
         device = runtime.device
         self.config, self.B, self.T, self.runtime = config, B, T, runtime
         self.p, self.g = runtime.p, runtime.g
@@ -27,7 +29,7 @@ class Model:
         # a group a kind of linear layer: its weight in every layer
         linear = [[(self.p[name][l], self.g[name][l]) for l in range(config.num_layers)] for name in self.LINEAR]
         fp8_options = dict(fp8_options or {})
-        lm_head = fp8_options.pop("lm_head", False)
+        lm_head = fp8_options.pop("lm_head", self.FP8_LM_HEAD)
         if lm_head not in (False, True, "gradients"):
             raise ValueError(f"fp8_options lm_head must be False, True or 'gradients', not {lm_head!r}")
         if lm_head:
