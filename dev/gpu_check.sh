@@ -2,8 +2,8 @@
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
 #                         [hellaswag] [llama] [llama_bench] [fp8] [fp8_bench] [fp8_llama] [fp8_head]
-#                         [fp8_profile] [llama_curves] [fp8_curves] [matmul_algos] [bench_large]
-#                         (none: all but the last seven)
+#                         [fp8_kernels] [fp8_profile] [llama_curves] [fp8_curves] [matmul_algos] [bench_large]
+#                         (none: all but the last eight)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py, and -m llama-3 for the llama steps) and, for
 # the references' tokenizer files, LLMPY_TIKTOKEN_FILE (and LLMPY_LLAMA3_TOKENIZER_FILE for the llama steps); hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -227,21 +227,28 @@ PY
             --device cuda -b 4 -t 64
         run python3 test_llama3.py --model llama3.2-1b --precision fp8 --attention cudnn --steps 6 ;;
     fp8_bench)
-        # the FP8 mainline (and with its LM head's gradients in FP8, and with GELU in cuBLASLt's epilogue) against
-        # bf16's, torch.compile and torchao's float8 at d12 B=64 (issue 19's target: 1.6x torch.compile), then the FP8
-        # casts alone against torch (dev/kernels/fp8_cast.py) and the layernorm writing e4m3 itself against the
-        # layernorm and a cast (dev/kernels/layernorm.py)
-        run python3 dev/bench.py --contenders mainline,fp8,fp8_head_grads,fp8_gelu_epilogue,compile,compile_fp8 \
+        # the FP8 mainline (and with its LM head in bf16, and with GELU in cuBLASLt's epilogue) against bf16's,
+        # torch.compile and torchao's float8 at d12 B=64 (issue 19's target: 1.6x torch.compile), then the FP8 casts
+        # alone against torch (dev/kernels/fp8_cast.py) and the layernorm writing e4m3 itself against the layernorm
+        # and a cast (dev/kernels/layernorm.py)
+        run python3 dev/bench.py --contenders mainline,fp8,fp8_bf16_head,fp8_gelu_epilogue,compile,compile_fp8 \
             --steps 10 --warmup 3 --json "${OUT:-.}/bench_fp8_d12.json"
         run python3 dev/kernels/run.py fp8_cast layernorm ;;
+    fp8_kernels)
+        # the FP8 step's largest non-matmul kernels alone against the copy's bandwidth, with their other tiles
+        # (dev/fp8_fused_kernels.py, GPT-2's vocabulary and Llama 3's), and every plan cuDNN has for our attention
+        run python3 dev/fp8_fused_kernels.py --sweep --iters 10
+        run python3 dev/fp8_fused_kernels.py --sweep --iters 5 -b 24 -t 2048 --vocab_size 128256
+        run python3 dev/attention_plans.py ;;
     fp8_head)
-        # the LM head's gradients in FP8 (fp8_options lm_head="gradients"): the amax past 2^31 elements (its gradient's
-        # size at d12 B=64), its classifier bytes and two products against float64 (dev/fp8_head_check.py), then its
-        # speed and 13-step loss, and the head all in FP8, against the bf16 head's, in one call
+        # the LM head in FP8 (the default, fp8_options lm_head=True): the amax past 2^31 elements (its gradient's size
+        # at d12 B=64), its classifier bytes and two gradients against float64 (dev/fp8_head_check.py, the head's
+        # gradients in FP8), then its speed and 13-step loss against the bf16 head's and the head's gradients only in
+        # FP8, in one call
         run python3 -m pytest -q tests/kernels/test_fp8.py -k past_2
         run python3 dev/fp8_head_check.py
-        run python3 dev/bench.py --contenders mainline,fp8,fp8_head_grads,fp8_head,compile --steps 10 --warmup 3 \
-            --json "${OUT:-.}/bench_fp8_d12_head.json" ;;
+        run python3 dev/bench.py --contenders mainline,fp8,fp8_head_grads,fp8_bf16_head,compile --steps 10 \
+            --warmup 3 --json "${OUT:-.}/bench_fp8_d12_head.json" ;;
     fp8_profile)  # where the FP8 step's time goes, kernel by kernel and stream by stream, at d12 and d24 (with trace)
         run python3 dev/profile_step.py --precision fp8
         run python3 dev/profile_step.py --precision fp8 --model d24 -b 48 --steps 2 \
@@ -263,9 +270,9 @@ PY
         bench_largest d24 "" compile,mainline,fp8 48 40
         bench_largest d36 "" compile,mainline,fp8 28 24 ;;
     *)
-        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample, hellaswag," \
-            "llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_profile, llama_curves, fp8_curves," \
-            "matmul_algos, bench_large)"; status=1 ;;
+        echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample," \
+            "hellaswag, llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_kernels, fp8_profile," \
+            "llama_curves, fp8_curves, matmul_algos, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

@@ -172,32 +172,41 @@ def _cudnn_attention(backward, inputs, outputs):
     deterministic = _deterministic
     key = (backward, deterministic) + tuple((tuple(t.shape), t.stride()) for t in inputs + outputs)
     if key not in _attention_graphs:
-        graph = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
-                              compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-        nodes = [graph.tensor_like(t) for t in inputs]
-        scale = 1.0 / math.sqrt(inputs[0].shape[-1])
-        if backward:
-            q, k, v, out, dout, lse = nodes
-            results = graph.sdpa_backward(name="attention_backward", q=q, k=k, v=v, o=out, dO=dout, stats=lse,
-                                          attn_scale=scale, use_causal_mask=True,
-                                          use_deterministic_algorithm=deterministic)
-        else:
-            q, k, v = nodes
-            results = graph.sdpa(name="attention", q=q, k=k, v=v, is_inference=False, attn_scale=scale,
-                                 use_causal_mask=True)
-        for node, t in zip(results, outputs):
-            node.set_output(True).set_dim(list(t.shape)).set_stride(list(t.stride()))
-            node.set_data_type(cudnn.data_type.FLOAT if t.dtype == torch.float32 else cudnn.data_type.BFLOAT16)
-        graph.validate()
-        graph.build_operation_graph()
-        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        graph.check_support()
+        graph, nodes = attention_graph(backward, inputs, outputs, deterministic)
         graph.build_plans()
         workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=inputs[0].device)
-        _attention_graphs[key] = graph, nodes + list(results), workspace
+        _attention_graphs[key] = graph, nodes, workspace
     graph, nodes, workspace = _attention_graphs[key]
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
     graph.execute(dict(zip(nodes, inputs + outputs)), workspace, handle=handle)
+
+
+def attention_graph(backward, inputs, outputs, deterministic=False, heuristics=("A", "FALLBACK")):
+    """The cuDNN graph of _cudnn_attention for these tensors' shapes and strides, with its execution plans ranked by
+    cuDNN's heuristics (the modes named) but not built, and its nodes in the order of inputs + outputs. For
+    _cudnn_attention, and for dev/attention_plans.py, which builds and times every plan."""
+    cudnn, handle = cudnn_frontend()
+    graph = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    nodes = [graph.tensor_like(t) for t in inputs]
+    scale = 1.0 / math.sqrt(inputs[0].shape[-1])
+    if backward:
+        q, k, v, out, dout, lse = nodes
+        results = graph.sdpa_backward(name="attention_backward", q=q, k=k, v=v, o=out, dO=dout, stats=lse,
+                                      attn_scale=scale, use_causal_mask=True,
+                                      use_deterministic_algorithm=deterministic)
+    else:
+        q, k, v = nodes
+        results = graph.sdpa(name="attention", q=q, k=k, v=v, is_inference=False, attn_scale=scale,
+                             use_causal_mask=True)
+    for node, t in zip(results, outputs):
+        node.set_output(True).set_dim(list(t.shape)).set_stride(list(t.stride()))
+        node.set_data_type(cudnn.data_type.FLOAT if t.dtype == torch.float32 else cudnn.data_type.BFLOAT16)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([getattr(cudnn.heur_mode, mode) for mode in heuristics])
+    graph.check_support()
+    return graph, nodes + list(results)
 
 
 def cudnn_attention_forward(out, lse, qkv, NH, KV=None):

@@ -37,9 +37,11 @@ from llmpy.kernels import INTERPRET
 from llmpy.kernels.fp8 import fused_output, store_scaled
 from llmpy.kernels.rounding import round_to
 
-# 4096 columns per block: 16 per thread at 8 warps, read as two 16-byte vectors of bf16; 13 blocks per GPT-2 row.
-BLOCK_V = 4096
-NUM_WARPS = 8
+# 1024 columns per block: 16 per thread at 2 warps, read as two 16-byte vectors of bf16; 50 blocks per GPT-2 row.
+# Small programs: of the blocks and warps dev/fp8_fused_kernels.py --sweep times on the H200 (1024 to 4096 columns,
+# 2 to 8 warps), the fastest with bf16 and e5m2 dlogits, at GPT-2's vocabulary and Llama 3's (BENCHMARKS.md)
+BLOCK_V = 1024
+NUM_WARPS = 2
 
 
 def block_columns(Vp):
