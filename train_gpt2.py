@@ -161,9 +161,10 @@ def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
     add("--dtype", default="bfloat16", choices=tuple(DTYPES), help="parameters and activations (grads, master "
         "weights and optimizer state are fp32 either way)")
     add("--precision", default="bf16", choices=precision.PRECISIONS,
-        help="the transformer blocks' matmuls: bf16, or fp8 (e4m3 weights and activations, e5m2 gradients, scaled "
-             "per tensor; needs --dtype bfloat16 on a GPU with FP8 tensor cores: Ada, Hopper or newer). The LM head, "
-             "attention and the optimizer stay as they are (llmpy/precision.py)")
+        help="the linear layers' matmuls: bf16, or fp8 (e4m3 weights and activations, e5m2 gradients, scaled per "
+             "tensor; needs --dtype bfloat16 on a GPU with FP8 tensor cores: Ada, Hopper or newer): the transformer "
+             "blocks' and GPT-2's LM head (Llama 3's stays bf16); attention and the optimizer stay as they are "
+             "(llmpy/precision.py)")
     add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
     add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
         help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms "
