@@ -88,18 +88,16 @@ def main():
     report("gelu_backward bf16", N * 4 * C, 6, lambda: gelu.gelu_backward(dinp, x, dout, scratch=scratch))
     report("gelu_backward e5m2", N * 4 * C, 5, lambda: gelu.gelu_backward(dinp, x, dout, scratch=scratch,
                                                                           fp8_out=out8))
-    if args.sweep:  # other tiles: G row groups as bias_backward_groups would make for them (scratch has enough rows)
+    if args.sweep:  # other tiles, over the mainline's G row groups (scratch's rows)
         pointers, constants = fp8.fused_output(out8, dinp)
+        G = scratch.shape[0]
         for rows, block_oc, warps in ((16, 256, 4), (8, 256, 4), (8, 256, 8), (32, 128, 8), (8, 512, 8),
                                       (4, 512, 4), (32, 256, 8)):
-            G = min(scratch.shape[0], max(1, min(triton.cdiv(1024, triton.cdiv(4 * C, block_oc)),
-                                                 triton.cdiv(N, rows))))
-
-            def launch(rows=rows, block_oc=block_oc, warps=warps, G=G):
+            def launch(rows=rows, block_oc=block_oc, warps=warps):
                 gelu._gelu_backward_kernel[(G, triton.cdiv(4 * C, block_oc))](
                     dinp, scratch, x, dout, N, 4 * C, triton.cdiv(N, G), *pointers, SUM_COLUMNS=True, ROWS=rows,
                     BLOCK_OC=block_oc, num_warps=warps, **constants)
-            report(f"gelu_backward e5m2 ({rows}, {block_oc}) warps={warps} G={G}", N * 4 * C, 5, launch)
+            report(f"gelu_backward e5m2 ({rows}, {block_oc}) warps={warps}", N * 4 * C, 5, launch)
     del x, dout, dinp, scratch, out8
 
     # LayerNorm backward (stage 1: the partial sums stay in scratch, as in the step)

@@ -38,8 +38,8 @@ of a layer and the final norm (the LM head's input, with the head in FP8) do, so
 own. So can a kernel that writes a linear layer's output gradient write it in e5m2 (fp8_grad): the norms' backward
 (LayerNorm's and RMSNorm's), for the projection below them (the residual stream's gradient they update is its
 output gradient), GPT-2's GELU backward, for the fc layer, Llama's SwiGLU backward, for the gate and up
-projections, and the fused classifier, for the LM head in FP8. What is still cast: the attention output and the qkv gradient (and with -ge 1 the GELU
-output, which cuBLASLt's epilogue writes in bf16).
+projections, and the fused classifier, for the LM head in FP8. What is still cast: the attention output and the
+qkv gradient (and with -ge 1 the GELU output, which cuBLASLt's epilogue writes in bf16).
 """
 
 import torch
@@ -129,9 +129,9 @@ class _Scales:
 class FP8:
     def __init__(self, groups, rows, device, weight_grads_fp8=True, fast_accum=False, bf16_forward=()):
         """groups: the linear layers to run in FP8, one group a kind of layer (every layer's qkv projection, ...):
-        [[(weight (OC, K) view, its gradient view), ...], ...]; a matmul on any other weight runs in
-        bf16. rows: N, the micro-batch's tokens. weight_grads_fp8: the weight gradients in FP8 too (else in bf16, from
-        the bf16 tensors). fast_accum: cuBLASLt's FP8 fast accumulation. bf16_forward: the groups (indices) whose
+        [[(weight (OC, K) view, its gradient view), ...], ...]; a matmul on any other weight runs in bf16. rows: N,
+        the micro-batch's tokens. weight_grads_fp8: the weight gradients in FP8 too (else in bf16, from the bf16
+        tensors). fast_accum: cuBLASLt's FP8 fast accumulation. bf16_forward: the groups (indices) whose
         forward runs in bf16 and only their gradients in FP8 (the LM head: its logits are the loss's); their forward
         still casts the input, for the weight gradient."""
         self.weight_grads_fp8, self.fast_accum = weight_grads_fp8, fast_accum
