@@ -7,14 +7,16 @@ against the bytes it must move at the device-to-device copy's bandwidth (measure
 
   gelu_backward       (N, 4C): reads the pre-activation and dout (bf16), writes dinp (bf16: 6 bytes an element) or
                       its e5m2 copy (5), and the fc bias's column partial sums
+  layernorm_forward   (N, C): reads inp, writes out (bf16: 4 bytes an element) or its e4m3 copy (3), and the statistics
   layernorm_backward  (N, C): reads dout, inp and dinp, writes dinp (bf16: 8 bytes an element), and the e5m2 copy
                       (9), and the weight and bias partial sums
   classifier          (N, Vp): reads the logits once from memory (the row's second read hits L2) and writes dlogits in
                       place (bf16: 4 bytes an element) or in e5m2 (3)
   transpose           an FP8 copy turned (2 bytes an element): (N, Vp), the LM head's dlogits, and (N, 4C)
 
-With --sweep, the GELU backward and the classifier (e5m2 and bf16 dlogits) are also timed at other tiles and warps
-than the mainline's (gelu: bias.column_tile's (ROWS, BLOCK_OC) and 8 warps; classifier: BLOCK_V and NUM_WARPS);
+With --sweep, the GELU backward, the LayerNorm backward (e5m2) and the classifier (e5m2 and bf16 dlogits) are also
+timed at other tiles and warps than the mainline's (gelu: bias.column_tile's (ROWS, BLOCK_OC) and 8 warps;
+layernorm: _row_tile's ROWS and 4 warps; classifier: BLOCK_V and NUM_WARPS);
 --vocab_size times the classifier at another vocabulary (Llama 3's: 128256).
 
     python dev/fp8_fused_kernels.py [--model d12] [-b 64] [-t 1024] [--iters 20] [--sweep] [--vocab_size V]
@@ -52,7 +54,7 @@ def main():
     ap.add_argument("-b", "--batch_size", type=int, default=64)
     ap.add_argument("-t", "--sequence_length", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--sweep", action="store_true", help="also time the GELU backward's and classifier's other tiles")
+    ap.add_argument("--sweep", action="store_true", help="also time the fused kernels' other tiles")
     ap.add_argument("--vocab_size", type=int, help="the classifier's vocabulary (default: the model's), unpadded")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -100,9 +102,18 @@ def main():
             report(f"gelu_backward e5m2 ({rows}, {block_oc}) warps={warps}", N * 4 * C, 5, launch)
     del x, dout, dinp, scratch, out8
 
-    # LayerNorm backward (stage 1: the partial sums stay in scratch, as in the step)
+    # LayerNorm forward, writing bf16 or e4m3 (the next matmul's input)
     inp, dout, dinp = randn(N, C), randn(N, C), randn(N, C)
-    w = randn(C)
+    w, b = randn(C), randn(C)
+    mean, rstd = torch.empty(N, device="cuda"), torch.empty(N, device="cuda")
+    in8 = (torch.empty(N, C, dtype=torch.float8_e4m3fn, device="cuda"), torch.ones(1, device="cuda"),
+           torch.zeros(1, device="cuda"))
+    report("layernorm_forward bf16", N * C, 4, lambda: layernorm.layernorm_forward(dinp, mean, rstd, inp, w, b))
+    report("layernorm_forward e4m3", N * C, 3,
+           lambda: layernorm.layernorm_forward(dinp, mean, rstd, inp, w, b, fp8_out=in8))
+    del in8
+
+    # LayerNorm backward (stage 1: the partial sums stay in scratch, as in the step)
     mean, rstd = inp.float().mean(1), 1 / inp.float().std(1)
     scratch = layernorm.layernorm_backward_scratch(N, C, "cuda")
     out8 = fp8_out((N, C))
@@ -110,6 +121,16 @@ def main():
            lambda: layernorm.layernorm_backward(dinp, None, None, dout, inp, w, mean, rstd, scratch))
     report("layernorm_backward e5m2", N * C, 9,
            lambda: layernorm.layernorm_backward(dinp, None, None, dout, inp, w, mean, rstd, scratch, fp8_out=out8))
+    report("cast (N, C) bf16 -> e5m2", N * C, 3, lambda: fp8.cast(out8[0], dinp, out8[1], out8[2]))
+    if args.sweep:  # other row tiles and warps, e5m2, over the mainline's G row groups (scratch's)
+        pointers, constants = fp8.fused_output(out8, dinp)
+        G, block_c = scratch.shape[1], triton.next_power_of_2(C)
+        for rows, warps in ((4, 4), (4, 8), (2, 4), (2, 2), (1, 2), (1, 4), (8, 8)):
+            def launch(rows=rows, warps=warps):
+                layernorm._layernorm_backward_kernel[(G,)](
+                    dinp, scratch, dout, inp, w, mean, rstd, N, C, G, triton.cdiv(N, G), *pointers, SUM_DINP=True,
+                    RMS=False, ROWS=rows, BLOCK_C=block_c, num_warps=warps, **constants)
+            report(f"layernorm_backward e5m2 ROWS={rows} warps={warps}", N * C, 9, launch)
     del inp, dout, dinp, scratch, out8
 
     # the fused classifier: the bf16 one overwrites its logits, so each call gets the same fresh copy

@@ -213,11 +213,12 @@ PY
         run python3 dev/compare_logs.py "${OUT:-.}/llama_mainline/main.log" "${OUT:-.}/llama_torch/main.log"
         run python3 dev/plot.py "${OUT:-.}/llama_mainline" "${OUT:-.}/llama_torch" -o "${OUT:-.}/llama_curves.png" ;;
     fp8)
-        # --precision fp8 (llmpy/precision.py): the FP8 casts, cuBLASLt's FP8 matmuls against float64 and the classifier
-        # writing e5m2 dlogits, then the match test at d12 with FP8's tolerances on both attentions, GELU in the
-        # epilogue or not, recompute
+        # --precision fp8 (llmpy/precision.py): the FP8 casts, cuBLASLt's FP8 matmuls against float64, and the kernels
+        # writing FP8 themselves (the classifier, GELU, the norms), then the match test at d12 with FP8's tolerances on
+        # both attentions, GELU in the epilogue or not, recompute
         run python3 -m pytest -q tests/kernels/test_fp8.py tests/kernels/test_matmul_fp8.py \
-            tests/kernels/test_classifier.py
+            tests/kernels/test_classifier.py tests/kernels/test_gelu.py tests/kernels/test_layernorm.py \
+            tests/kernels/test_rmsnorm.py
         [ -f gpt2_124M_debug_state.bin ] || run python3 train_gpt2_torch.py --model d12 --write_tensors 1 --device cuda
         run python3 test_gpt2.py --precision fp8 --attention cudnn -r 0
         run python3 test_gpt2.py --precision fp8 --attention cudnn -r 0 -ge 1

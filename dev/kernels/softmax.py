@@ -46,7 +46,7 @@ def _row_max_kernel(max_ptr, x_ptr, stride_row, V, Vp, BLOCK_V: tl.constexpr):
     cols = tl.arange(0, BLOCK_V)
     lane_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
-        lane_max = tl.maximum(lane_max, load_real_columns(row_ptr, start + cols, V, Vp))
+        lane_max = tl.maximum(lane_max, load_real_columns(row_ptr, start + cols, V, Vp, True))
     tl.store(max_ptr + tl.program_id(0), tl.max(lane_max, axis=0))
 
 
@@ -57,7 +57,7 @@ def _row_sum_kernel(sum_ptr, max_ptr, x_ptr, stride_row, V, Vp, BLOCK_V: tl.cons
     row_max = tl.load(max_ptr + tl.program_id(0))
     lane_sums = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
-        lane_sums += tl.exp(load_real_columns(row_ptr, start + cols, V, Vp) - row_max)
+        lane_sums += tl.exp(load_real_columns(row_ptr, start + cols, V, Vp, True) - row_max)
     tl.store(sum_ptr + tl.program_id(0), tl.sum(lane_sums, axis=0))
 
 
@@ -71,7 +71,7 @@ def _normalize_kernel(probs_ptr, x_ptr, max_ptr, sum_ptr, stride_row, stride_pro
     row_max = tl.load(max_ptr + row)
     inv_sum = 1.0 / tl.load(sum_ptr + row)
     for start in range(0, Vp, BLOCK_V):
-        probs = tl.exp(load_real_columns(row_ptr, start + cols, V, Vp) - row_max) * inv_sum
+        probs = tl.exp(load_real_columns(row_ptr, start + cols, V, Vp, True) - row_max) * inv_sum
         tl.store(probs_row_ptr + start + cols, round_to(probs, probs_ptr.dtype.element_ty), mask=start + cols < Vp)
 
 
@@ -83,7 +83,7 @@ def online_max_and_sum(row_ptr, V, Vp, BLOCK_V: tl.constexpr):
     m = tl.full([], float("-inf"), dtype=tl.float32)
     lane_sums = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
-        x = load_real_columns(row_ptr, start + cols, V, Vp)
+        x = load_real_columns(row_ptr, start + cols, V, Vp, True)
         # every block holds a real column, so m_new is finite and exp(m - m_new) is never NaN
         m_new = tl.maximum(m, tl.max(x, axis=0))
         lane_sums = lane_sums * tl.exp(m - m_new) + tl.exp(x - m_new)
@@ -100,7 +100,7 @@ def _online_softmax_kernel(probs_ptr, x_ptr, stride_row, stride_probs_row, V, Vp
     m, total = online_max_and_sum(row_ptr, V, Vp, BLOCK_V)
     inv_total = 1.0 / total
     for start in range(0, Vp, BLOCK_V):
-        probs = tl.exp(load_real_columns(row_ptr, start + cols, V, Vp) - m) * inv_total
+        probs = tl.exp(load_real_columns(row_ptr, start + cols, V, Vp, True) - m) * inv_total
         tl.store(probs_row_ptr + start + cols, round_to(probs, probs_ptr.dtype.element_ty), mask=start + cols < Vp)
 
 

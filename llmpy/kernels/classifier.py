@@ -51,12 +51,49 @@ def block_columns(Vp):
 
 
 @triton.jit
-def load_real_columns(row_ptr, cols, V, Vp):
-    # The row's columns cols as fp32, -inf in the padded columns [V, Vp) whatever they hold. Masking the load at Vp
-    # (a multiple of 16) rather than V (odd: 50257) lets the compiler issue 16-byte vector loads; the padding is
-    # replaced after the load.
-    x = tl.load(row_ptr + cols, mask=cols < Vp, other=float("-inf")).to(tl.float32)
-    return tl.where(cols < V, x, float("-inf"))
+def load_real_columns(row_ptr, cols, V, Vp, PADDED: tl.constexpr):
+    # The row's columns cols as fp32. PADDED: the block may reach past V, so its columns in [V, Vp) read as -inf
+    # whatever they hold: masking the load at Vp (a multiple of 16) rather than V (odd: 50257) lets the compiler issue
+    # 16-byte vector loads; the padding is replaced after the load. A block wholly below V (49 of GPT-2's 50) is
+    # loaded without either, two operations an element fewer.
+    if PADDED:
+        x = tl.load(row_ptr + cols, mask=cols < Vp, other=float("-inf")).to(tl.float32)
+        return tl.where(cols < V, x, float("-inf"))
+    return tl.load(row_ptr + cols).to(tl.float32)
+
+
+@triton.jit
+def _row_max_and_sum(row_ptr, start, cols, V, Vp, m, lane_sums, PADDED: tl.constexpr):
+    # one block of sweep 1: the running max m raised to the block's, the lanes' sums rescaled to the new max and the
+    # block's exponentials added
+    x = load_real_columns(row_ptr, start + cols, V, Vp, PADDED)
+    # every block holds at least one real column, so m_new is finite and exp(m - m_new) is never NaN
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    return m_new, lane_sums * tl.exp(m - m_new) + tl.exp(x - m_new)
+
+
+@triton.jit
+def _write_dlogits(row_ptr, out8_row_ptr, start, cols, V, Vp, m, inv_sum_exp, target, dloss, scale_ptr, largest,
+                   PADDED: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr,
+                   MIN_EXP: tl.constexpr):
+    # one block of sweep 2: dloss * (softmax - onehot(target)) over columns start + cols, written in place (or in
+    # e5m2 to out8_row_ptr, returning largest maxed with their magnitudes); padded columns come out 0 (exp(-inf))
+    p = tl.exp(load_real_columns(row_ptr, start + cols, V, Vp, PADDED) - m) * inv_sum_exp
+    grad = tl.where(cols == target - start, p - 1.0, p)
+    dlogits = round_to(grad * dloss, row_ptr.dtype.element_ty)
+    if FP8:  # from the values rounded to the logits' dtype: the bytes a cast of dlogits would write
+        if PADDED:
+            magnitudes = store_scaled(out8_row_ptr, start + cols, dlogits.to(tl.float32), start + cols < Vp,
+                                      scale_ptr, FP8_MAX, MANTISSA, MIN_EXP)
+        else:
+            magnitudes = store_scaled(out8_row_ptr, start + cols, dlogits.to(tl.float32), None, scale_ptr, FP8_MAX,
+                                      MANTISSA, MIN_EXP)
+        largest = tl.maximum(largest, magnitudes)
+    elif PADDED:
+        tl.store(row_ptr + start + cols, dlogits, mask=start + cols < Vp)
+    else:
+        tl.store(row_ptr + start + cols, dlogits)
+    return largest
 
 
 @triton.jit
@@ -68,16 +105,15 @@ def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row  # (N, Vp) is over 2^31 elements for GPT-2 at B*T=65536
     cols = tl.arange(0, BLOCK_V)
+    V_full = V // BLOCK_V * BLOCK_V  # the blocks below V_full hold no padded column
 
     # sweep 1: row max m and per-lane sums of exp(x - m) over the real columns [0, V)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     lane_sums = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
-        x = load_real_columns(row_ptr, start + cols, V, Vp)
-        # every block holds at least one real column, so m_new is finite and exp(m - m_new) is never NaN
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        lane_sums = lane_sums * tl.exp(m - m_new) + tl.exp(x - m_new)
-        m = m_new
+    for start in range(0, V_full, BLOCK_V):
+        m, lane_sums = _row_max_and_sum(row_ptr, start, cols, V, Vp, m, lane_sums, PADDED=False)
+    if V_full < V:
+        m, lane_sums = _row_max_and_sum(row_ptr, V_full, cols, V, Vp, m, lane_sums, PADDED=True)
     # the row's softmax is exp(x - m) / sum_exp; m is kept apart from log(sum_exp) rather than folded into one
     # lse = m + log(sum_exp), whose fp32 rounding would be large for large logits (ulp(1000) = 6e-5)
     sum_exp = tl.sum(lane_sums, axis=0)
@@ -90,17 +126,14 @@ def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
 
     # sweep 2: overwrite the row, padding included, with dloss * (softmax - onehot(target))
     if WRITE_DLOGITS:
+        out8_row_ptr = out8_ptr + row.to(tl.int64) * Vp
         largest = tl.zeros([BLOCK_V], dtype=tl.float32)  # |dlogits|, elementwise over the blocks (FP8)
-        for start in range(0, Vp, BLOCK_V):
-            x = load_real_columns(row_ptr, start + cols, V, Vp)
-            grad = tl.exp(x - m) * inv_sum_exp - tl.where(start + cols == target, 1.0, 0.0)
-            dlogits = round_to(grad * dloss, logits_ptr.dtype.element_ty)
-            if FP8:  # from the values rounded to the logits' dtype: the bytes a cast of dlogits would write
-                largest = tl.maximum(largest, store_scaled(out8_ptr + row.to(tl.int64) * Vp, start + cols,
-                                                           dlogits.to(tl.float32), start + cols < Vp, scale_ptr,
-                                                           FP8_MAX, MANTISSA, MIN_EXP))
-            else:
-                tl.store(row_ptr + start + cols, dlogits, mask=start + cols < Vp)
+        for start in range(0, V_full, BLOCK_V):
+            largest = _write_dlogits(row_ptr, out8_row_ptr, start, cols, V, Vp, m, inv_sum_exp, target, dloss,
+                                     scale_ptr, largest, False, FP8, FP8_MAX, MANTISSA, MIN_EXP)
+        for start in range(V_full, Vp, BLOCK_V):
+            largest = _write_dlogits(row_ptr, out8_row_ptr, start, cols, V, Vp, m, inv_sum_exp, target, dloss,
+                                     scale_ptr, largest, True, FP8, FP8_MAX, MANTISSA, MIN_EXP)
         if FP8:
             tl.atomic_max(amax_ptr, tl.max(largest, axis=0), sem="relaxed")
 

@@ -15,14 +15,16 @@ itself (`amax`, then `scale_from_amax`, then `cast`): two reads of x. Delayed sc
 tensor's last few casts (`update_scales`), each cast writing its own as it goes (`cast`'s amax output): one read.
 Both keep everything on the device: no host sync, CUDA-graph capturable.
 
-Rounding: to nearest, ties to even, saturating: a value beyond the largest becomes +-FP8_MAX (as PTX's
-cvt.rn.satfinite does; a delayed scale that undershoots the new amax clips instead of making NaN). NaN stays NaN.
-On the GPU that is `x.to(fp8)` after a clamp that leaves NaN as it is. Triton's interpreter (3.9)
-rounds fp32 -> fp8 wrongly (e.g. -7.2 to -4 in e4m3) and NaN to a number, though it converts exactly representable
-values exactly; so when interpreting, `_round_to_fp8` first rounds in fp32 by hand: normal numbers by adding half an ulp plus the lowest kept bit to the fp32 bits and clearing
-the dropped ones (round to nearest even, as rounding.round_to does for bf16), subnormals by adding and subtracting
-2^23 steps (fp32's own rounding to nearest even at the subnormal step), then clamps, and writes NaN's bits itself.
-On the GPU the branch is compiled out.
+Rounding: to nearest, ties to even, saturating: a value beyond the largest becomes +-FP8_MAX (a delayed scale that
+undershoots the new amax clips instead of making NaN). NaN stays NaN. On the GPU that is `x.to(fp8)` alone: Triton
+lowers fp32 -> e4m3 and e5m2 on sm_90 to PTX's cvt.rn.satfinite, which saturates and keeps NaN in one instruction for
+two values (tests/kernels/test_fp8.py holds it to that on the GPU: values past the largest, infinities, NaN). A
+clamp before it, as the kernels had, cost 4 more operations an element. Triton's interpreter (3.9) rounds
+fp32 -> fp8 wrongly (e.g. -7.2 to -4 in e4m3) and NaN to a number, though it converts exactly representable values
+exactly; so when interpreting, `_round_to_fp8` first rounds in fp32 by hand: normal numbers by adding half an ulp
+plus the lowest kept bit to the fp32 bits and clearing the dropped ones (round to nearest even, as rounding.round_to
+does for bf16), subnormals by adding and subtracting 2^23 steps (fp32's own rounding to nearest even at the subnormal
+step), then clamps, and writes NaN's bits itself. On the GPU the branch is compiled out.
 
 Layout: x is (R, C) with unit column stride (any row stride); out (R, C) or, transposed, (C, R) contiguous. Hopper's
 FP8 matmuls take both operands K-major, so a weight gradient needs its operands (dY^T, X^T) and the input gradient
@@ -67,20 +69,23 @@ def _round_to_fp8(x, dtype: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA: tl.co
         # the interpreter turns NaN into a number: 0x7F is NaN in both formats
         nan = tl.full(x.shape, 0x7F, tl.uint8).to(dtype, bitcast=True)
         return tl.where(x != x, nan, rounded.to(dtype))
-    # saturate; max and min drop a NaN operand, so NaN is kept aside (cvt turns it into the format's NaN)
-    return tl.where(x != x, x, tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)).to(dtype)
+    return x.to(dtype)  # cvt.rn.satfinite: saturates, keeps NaN
 
 
 @triton.jit
 def store_scaled(out8_ptr, offsets, y, mask, scale_ptr, FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr,
                  MIN_EXP: tl.constexpr):
     """For a kernel that writes a matmul's FP8 operand itself (a fused cast): stores fp8(y * scale) (y fp32) at
-    out8_ptr + offsets where mask, and returns |y| where mask (0 elsewhere), for the caller's amax. A kernel that
-    stores several tiles keeps their elementwise maximum and reduces it once, at its end (tl.max): a reduction crosses
-    the warps through shared memory, behind a barrier, which once a tile would stall the loads of the next."""
+    out8_ptr + offsets where mask, and returns |y| where mask (0 elsewhere), for the caller's amax. mask None (a
+    literal: the compiler takes only those as constants): a tile with no element to leave out, so no select. A kernel
+    that stores several tiles keeps their elementwise maximum and reduces it once, at its end (tl.max): a reduction
+    crosses the warps through shared memory, behind a barrier, which once a tile would stall the loads of the next."""
     q = _round_to_fp8(y * tl.load(scale_ptr), out8_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
     tl.store(out8_ptr + offsets, q, mask=mask)
-    return tl.where(mask, tl.abs(y), 0.0)
+    magnitudes = tl.abs(y)
+    if mask is not None:
+        magnitudes = tl.where(mask, magnitudes, 0.0)
+    return magnitudes
 
 
 @triton.jit

@@ -48,7 +48,9 @@ bandwidth (BENCHMARKS.md, third session's last run, and "Design measurements quo
 were slightly slower). Each tile's dinp is complete within the tile (a row's reductions are row-local), so it is read,
 added to and written back at once. The weight and bias gradients are summed over the group in fp32 registers and
 written as per-group partial sums to the scratch buffer; `bias.sum_partials` then adds the G partials in a fixed
-order. No atomics: the same inputs give the same bits.
+order. No atomics: the same inputs give the same bits. With the e5m2 output (fp8_out) the tiles are one row each:
+the amax's (ROWS, BLOCK_C) accumulator, a fourth beside dweight's, dbias's and dinp's sums, crowds the registers at
+_row_tile's rows; one row a tile is the fastest of the tiles dev/fp8_fused_kernels.py --sweep times (BENCHMARKS.md).
 
 The backward can also sum the columns of the dinp it writes: dinp is the residual stream's gradient, and the
 residual stream's gradient at that point is also the output gradient of the projection (attention or MLP) whose
@@ -277,6 +279,8 @@ def _backward(dinp, partials, dout, inp, weight, mean, rstd, sum_dinp, fp8_out):
     assert dinp.is_contiguous() and dout.is_contiguous() and inp.is_contiguous() and partials.is_contiguous()
     rms = mean is None
     rows, block_c, _ = _row_tile(C)
+    if fp8_out is not None:  # one row a tile: the amax's accumulator crowds the registers at _row_tile's (docstring)
+        rows = 1
     fp8_pointers, fp8_constants = fused_output(fp8_out, dinp)
     _layernorm_backward_kernel[(G,)](
         # RMSNorm never reads mean_ptr: rstd is a placeholder
