@@ -121,9 +121,10 @@ def test_fp8_output_is_the_cast_of_the_output(device, rms, dtype, N):
     for the norm's own output at the same scale (a power of two, 2^7, so that some values saturate at 448), the amax
     must be max |out| maxed into its start value (0.5, below it), the statistics those without fp8_out, and out must
     be left as it was (the norm writes out8 in its stead). Under the interpreter all of it bit for bit. Compiled, the
-    kernel with the FP8 store and the one without may sum a row in another order (on the H200 they do: mean and rstd
-    differ in their last bits), which can move a value of out by one bf16 rounding: so there the statistics to 1e-6
-    relative, and a byte of out8 may be the next e4m3 value, in at most 1% of them. C = 80: masked columns; N = 37
+    kernel with the FP8 store and the one without may sum a row in another order (on the H200 a variant of this
+    kernel, 8 tiles a program, did: mean and rstd differed in their last bits), which can move a value of out by one
+    bf16 rounding: so there the statistics to 1e-6 relative, and a byte of out8 may be the next e4m3 value, in at
+    most 1% of them. C = 80: masked columns; N = 37
     rows, less than a tile, and 600, several programs, the last one partly."""
     C = 80
     x, weight, bias = random_layer(N, C, dtype, device, seed=11)
