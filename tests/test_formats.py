@@ -48,6 +48,24 @@ def test_model_bf16_rounds_to_nearest_even(tmp_path):
                                   [1.0, 1 + 2 * 2.0**-7])
 
 
+def test_bfloat16_rounding_of_the_edge_values():
+    """Against torch's float32 -> bfloat16 conversion (round to nearest even), bit for bit: signed zeros, the smallest
+    subnormals, values past bf16's largest (to inf), infinities, and NaNs, the quiet one and ones whose payload
+    rounding would carry into the exponent (they must stay NaN), with 10,000 random bit patterns of every kind."""
+    import torch
+
+    special = np.array([0x00000000, 0x80000000, 0x00000001, 0x00008000, 0x00018000, 0x7F7FFFFF, 0xFF7FFFFF,
+                        0x7F7F8000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF,
+                        0xFFFF8000], dtype=np.uint32)
+    random_bits = np.random.default_rng(4).integers(0, 2**32, 10_000, dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([special, random_bits]).view(np.float32)
+    ours = formats.float32_to_bfloat16_bits(x)
+    theirs = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x)
+    assert nan.sum() > 5 and np.isnan(formats.bfloat16_bits_to_float32(ours[nan])).all()
+    np.testing.assert_array_equal(ours[~nan], theirs[~nan])
+
+
 def test_debug_state_roundtrip(tmp_path):
     rng = np.random.default_rng(2)
     B, T = 2, 5
