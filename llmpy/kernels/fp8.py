@@ -45,9 +45,12 @@ FORMATS = {
     "e4m3": (torch.float8_e4m3fn, 448.0, 3, -6),
     "e5m2": (torch.float8_e5m2, 57344.0, 2, -14),
 }
-_BLOCK_R, _BLOCK_C = 32, 128  # a cast's tile: 4096 values, 16 a thread with 8 warps
-_TILES = 8  # tiles a cast program does, one under the other
-_AMAX_BLOCK = 4096
+# A cast's tile: (32, 128), 4096 values, 16 a thread with 8 warps; 8 tiles a program, one under the other. The
+# interpreter's cost is per tile, not per value: there (128, 128) tiles, 2 a program, a quarter of the tiles (the LM
+# head's weight, (50304, C), is cast and turned at every step of the tests' models), and the tests' casts of a few
+# hundred rows still span several programs and tiles.
+_BLOCK_R, _BLOCK_C, _TILES = (128, 128, 2) if INTERPRET else (32, 128, 8)
+_AMAX_BLOCK = 16384 if INTERPRET else 4096
 
 
 @triton.jit
@@ -243,8 +246,9 @@ def cast(out, x, scale, amax_out=None, transpose=False):
                        AMAX=amax_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, TILES=_TILES, num_warps=8)
 
 
-_TRANSPOSE_BLOCK = 128  # (128, 128) tiles of bytes with 16 warps: of the tiles and warps dev/kernels/fp8_cast.py
-# times, the fastest on the H200 (BENCHMARKS.md)
+# (128, 128) tiles of bytes with 16 warps: of the tiles and warps dev/kernels/fp8_cast.py times, the fastest on the
+# H200 (BENCHMARKS.md); (256, 256) under the interpreter, a quarter of the tiles
+_TRANSPOSE_BLOCK = 256 if INTERPRET else 128
 
 
 def transpose(out, x):

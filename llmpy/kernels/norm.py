@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET
 from .reduce import sum_into
 
-_BLOCK = 4096
+_BLOCK = 16384 if INTERPRET else 4096  # the interpreter's cost is per block: a quarter of them there
 _MAX_PROGRAMS = 1024
 
 
