@@ -91,16 +91,17 @@ def llama3_shard(tmp_path_factory):
     return folder
 
 
-def losses(log):
-    return [float(line.split()[1][4:]) for line in open(log) if " trl:" in line]
+def losses(log, kind="trl"):
+    """main.log's training (trl) or validation (tel) losses, in order."""
+    return [float(line.split()[1][4:]) for line in open(log) if f" {kind}:" in line]
 
 
 def test_train_llama3_tracks_the_reference_and_resumes(llama3_shard, tmp_path):
     """train_llama3.py (the mainline, fp32, interpreter) and train_llama3_torch.py (nn.Module + autograd + torch's
     AdamW) from the same weights on the same shuffled batches with the same hyperparameters: the same 3 training
     losses to 1e-4 and the same validation loss (fp32; the two differ in summation order only, as test_llama3.py
-    measures). Then a run stopped after step 2 and resumed with -y 1 (its checkpoint in llm.c's layout) gives the
-    uninterrupted run's step-3 loss exactly (the CPU is deterministic)."""
+    measures). The mainline's run checkpoints after step 2 (llm.c's layout); resumed from there with -y 1, it gives
+    its own step-3 loss again, exactly (the CPU is deterministic)."""
     init = tmp_path / "init.bin"
     from llmpy.configs import llama3
     from llmpy.formats import write_llama3_model
@@ -109,21 +110,21 @@ def test_train_llama3_tracks_the_reference_and_resumes(llama3_shard, tmp_path):
     write_llama3_model(init, config, llama3.init_params(config, seed=3))
     data = ["-i", str(llama3_shard / "train.bin"), "-j", str(llama3_shard / "val.bin")]
     common = ["-b", "2", "-t", "16", "-x", "3", "-l", "1e-3", "-c", "0.1", "-v", "3", "-m", "2", "-s", "0", *data]
-    mainline = run("train_llama3.py", "--device", "cpu", "--dtype", "float32", "-e", str(init), *common, "-o",
-                   str(tmp_path / "mainline"))
-    assert mainline.returncode == 0, mainline.stdout + mainline.stderr
+    mainline = ["train_llama3.py", "--device", "cpu", "--dtype", "float32", "-e", str(init), *common, "-o",
+                str(tmp_path / "mainline"), "-n", "2"]
+    proc = run(*mainline)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     reference = run("train_llama3_torch.py", "--device", "cpu", "--init_from", str(init), *common, "-o",
                     str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stdout + reference.stderr
     ours, theirs = losses(tmp_path / "mainline" / "main.log"), losses(tmp_path / "reference" / "main.log")
     assert len(ours) == len(theirs) == 3
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    val_ours, val_theirs = (losses(tmp_path / run_ / "main.log", "tel") for run_ in ("mainline", "reference"))
+    assert len(val_ours) == len(val_theirs) >= 1
+    np.testing.assert_allclose(val_ours, val_theirs, rtol=0, atol=1e-4)
 
-    stopped = run("train_llama3.py", "--device", "cpu", "--dtype", "float32", "-e", str(init), *common, "-o",
-                  str(tmp_path / "stopped"), "-n", "2")
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    (tmp_path / "stopped" / "DONE_00000003").unlink()  # as if killed after step 2's checkpoint
-    resumed = run("train_llama3.py", "--device", "cpu", "--dtype", "float32", "-e", str(init), *common,
-                  "-o", str(tmp_path / "stopped"), "-n", "2", "-y", "1")
+    (tmp_path / "mainline" / "DONE_00000003").unlink()  # as if killed after step 2's checkpoint
+    resumed = run(*mainline, "-y", "1")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
-    assert losses(tmp_path / "stopped" / "main.log")[-1] == ours[-1]
+    assert losses(tmp_path / "mainline" / "main.log")[-1] == ours[-1]

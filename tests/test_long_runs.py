@@ -6,8 +6,8 @@ checkpoint write too), ends exactly where the run that was never stopped ends: t
 everything is deterministic, so anything short of equal is a bug: a batch read twice or skipped, a moment of the
 optimizer state lost, the learning rate or the sampling RNG off by a step.
 
-- 20 runs of one process, each killed once at a random moment and resumed to the end. The checkpoint writer is
-  slowed down (LLMPY_CHECKPOINT_SLOW_WRITE_S) so that half of the kills land inside a checkpoint's files.
+- 12 runs of one process, each killed once at a random moment and resumed to the end. The checkpoint writer is
+  slowed down (LLMPY_CHECKPOINT_SLOW_WRITE_S) so that half of the kills are aimed inside a checkpoint's files.
 - 2 processes (gloo) with ZeRO-1: killed and resumed on 2 processes, exactly; resumed on 1 process instead, the
   optimizer shards re-assembled, within fp32 rounding of the uninterrupted 2-process run (unshuffled data, so both
   read the same tokens; only the order of the gradient sums differs).
@@ -37,6 +37,7 @@ from test_train_gpt2 import STEP_LINE, B, T, base_args, write_files
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6  # checkpoints at steps 2, 4 and 6
 RUN_FLAGS = ["-x", STEPS, "-n", 2, "-nk", 2, "-v", 4, "-m", 1, "-s", 4, "-g", 3]
+TRIALS = 12  # kills: the even ones aimed inside a checkpoint write, the odd ones anywhere
 SLOW_WRITE_S = 0.25  # after each checkpoint file: a checkpoint's three files take ~0.75 s to write
 ENV = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
            LLMPY_CHECKPOINT_SLOW_WRITE_S=str(SLOW_WRITE_S))
@@ -123,19 +124,19 @@ def test_runs_killed_at_random_moments_resume_to_the_same_end(files, reference, 
             folder.parent.mkdir()
             results[trial] = (folder, *kill_and_resume(trial, files, folder))
 
-    workers = [threading.Thread(target=trials, args=(range(i, 20, 2),)) for i in range(2)]  # 2 cores
+    workers = [threading.Thread(target=trials, args=(range(i, TRIALS, 2),)) for i in range(2)]  # 2 cores
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    assert sorted(results) == list(range(20))
+    assert sorted(results) == list(range(TRIALS))
     for trial, (folder, caught_writing, out) in sorted(results.items()):
         assert losses(folder) == ref_losses, f"trial {trial}"
         assert (folder / f"model_{STEPS:08d}.bin").read_bytes() == ref_model, f"trial {trial}"
         assert last_sample(out) == ref_sample, f"trial {trial}"
         assert not any(".tmp" in name for name in os.listdir(folder)), f"trial {trial}: temporaries left"
     writes_hit = sum(caught_writing for _, caught_writing, _ in results.values())
-    assert writes_hit >= 5, f"only {writes_hit} of 20 kills landed inside a checkpoint write"
+    assert writes_hit >= 4, f"only {writes_hit} of {TRIALS} kills landed inside a checkpoint write"
 
 
 def test_sigterm_writes_a_checkpoint_says_one_line_and_the_resume_is_exact(files, reference, tmp_path):
