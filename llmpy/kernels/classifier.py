@@ -73,6 +73,19 @@ def _row_max_and_sum(row_ptr, start, cols, V, Vp, m, lane_sums, PADDED: tl.const
 
 
 @triton.jit
+def row_statistics(row_ptr, cols, V, Vp, BLOCK_V: tl.constexpr):
+    # sweep 1 over the row: its max m and sum_exp = sum of exp(x - m) over the real columns [0, V)
+    V_full = V // BLOCK_V * BLOCK_V  # the blocks below V_full hold no padded column
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    lane_sums = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V_full, BLOCK_V):
+        m, lane_sums = _row_max_and_sum(row_ptr, start, cols, V, Vp, m, lane_sums, PADDED=False)
+    if V_full < V:
+        m, lane_sums = _row_max_and_sum(row_ptr, V_full, cols, V, Vp, m, lane_sums, PADDED=True)
+    return m, tl.sum(lane_sums, axis=0)
+
+
+@triton.jit
 def _write_dlogits(row_ptr, out8_row_ptr, start, cols, V, Vp, m, inv_sum_exp, target, dloss, scale_ptr, largest,
                    PADDED: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr,
                    MIN_EXP: tl.constexpr):
@@ -107,16 +120,9 @@ def _fused_classifier_kernel(logits_ptr, losses_ptr, targets_ptr,
     cols = tl.arange(0, BLOCK_V)
     V_full = V // BLOCK_V * BLOCK_V  # the blocks below V_full hold no padded column
 
-    # sweep 1: row max m and per-lane sums of exp(x - m) over the real columns [0, V)
-    m = tl.full([], float("-inf"), dtype=tl.float32)
-    lane_sums = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for start in range(0, V_full, BLOCK_V):
-        m, lane_sums = _row_max_and_sum(row_ptr, start, cols, V, Vp, m, lane_sums, PADDED=False)
-    if V_full < V:
-        m, lane_sums = _row_max_and_sum(row_ptr, V_full, cols, V, Vp, m, lane_sums, PADDED=True)
-    # the row's softmax is exp(x - m) / sum_exp; m is kept apart from log(sum_exp) rather than folded into one
-    # lse = m + log(sum_exp), whose fp32 rounding would be large for large logits (ulp(1000) = 6e-5)
-    sum_exp = tl.sum(lane_sums, axis=0)
+    # sweep 1. The row's softmax is exp(x - m) / sum_exp; m is kept apart from log(sum_exp) rather than folded into
+    # one lse = m + log(sum_exp), whose fp32 rounding would be large for large logits (ulp(1000) = 6e-5)
+    m, sum_exp = row_statistics(row_ptr, cols, V, Vp, BLOCK_V)
     inv_sum_exp = 1.0 / sum_exp
 
     target = tl.load(targets_ptr + row)
