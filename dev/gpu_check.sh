@@ -272,9 +272,10 @@ PY
         bench_largest d36 "" compile,mainline,fp8 28 24 ;;
     fp8_words)
         # the candidates that turn FP8 bytes as 32-bit words (issue 19's transposes): the casts' and the byte
-        # transpose's (dev/kernels/fp8_cast.py v7) and the classifier writing e5m2 dlogits in both layouts
-        # (dev/kernels/classifier.py v3), each checked exactly against the mainline's, then timed beside it
-        run python3 dev/kernels/run.py fp8_cast classifier ;;
+        # transpose's (dev/kernels/fp8_cast.py v7), the classifier writing e5m2 dlogits in both layouts
+        # (dev/kernels/classifier.py v3) and the GELU backward the fc layer's e5m2 gradient (dev/kernels/gelu.py v5),
+        # each checked exactly against the mainline's, then timed beside it
+        run python3 dev/kernels/run.py fp8_cast classifier gelu ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample," \
             "hellaswag, llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_kernels, fp8_profile," \
