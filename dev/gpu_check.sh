@@ -274,8 +274,10 @@ PY
         # the candidates that turn FP8 bytes as 32-bit words (issue 19's transposes): the casts' and the byte
         # transpose's (dev/kernels/fp8_cast.py v7), the classifier writing e5m2 dlogits in both layouts
         # (dev/kernels/classifier.py v3) and the GELU backward the fc layer's e5m2 gradient (dev/kernels/gelu.py v5),
-        # each checked exactly against the mainline's, then timed beside it
-        run python3 dev/kernels/run.py fp8_cast classifier gelu ;;
+        # each checked exactly against the mainline's, then timed beside it; and the transposes in words at d12's
+        # (N, Vp) and (N, 4C) beside the FP8 step's other kernels (dev/fp8_fused_kernels.py)
+        run python3 dev/kernels/run.py fp8_cast classifier gelu
+        run python3 dev/fp8_fused_kernels.py --iters 10 ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample," \
             "hellaswag, llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_kernels, fp8_profile," \
