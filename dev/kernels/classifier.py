@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 import softmax
-from fp8_cast import _pack_rows
+from fp8_cast import _pack_rows, current_scale
 from llmpy.configs.llama3 import LLAMA3_VOCAB_SIZE
 from llmpy.kernels import classifier as mainline
 from llmpy.kernels import fp8
@@ -191,12 +191,6 @@ def v2_fp8_turned(out8, out8t, losses, amax, logits, targets, V, dloss, scale):
     fp8.transpose(out8t, out8)
 
 
-def _e5m2_scale(ref_dlogits):
-    """The current e5m2 scale of the dlogits, fp32 (1,): the largest power of two keeping max |dlogits| * s finite."""
-    exponent = torch.floor(torch.log2(fp8.FORMATS["e5m2"][1] / ref_dlogits.abs().max()))
-    return torch.exp2(exponent).float().reshape(1)
-
-
 def check_fp8(small: bool) -> list[str]:
     """v3 against the mainline's v2_fp8_turned, exactly: the same losses, e5m2 bytes in both layouts and amax (the same
     arithmetic in the same order; only the tiling differs). small: 8 rows of V=300 padded to 384 (the interpreter
@@ -207,7 +201,7 @@ def check_fp8(small: bool) -> list[str]:
     for N, v, vp in shapes:
         logits, targets = _inputs(N, v, vp, dev, seed=N)
         dloss = 1.0 / N
-        scale = _e5m2_scale(reference(logits, targets, v, dloss)[1]).to(dev)
+        scale = current_scale(reference(logits, targets, v, dloss)[1], torch.float8_e5m2)
         outputs = {}
         for name, fn, tiles in [("v2 e5m2 + transpose", v2_fp8_turned, [None]), ("v3", v3, V3_TILES)]:
             for tile in tiles:

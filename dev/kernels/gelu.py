@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fp8_cast import _pack_rows
+from fp8_cast import _pack_rows, current_scale
 from llmpy.kernels import bias, fp8
 from llmpy.kernels import gelu as mainline
 from llmpy.kernels.fp8 import _round_to_fp8
@@ -235,8 +235,7 @@ def check_fp8(small: bool) -> list[str]:
     dout = torch.randn(N, C4, generator=g).to(dev, torch.bfloat16)
     dbias0 = torch.randn(C4, generator=g).to(dev)
     dbias_ref = dbias0.double() + reference_backward(dout.double(), x.double()).sum(0)
-    amax = reference_backward(dout.float(), x.float()).abs().max()
-    scale = torch.exp2(torch.floor(torch.log2(fp8.FORMATS["e5m2"][1] / amax))).reshape(1).to(dev)
+    scale = current_scale(reference_backward(dout.float(), x.float()), torch.float8_e5m2)
     versions = [("v4 e5m2 + transpose", backward_fp8_v4_turned)]
     versions += [("v5 ({}, {}) tiles, {} warps".format(*t), lambda *a, t=t: backward_fp8_both_v5(*a, tile=t))
                  for t in V5_TILES]

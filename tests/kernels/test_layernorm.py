@@ -124,8 +124,8 @@ def test_fp8_output_is_the_cast_of_the_output(device, rms, dtype, N):
     kernel with the FP8 store and the one without may sum a row in another order (on the H200 a variant of this
     kernel, 8 tiles a program, did: mean and rstd differed in their last bits), which can move a value of out by one
     bf16 rounding: so there the statistics to 1e-6 relative, and a byte of out8 may be the next e4m3 value, in at
-    most 1% of them. C = 80: masked columns; N = 37
-    rows, less than a tile, and 600, several programs, the last one partly."""
+    most 1% of them. C = 80: masked columns; N = 37 rows, less than a tile, and 600, several programs, the last one
+    partly."""
     C = 80
     x, weight, bias = random_layer(N, C, dtype, device, seed=11)
     expected = torch.empty(N, C, dtype=dtype, device=device)
