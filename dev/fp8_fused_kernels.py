@@ -10,10 +10,10 @@ against the bytes it must move at the device-to-device copy's bandwidth (measure
   layernorm_forward   (N, C): reads inp, writes out (bf16: 4 bytes an element) or its e4m3 copy (3), and the statistics
   layernorm_backward  (N, C): reads dout, inp and dinp, writes dinp (bf16: 8 bytes an element), and the e5m2 copy
                       (9), and the weight and bias partial sums
-  classifier          (N, Vp): reads the logits once from memory (the row's second read hits L2) and writes dlogits in
-                      place (bf16: 4 bytes an element) or in e5m2 (3)
-  transpose           an FP8 copy turned (2 bytes an element): (N, Vp), the LM head's dlogits, and (N, 4C); the
-                      mainline's byte tiles, and dev/kernels/fp8_cast.py's candidate turning 32-bit words
+  classifier          (N, Vp): reads the logits and writes dlogits in place (bf16: 4 bytes an element) or in e5m2
+                      (3), counted as if read once; the kernel reads a row twice, the second time from HBM at d12's
+                      65,536 rows, not from L2
+  transpose           an FP8 copy turned (2 bytes an element): (N, Vp), the LM head's dlogits, and (N, 4C)
 
 With --sweep, the GELU backward, the LayerNorm backward (e5m2) and the classifier (e5m2 and bf16 dlogits) are also
 timed at other tiles and warps than the mainline's (gelu: bias.column_tile's (ROWS, BLOCK_OC) and 8 warps;
@@ -35,9 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llmpy.configs import gpt2  # noqa: E402
 from llmpy.kernels import bias, classifier, fp8, gelu, layernorm  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels"))
-import fp8_cast  # noqa: E402  (dev/kernels/fp8_cast.py: the candidate transposes in words)
 
 
 def median_ms(fn, iters):
@@ -160,19 +157,13 @@ def main():
            lambda: classifier.fused_classifier(logits, losses, targets, V, 1 / N))
     del logits
 
-    # the byte transposes: the mainline's, and turned as 32-bit words (dev/kernels/fp8_cast.py's v7, a candidate)
+    # the byte transposes
     turned = torch.empty(Vp, N, dtype=torch.float8_e5m2, device="cuda")
     report("transpose (N, Vp)", N * Vp, 2, lambda: fp8.transpose(turned, out8[0]))
-    for tile in fp8_cast.V7_TILES:
-        report("transpose (N, Vp) in words {}x{} w{}".format(*tile), N * Vp, 2,
-               lambda tile=tile: fp8_cast.transpose_words(*tile)(turned, out8[0]))
     del turned, out8
     x8 = torch.empty(N, 4 * C, dtype=torch.float8_e5m2, device="cuda")
     turned = torch.empty(4 * C, N, dtype=torch.float8_e5m2, device="cuda")
     report("transpose (N, 4C)", N * 4 * C, 2, lambda: fp8.transpose(turned, x8))
-    for tile in fp8_cast.V7_TILES:
-        report("transpose (N, 4C) in words {}x{} w{}".format(*tile), N * 4 * C, 2,
-               lambda tile=tile: fp8_cast.transpose_words(*tile)(turned, x8))
 
 
 if __name__ == "__main__":

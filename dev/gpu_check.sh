@@ -3,7 +3,7 @@
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
 #                         [hellaswag] [llama] [llama_bench] [fp8] [fp8_bench] [fp8_llama] [fp8_head]
 #                         [fp8_kernels] [fp8_profile] [llama_curves] [fp8_curves] [matmul_algos] [bench_large]
-#                         [fp8_words] (none: all but the last nine)
+#                         (none: all but the last eight)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py, and -m llama-3 for the llama steps) and, for
 # the references' tokenizer files, LLMPY_TIKTOKEN_FILE (and LLMPY_LLAMA3_TOKENIZER_FILE for the llama steps); hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -270,18 +270,10 @@ PY
         # torch.compile all run (issue 19's target there: FP8 at 1.4x torch.compile)
         bench_largest d24 "" compile,mainline,fp8 48 40
         bench_largest d36 "" compile,mainline,fp8 28 24 ;;
-    fp8_words)
-        # the candidates that turn FP8 bytes as 32-bit words (issue 19's transposes): the casts' and the byte
-        # transpose's (dev/kernels/fp8_cast.py v7), the classifier writing e5m2 dlogits in both layouts
-        # (dev/kernels/classifier.py v3) and the GELU backward the fc layer's e5m2 gradient (dev/kernels/gelu.py v5),
-        # each checked exactly against the mainline's, then timed beside it; and the transposes in words at d12's
-        # (N, Vp) and (N, 4C) beside the FP8 step's other kernels (dev/fp8_fused_kernels.py)
-        run python3 dev/kernels/run.py fp8_cast classifier gelu
-        run python3 dev/fp8_fused_kernels.py --iters 10 ;;
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample," \
             "hellaswag, llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_kernels, fp8_profile," \
-            "llama_curves, fp8_curves, matmul_algos, bench_large, fp8_words)"; status=1 ;;
+            "llama_curves, fp8_curves, matmul_algos, bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

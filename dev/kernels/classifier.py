@@ -11,10 +11,11 @@ where dloss = dloss/dlosses[n] is the same for every row (1 / (B*T) for the mean
 dlogits overwrites the logits in place: at d12 B=64 the logits are 6.6 GB of bf16, too much to keep twice.
 
 Bytes it must move: every logit read, every dlogit written. But a dlogit needs its row's max and sum, which need the
-whole row, and a row (100 KB of bf16 for GPT-2, 250 KB for Llama 3) does not fit in a program's registers: a kernel
-reads the row once for the statistics and once more to write the gradient. The floor counted here is therefore read
-twice + write once, 3 * N * Vp * 2 bytes (the second read is mostly served by L2, so the real HBM traffic is closer
-to 2x: GB/s above copy bandwidth are possible). The losses (4 bytes a row) and targets are negligible.
+whole row, and a row (100 KB of bf16 for GPT-2, 250 KB for Llama 3) held in one program's registers makes programs
+too few and too large to keep the GPU's memory busy (GPT-2's, tried on the H200: half v2's pace; BENCHMARKS.md): a
+kernel reads the row once for the statistics and once more to write the gradient. The floor counted here is therefore
+read twice + write once, 3 * N * Vp * 2 bytes: the second read comes from HBM too, the rows in flight (100 KB each,
+thousands of them) being far more than L2 holds. The losses (4 bytes a row) and targets are negligible.
 
 v1, three kernels, as one would write it from the formulas: the softmax (softmax.v2 here: online max/sum, then
 normalise) into an fp32 probabilities buffer (N, Vp); a loss kernel, losses[n] = -log(probs[n, targets[n]]) (a
@@ -22,18 +23,14 @@ gather of N values); and a dlogits kernel, (probs - onehot) * dloss into the log
 logits (2 + 2 bytes), a 4-byte probs write, a 4-byte probs read, a 2-byte dlogits write: 14 bytes, against the 6 of
 the floor, and an extra (N, Vp) fp32 buffer (twice the logits' size).
 v2, fused: the mainline's llmpy.kernels.classifier.fused_classifier (imported). One program per row: sweep 1 computes
-max and sum online, the loss comes from one scalar load of the target's logit, sweep 2 rereads the row (from L2)
-and overwrites it with dlogits. 6 bytes per element, no extra buffer.
-v3, a candidate for --precision fp8 (not in the mainline): the LM head's e5m2 dlogits in both layouts. The mainline
-writes them row-major (v2 with fp8_out: (N, Vp), the head's input gradient reads that) and turns the copy for the
-head's weight gradient (fp8.transpose, 2 more bytes an element). v3 keeps v2's first sweep as a kernel of its own,
-which writes each row's max and 1 / sum of exponentials besides the loss, then a tiled kernel computes dlogits from
-those and writes both copies: x's rows 4q + k (k = 0 .. 3) of a tile loaded, their e5m2 bytes stored row-major and
-packed four to a 32-bit word, the word tile turned and stored (as fp8_cast.py's v7, where a turned byte tile is slow).
-HBM bytes an element: v2 + the turn, 2 read + 1 written + 2 turned = 5, with v2's second sweep at about half the
-bandwidth (it is bound by its per-row loop, not by bytes); v3, 2 read (statistics) + 2 read + 2 written = 6, in
-kernels that can stream. Expected at d12 B=64 on the H200: 1.62 ms (the statistics, as v2's loss-only run) + ~3.1
-(13.2 GB at ~4.3 TB/s) against 4.70 + 1.70 ms: -1.7 ms a step, if the tiled kernel keeps the copy's pace.
+max and sum online, the loss comes from one scalar load of the target's logit, sweep 2 rereads the row and
+overwrites it with dlogits. 6 bytes per element, no extra buffer.
+Tried and dropped (commit 963df99; H200, 2026-12-05): v3, the FP8 LM head's e5m2 dlogits in both layouts, to spare
+its weight gradient the transpose (fp8.transpose of (N, Vp) bytes, 1.7 ms at d12): a kernel of v2's first sweep
+keeping each row's max and 1 / sum, then tiles of dlogits stored row-major and turned as 32-bit words. At d12's
+65,536 rows 6.375 ms at best, as v2's e5m2 dlogits then the transpose (6.376): the tiles ran at 2.8 TB/s, not the
+copy's 4.2. Its turned copy also differed from its row-major copy's transpose on the GPU (exact under the
+interpreter); not pursued, as it gained nothing.
 The bound: PyTorch's cross-entropy forward + backward (F.cross_entropy on the fp32-cast real columns, then autograd),
 eager and under torch.compile (which fuses the forward into one kernel and the backward into another); the faster.
 Both vocabularies are checked and timed, on 8,192 rows each. Llama 3's walks 31.3 blocks of 4096 columns a sweep:
@@ -46,20 +43,14 @@ Where they stand on the H100 (GPT-2's 8,192 rows; dev/kernels/README.md has the 
 # common first: without a GPU it sets TRITON_INTERPRET=1, which must precede importing triton
 from common import Result, assert_close, compiled, copy_bandwidth_gbps, device, mark_bound, time_ms
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 import softmax
-from fp8_cast import _pack_rows, current_scale
 from llmpy.configs.llama3 import LLAMA3_VOCAB_SIZE
 from llmpy.kernels import classifier as mainline
-from llmpy.kernels import fp8
-from llmpy.kernels.classifier import row_statistics
-from llmpy.kernels.fp8 import _round_to_fp8
 from llmpy.kernels.rounding import round_to
 
 V, VP = softmax.V, softmax.VP
@@ -107,118 +98,9 @@ def v1(logits, losses, targets, V, dloss):
 
 def v2(logits, losses, targets, V, dloss):
     """The mainline's fused classifier (llmpy.kernels.classifier.fused_classifier): one program per row, online
-    max/sum, the loss from one load of the target logit, dlogits written in place on a second sweep that mostly
-    hits L2. Same arguments as v1."""
+    max/sum, the loss from one load of the target logit, dlogits written in place on a second sweep over the
+    row. Same arguments as v1."""
     mainline.fused_classifier(logits, losses, targets, V, dloss)
-
-
-@triton.jit
-def _row_statistics_kernel(logits_ptr, losses_ptr, targets_ptr, row_max_ptr, inv_sum_ptr, stride_row, V, Vp,
-                           BLOCK_V: tl.constexpr):
-    # v2's first sweep (mainline.row_statistics: the same m and 1 / sum_exp to the bit) and its loss, keeping m and
-    # 1 / sum_exp of the row for the dlogits kernel
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    m, sum_exp = row_statistics(row_ptr, tl.arange(0, BLOCK_V), V, Vp, BLOCK_V)
-    target = tl.load(targets_ptr + row)
-    target_logit = tl.load(row_ptr + target, mask=(target >= 0) & (target < V), other=float("nan")).to(tl.float32)
-    tl.store(losses_ptr + row, (m - target_logit) + tl.log(sum_exp))
-    tl.store(row_max_ptr + row, m)
-    tl.store(inv_sum_ptr + row, 1.0 / sum_exp)
-
-
-@triton.jit
-def _dlogits_both_layouts_kernel(
-    out8_ptr,  # e5m2 (N, Vp): fp8(dlogits * scale)
-    out8t_ptr,  # int32 (Vp, N / 4): the same bytes turned, (Vp, N) e5m2 as words
-    logits_ptr, targets_ptr, row_max_ptr, inv_sum_ptr, scale_ptr, amax_ptr,
-    N4, V, Vp, stride_row, dloss,
-    FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    # a (BLOCK_N, BLOCK_V) tile of dlogits, as four (BLOCK_N / 4, BLOCK_V) tiles of the rows 4q + k
-    quads = tl.program_id(0) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_tile = (quads < N4)[:, None] & (cols < Vp)[None, :]
-    scale = tl.load(scale_ptr)
-    largest = tl.zeros((BLOCK_N // 4, BLOCK_V), dtype=tl.float32)
-    words = tl.zeros((BLOCK_N // 4, BLOCK_V), dtype=tl.uint32)
-    for k in tl.static_range(4):
-        rows = 4 * quads + k
-        x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :], mask=in_tile,
-                    other=float("-inf")).to(tl.float32)
-        x = tl.where((cols < V)[None, :], x, float("-inf"))  # the padding: exp(-inf) = 0, a zero gradient
-        m = tl.load(row_max_ptr + rows, mask=quads < N4, other=0.0)
-        inv_sum_exp = tl.load(inv_sum_ptr + rows, mask=quads < N4, other=0.0)
-        target = tl.load(targets_ptr + rows, mask=quads < N4, other=-1)
-        # v2's arithmetic, in its order: the same bf16 dlogits, the same e5m2 bytes
-        p = tl.exp(x - m[:, None]) * inv_sum_exp[:, None]
-        grad = tl.where(cols[None, :] == target[:, None], p - 1.0, p)
-        dlogits = round_to(grad * dloss, logits_ptr.dtype.element_ty).to(tl.float32)
-        largest = tl.maximum(largest, tl.where(in_tile, tl.abs(dlogits), 0.0))
-        q = _round_to_fp8(dlogits * scale, out8_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
-        tl.store(out8_ptr + rows.to(tl.int64)[:, None] * Vp + cols[None, :], q, mask=in_tile)
-        words = _pack_rows(words, q, k)
-    tl.store(out8t_ptr + cols.to(tl.int64)[:, None] * N4 + quads[None, :], tl.trans(words),
-             mask=(cols < Vp)[:, None] & (quads < N4)[None, :])
-    tl.atomic_max(amax_ptr, tl.max(tl.max(largest, axis=1), axis=0), sem="relaxed")
-
-
-V3_TILES = [(64, 128, 8), (128, 128, 8), (128, 64, 4), (256, 64, 8)]  # (BLOCK_N, BLOCK_V, warps)
-
-
-def v3(out8, out8t, losses, amax, logits, targets, V, dloss, scale, tile=V3_TILES[0]):
-    """The candidate: losses, out8 (N, Vp) = e5m2(dlogits * scale) and out8t (Vp, N) its transpose, max |dlogits|
-    maxed into amax (fp32 (1,)), from logits (N, Vp) bf16, left as they are. N a multiple of 4."""
-    N, Vp = logits.shape
-    assert N % 4 == 0 and logits.stride(1) == 1 and out8.is_contiguous() and out8t.is_contiguous()
-    row_max = torch.empty(N, dtype=torch.float32, device=logits.device)
-    inv_sum = torch.empty_like(row_max)
-    _row_statistics_kernel[(N,)](logits, losses, targets, row_max, inv_sum, logits.stride(0), V, Vp,
-                                 BLOCK_V=mainline.block_columns(Vp), num_warps=mainline.NUM_WARPS)
-    _, fp8_max, mantissa, min_exp = fp8.FORMATS["e5m2"]
-    block_n, block_v, warps = tile
-    grid = (triton.cdiv(N, block_n), triton.cdiv(Vp, block_v))
-    _dlogits_both_layouts_kernel[grid](out8, out8t.view(torch.int32), logits, targets, row_max, inv_sum, scale, amax,
-                                       N // 4, V, Vp, logits.stride(0), float(dloss), FP8_MAX=fp8_max,
-                                       MANTISSA=mantissa, MIN_EXP=min_exp, BLOCK_N=block_n, BLOCK_V=block_v,
-                                       num_warps=warps)
-
-
-def v2_fp8_turned(out8, out8t, losses, amax, logits, targets, V, dloss, scale):
-    """What the mainline does for v3's outputs: v2 writing e5m2 dlogits (fp8_out), then fp8.transpose."""
-    mainline.fused_classifier(logits, losses, targets, V, dloss, fp8_out=(out8, scale, amax))
-    fp8.transpose(out8t, out8)
-
-
-def check_fp8(small: bool) -> list[str]:
-    """v3 against the mainline's v2_fp8_turned, exactly: the same losses, e5m2 bytes in both layouts and amax (the same
-    arithmetic in the same order; only the tiling differs). small: 8 rows of V=300 padded to 384 (the interpreter
-    would take minutes over GPT-2's vocabulary in tiles); else 8,192 rows of each vocabulary."""
-    dev = device()
-    shapes = [(8, 300, 384)] if small else [(8 * 1024, v, vp) for v, vp in VOCABULARIES]
-    lines = []
-    for N, v, vp in shapes:
-        logits, targets = _inputs(N, v, vp, dev, seed=N)
-        dloss = 1.0 / N
-        scale = current_scale(reference(logits, targets, v, dloss)[1], torch.float8_e5m2)
-        outputs = {}
-        for name, fn, tiles in [("v2 e5m2 + transpose", v2_fp8_turned, [None]), ("v3", v3, V3_TILES)]:
-            for tile in tiles:
-                buffers = (torch.full((N, vp), 0x55, dtype=torch.uint8, device=dev).view(torch.float8_e5m2),
-                           torch.full((vp, N), 0x55, dtype=torch.uint8, device=dev).view(torch.float8_e5m2),
-                           torch.full((N,), float("nan"), device=dev), torch.zeros(1, device=dev))
-                fn(*buffers, logits.clone(), targets, v, dloss, scale, *([tile] if tile else []))
-                outputs[(name, tile)] = buffers
-        (want8, want8t, want_losses, want_amax) = outputs[("v2 e5m2 + transpose", None)]
-        assert torch.equal(want8t.view(torch.uint8), want8.view(torch.uint8).t())
-        for (name, tile), (got8, got8t, got_losses, got_amax) in list(outputs.items())[1:]:
-            label = f"classifier fp8 {name} {tile} (N={N}, V={v}, Vp={vp})"
-            assert torch.equal(got8.view(torch.uint8), want8.view(torch.uint8)), f"{label}: row-major bytes"
-            assert torch.equal(got8t.view(torch.uint8), want8.view(torch.uint8).t()), f"{label}: turned bytes"
-            assert torch.equal(got_losses, want_losses) and torch.equal(got_amax, want_amax), f"{label}: loss, amax"
-            lines.append(f"{label}: e5m2 bytes in both layouts, losses and amax equal to the mainline's")
-    return lines
 
 
 def torch_loss(x, targets, V, dloss):
@@ -311,7 +193,7 @@ def check(small: bool) -> list[str]:
             err = assert_close(f"{label} summed loss", loss, ref_losses.sum() * dloss, _TOL_LOSS)
             lines.append(f"{name} (N={N}, V={v}, Vp={vp}): summed loss {err:.1e}, "
                          + _compare_dlogits(label, dlogits, ref_dlogits, targets))
-    return lines + check_fp8(small)
+    return lines
 
 
 def benchmark() -> list[Result]:
@@ -342,18 +224,6 @@ def benchmark() -> list[Result]:
         print(f"{op}: device-to-device copy {copy:.0f} GB/s (read + write); "
               + ", ".join(f"{r.version} {r.gbps / copy * 100:.0f}%" for r in ours + bounds) + " of it")
         results += ours + bounds
-        if vp % 4 == 0:  # v3 against the mainline's FP8 path: bytes = the logits read twice, two copies written
-            out8 = torch.empty(N, vp, dtype=torch.float8_e5m2, device="cuda")
-            out8t = torch.empty(vp, N, dtype=torch.float8_e5m2, device="cuda")
-            amax = torch.zeros(1, device="cuda")
-            # about the current scale: max |dlogits| is about dloss (a target's p - 1)
-            scale = torch.full((1,), 2.0 ** math.floor(math.log2(fp8.FORMATS["e5m2"][1] / dloss)), device="cuda")
-            args = (out8, out8t, losses, amax, logits, targets, v, dloss, scale)
-            op = f"classifier fp8 both layouts {N}x{vp}"
-            results.append(Result(op, "v2 e5m2, then fp8.transpose", time_ms(lambda: v2_fp8_turned(*args)),
-                                  bytes=6 * N * vp, mainline=True))
-            results += [Result(op, "v3 statistics, then tiles ({}, {}), {} warps".format(*t),
-                               time_ms(lambda t=t: v3(*args, tile=t)), bytes=6 * N * vp) for t in V3_TILES]
     return results
 
 

@@ -29,12 +29,11 @@ v4  a candidate for a gradient's two copies (not in the mainline; H200: no faste
 v5  the mainline's transposed copies since: no second cast at all. The row-major copy exists already (the forward
     cast the input, the input gradient cast dout), and fp8.transpose turns its bytes: 2*R*C bytes where a transposed
     cast moves 3*R*C, and a gradient's two copies 5*R*C as v2's two casts, but in one read of bf16.
-v7  a candidate for both (not in the mainline; unmeasured): the turn in 32-bit words. A byte tile turned with tl.trans
-    crosses shared memory a byte at a time on one side; packed first, four rows' bytes of a column to a word, the tile
-    turns as words. fp8.transpose's kernel so (the byte transpose alone), and v4's one read writing both layouts so.
-    Expected: the byte transpose, at ~92% of the copy's bandwidth already, gains little (at most ~0.5 ms of a d12
-    step's ~6.7 ms of transposes); what the words are for is the fused store: one read writing both layouts at the
-    copy's pace, faster than v5's cast then turn (v4 and v6, turning bytes, were not).
+Tried and dropped (commit 963df99; H200, 2026-12-05): v7, the turns in 32-bit words, four rows' bytes of a column
+    packed into one word before the tile is turned, because Triton's turned byte tile crosses shared memory a byte at
+    a time (its PTX for sm_90: 64 one-byte shared loads a thread for a (128, 128) tile at 8 warps). No gain: the
+    byte transpose of d12's (65,536, 50,304) LM head gradient 1.705 ms, in words 1.694 at best (92% of the copy
+    either way); a gradient's both layouts from one read at C = 3072 0.222 ms in words, 0.215 for v6 in bytes.
 The bound: the faster of torch eager, (x * s).to(float8) (with x.abs().amax() where an amax is made, and
 .t().contiguous() for the transposed copy), and torch.compile of the reference formula writing into our outputs.
 """
@@ -277,93 +276,6 @@ def transpose_tiled(block, warps):
     return version
 
 
-# v7: the turn in 32-bit words. A byte tile turned with tl.trans crosses shared memory a byte at a time on one side
-# (the PTX of fp8.transpose's (128, 128) tile at 8 warps: 16 four-byte stores and 64 one-byte loads a thread), and
-# Triton's transposed byte stores from a fused kernel ran at 44-68% of the bandwidth (BENCHMARKS.md). Packed first,
-# four rows' bytes of a column into one word, a tile of (BLOCK_R, BLOCK_C) bytes turns as a (BLOCK_R / 4, BLOCK_C)
-# tile of words: 16 four-byte stores and 16 four-byte loads a thread, and out_t is written as words, its row c
-# holding x's bytes (4q .. 4q + 3, c) in word q, lowest address first (little-endian, as the GPU stores them).
-
-
-@triton.jit
-def _pack_rows(words, q, k: tl.constexpr):
-    # q (BLOCK_R / 4, BLOCK_C) bytes (any 1-byte dtype) of x's rows 4i + k, put into byte k of each word
-    return words | (q.to(tl.uint8, bitcast=True).to(tl.uint32) << (8 * k))
-
-
-@triton.jit
-def _transpose_words_kernel(out_ptr, x_ptr, R, C, R4, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # out (C, R4) words, R4 = R / 4 (passed, so that its divisibility by 16 reaches the compiler: 16-byte stores);
-    # x (R, C) bytes. Word q of the tile's words holds x's rows 4q .. 4q + 3.
-    quads = tl.program_id(0) * (BLOCK_R // 4) + tl.arange(0, BLOCK_R // 4)
-    columns = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_x = (quads < R4)[:, None] & (columns < C)[None, :]
-    words = tl.zeros((BLOCK_R // 4, BLOCK_C), dtype=tl.uint32)
-    for k in tl.static_range(4):
-        rows = 4 * quads + k
-        words = _pack_rows(words, tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + columns[None, :], mask=in_x), k)
-    tl.store(out_ptr + columns.to(tl.int64)[:, None] * R4 + quads[None, :], tl.trans(words),
-             mask=(columns < C)[:, None] & (quads < R4)[None, :])
-
-
-@triton.jit
-def _cast_words_kernel(out_t_ptr, out_ptr, x_ptr, scale_ptr, amax_ptr, R, C, R4, stride_r, FP8_MAX: tl.constexpr,
-                       MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # v4's one read for both layouts and the amax, the turn in words: x's rows 4q + k loaded, cast, stored row-major
-    # and packed, for k = 0 .. 3; then the words turned and stored. out_t: (C, R4) words; out: (R, C) fp8
-    quads = tl.program_id(0) * (BLOCK_R // 4) + tl.arange(0, BLOCK_R // 4)
-    columns = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_x = (quads < R4)[:, None] & (columns < C)[None, :]
-    scale = tl.load(scale_ptr)
-    largest = tl.zeros((BLOCK_R // 4, BLOCK_C), dtype=tl.float32)
-    words = tl.zeros((BLOCK_R // 4, BLOCK_C), dtype=tl.uint32)
-    for k in tl.static_range(4):
-        rows = (4 * quads + k).to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_r + columns[None, :], mask=in_x, other=0.0).to(tl.float32)
-        largest = tl.maximum(largest, tl.abs(x))
-        q = _round_to_fp8(x * scale, out_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
-        tl.store(out_ptr + rows[:, None] * C + columns[None, :], q, mask=in_x)
-        words = _pack_rows(words, q, k)
-    tl.store(out_t_ptr + columns.to(tl.int64)[:, None] * R4 + quads[None, :], tl.trans(words),
-             mask=(columns < C)[:, None] & (quads < R4)[None, :])
-    tl.atomic_max(amax_ptr, tl.max(tl.max(largest, axis=1), axis=0), sem="relaxed")
-
-
-# (BLOCK_R, BLOCK_C, warps): BLOCK_R bytes (BLOCK_R / 4 words) of each of out_t's rows a tile
-V7_TILES = [(128, 128, 8), (128, 128, 4), (256, 64, 8), (256, 128, 8), (64, 256, 8), (128, 256, 8)]
-
-
-def _words(t, R):
-    """out_t (C, R) of FP8 bytes as (C, R / 4) 32-bit words: R a multiple of 4 (every R here: B*T tokens)."""
-    assert R % 4 == 0 and t.is_contiguous(), "the turn in words needs R a multiple of 4 and a contiguous out_t"
-    return t.view(torch.int32)
-
-
-def transpose_words(block_r, block_c, warps):
-    """v7's turn of an FP8 copy: out_t (C, R) = x8 (R, C)^T, a byte-exact transpose through 32-bit words."""
-    def version(out_t, x8):
-        R, C = x8.shape
-        grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-        _transpose_words_kernel[grid](_words(out_t, R), x8.view(torch.uint8), R, C, R // 4, BLOCK_R=block_r,
-                                      BLOCK_C=block_c, num_warps=warps)
-    return version
-
-
-def cast_both_v7(tile):
-    """A candidate: one read of x for both copies and the amax (v4), the transposed copy turned in words."""
-    block_r, block_c, warps = tile
-
-    def version(out, out_t, amax, x, scale):
-        R, C = x.shape
-        assert x.stride(1) == 1 and out.is_contiguous() and out.shape == x.shape and out_t.shape == (C, R)
-        _, fp8_max, mantissa, min_exp = mainline.FORMATS[_format(out.dtype)]
-        grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-        _cast_words_kernel[grid](_words(out_t, R), out, x, scale, amax, R, C, R // 4, x.stride(0), FP8_MAX=fp8_max,
-                                 MANTISSA=mantissa, MIN_EXP=min_exp, BLOCK_R=block_r, BLOCK_C=block_c,
-                                 num_warps=warps)
-    return version
-
-
 def eager_cast(x, scale, dtype=torch.float8_e4m3fn):
     """torch code's cast: x * s (an fp32 tensor: s is one), then the conversion, two kernels. No clamp: at the current
     scale nothing exceeds the format's largest value."""
@@ -460,16 +372,11 @@ def check(small: bool) -> list[str]:
                        **{f"v5 turned, {b}x{b} tiles, {w} warps":
                           lambda out_t, x, s, b=b, w=w: _turn(transpose_tiled(b, w), out_t, x, s)
                           for b, w in TRANSPOSE_TILES},
-                       **{"v7 turned in words, ({}, {}) tiles, {} warps".format(*t):
-                          lambda out_t, x, s, t=t: _turn(transpose_words(*t), out_t, x, s) for t in V7_TILES},
                        "v3 turned tiles, row-strided x": lambda out_t, _, s: cast_transposed_v3(out_t, x_slice, s)},
         "both layouts + amax": {
             "v2 two casts": cast_both_v2, "v4 one read": cast_both_v4, "v5 mainline, cast then turned": cast_both_v5,
             "v4 one read, row-strided x": lambda out, out_t, amax, _, s: cast_both_v4(out, out_t, amax, x_slice, s),
-            **{"v6 one read, ({}, {}) tiles x{}, {} warps".format(*t): cast_both_v6(t) for t in V6_TILES},
-            **{"v7 one read, turned in words, ({}, {}) tiles, {} warps".format(*t): cast_both_v7(t) for t in V7_TILES},
-            "v7 one read, turned in words, row-strided x":
-                lambda out, out_t, amax, _, s: cast_both_v7(V7_TILES[0])(out, out_t, amax, x_slice, s)},
+            **{"v6 one read, ({}, {}) tiles x{}, {} warps".format(*t): cast_both_v6(t) for t in V6_TILES}},
     }
     bounds = {"row-major": (eager_cast, torch_cast), "row-major + amax": (eager_cast_amax, torch_cast_amax),
               "transposed": (eager_cast_transposed, torch_cast_transposed),
@@ -532,8 +439,6 @@ def benchmark() -> list[Result]:
                           mainline=True)]
         results += [timed(op, f"v5 turned, {b}x{b} tiles, {w} warps", transpose_tiled(b, w), (out_t, out), 2 * R * C)
                     for b, w in TRANSPOSE_TILES]
-        results += [timed(op, "v7 turned in words, ({}, {}) tiles, {} warps".format(*t), transpose_words(*t),
-                          (out_t, out), 2 * R * C) for t in V7_TILES]
         results += mark_bound([
             timed(op, "torch eager", eager_cast_transposed, (x, scale), one_copy),
             timed(op, "torch.compile", compiled(torch_cast_transposed), (out_t, x, scale), one_copy),
@@ -544,8 +449,6 @@ def benchmark() -> list[Result]:
                     timed(op, "v4 one read", cast_both_v4, both_args, two_copies),
                     *(timed(op, "v6 one read, ({}, {}) tiles x{}, {} warps".format(*t), cast_both_v6(t), both_args,
                             two_copies) for t in V6_TILES),
-                    *(timed(op, "v7 one read, turned in words, ({}, {}) tiles, {} warps".format(*t), cast_both_v7(t),
-                            both_args, two_copies) for t in V7_TILES),
                     timed(op, "v5 cast, then turned", cast_both_v5, both_args, two_copies, mainline=True)]
         results += mark_bound([timed(op, "torch eager", eager_cast_both, (x, scale), two_copies),
                                timed(op, "torch.compile", compiled(torch_cast_both), both_args, two_copies)])

@@ -30,13 +30,10 @@ backward  v1  v1's layout.
               then the bias gradient's own kernel, reads the whole (N, 4C) dinp back (400 MB at d12, B = 64: the
               largest activation of the model): 4 transfers of N * 4C instead of 3. Fused, the sums cost registers
               and a (G, 4C) fp32 scratch of about 1 MB: a quarter of the pair's traffic is saved.
-          v5  a candidate for --precision fp8 (not in the mainline): the fc layer's e5m2 output gradient in both layouts.
-              With FP8 the mainline's v4 writes dinp in e5m2 (its fp8_out) for the fc input gradient, and the fc
-              weight gradient turns that copy (fp8.transpose: 2 more bytes an element). v5 loads each tile as four
-              sub-tiles of the rows 4q + k, stores their e5m2 bytes row-major and packs them four to a 32-bit word,
-              and turns the word tile (fp8_cast.py's v7): 6 bytes an element where the pair moves 7, and one launch.
-              Expected: the transpose's 0.1 ms a layer gone at d12 B=64 (-1.2 ms a step), if the turned stores
-              (32 bytes a column a tile of 32 rows) keep the pace of the row-major ones.
+Tried and dropped (commit 3e598fb; H200, 2026-12-05): v5, the backward writing the fc layer's e5m2 gradient in both
+    layouts with dbias (tiles of 32 rows turned as 32-bit words, fp8_cast.py's v7), to spare the weight gradient its
+    fp8.transpose: 0.561 ms at best against the mainline's e5m2 output, then fp8.transpose, 0.480 (N = 65,536,
+    4C = 3072).
 The bound: the fastest of torch's eager gelu kernels (F.gelu(approximate="tanh") and aten.gelu_backward, which
 allocate their output; for v4, aten.gelu_backward followed by a column sum) and torch.compile of the torch code
 writing into our outputs (for v4 the formula and the column sum compiled together, which inductor may fuse).
@@ -51,11 +48,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fp8_cast import _pack_rows, current_scale
-from llmpy.kernels import bias, fp8
+from llmpy.kernels import bias
 from llmpy.kernels import gelu as mainline
-from llmpy.kernels.fp8 import _round_to_fp8
-from llmpy.kernels.gelu import gelu_derivative
 from llmpy.kernels.rounding import round_to
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -159,107 +153,6 @@ def backward_v4(dinp, dbias, inp, dout, scratch):
     mainline.gelu_backward(dinp, inp, dout, dbias=dbias, scratch=scratch)
 
 
-@triton.jit
-def _backward_fp8_both_kernel(
-    out8_ptr,  # e5m2 (N, OC): fp8(dinp * scale)
-    out8t_ptr,  # int32 (OC, N / 4): the same bytes turned, (OC, N) e5m2 as words
-    partials_ptr,  # fp32 (G, OC): the column sums of dinp over each row group
-    inp_ptr,  # bf16 (N, OC): the pre-activation
-    dout_ptr,  # bf16 (N, OC)
-    N, OC, N4,
-    rows_per_group,  # a multiple of ROWS: the groups start at rows that are multiples of 4, as the words do
-    scale_ptr, amax_ptr,
-    FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_OC: tl.constexpr,
-):
-    columns, column_mask, first_row, end_row = bias.row_group_column_block(N, OC, rows_per_group, BLOCK_OC)
-    scale = tl.load(scale_ptr)
-    column_sums = tl.zeros((ROWS // 4, BLOCK_OC), dtype=tl.float32)
-    largest = tl.zeros((ROWS // 4, BLOCK_OC), dtype=tl.float32)
-    for tile_start in range(first_row, end_row, ROWS):
-        quads = tile_start // 4 + tl.arange(0, ROWS // 4)  # the tile's words down a column of out8t
-        in_tile = (quads < end_row // 4)[:, None] & column_mask[None, :]
-        words = tl.zeros((ROWS // 4, BLOCK_OC), dtype=tl.uint32)
-        for k in tl.static_range(4):
-            offsets = (4 * quads + k).to(tl.int64)[:, None] * OC + columns[None, :]
-            x = tl.load(inp_ptr + offsets, mask=in_tile, other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + offsets, mask=in_tile, other=0.0).to(tl.float32)
-            dinp = round_to(dout * gelu_derivative(x), inp_ptr.dtype.element_ty).to(tl.float32)  # v4's bf16 dinp
-            column_sums += dinp
-            largest = tl.maximum(largest, tl.abs(dinp))  # 0 outside the tile: masked loads read 0, gelu'(0) dout 0
-            q = _round_to_fp8(dinp * scale, out8_ptr.dtype.element_ty, FP8_MAX, MANTISSA, MIN_EXP)
-            tl.store(out8_ptr + offsets, q, mask=in_tile)
-            words = _pack_rows(words, q, k)
-        tl.store(out8t_ptr + columns.to(tl.int64)[:, None] * N4 + quads[None, :], tl.trans(words),
-                 mask=column_mask[:, None] & (quads < end_row // 4)[None, :])
-    tl.store(partials_ptr + tl.program_id(0) * OC + columns, tl.sum(column_sums, axis=0), mask=column_mask)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(largest, axis=1), axis=0), sem="relaxed")
-
-
-# (ROWS, BLOCK_OC, warps): from 32 rows a tile, each of the four sub-tiles is 8 values a thread at 8 warps and 256
-# columns (16-byte loads of bf16), and each column of out8t gets 32 contiguous bytes a tile (one sector)
-V5_TILES = [(32, 256, 8), (64, 256, 8), (32, 128, 4), (16, 256, 8)]
-
-
-def backward_fp8_both_v5(out8, out8t, dbias, amax, inp, dout, scratch, scale, tile=V5_TILES[0]):
-    """The candidate: out8 (N, OC) = e5m2(dinp * scale) and out8t (OC, N) its transpose, dinp = dout * gelu'(inp)
-    rounded to bf16 as v4 rounds it; dbias += dinp.sum(0) through scratch (G, OC) (bias.sum_partials); max |dinp|
-    maxed into amax. N a multiple of 4."""
-    N, OC = inp.shape
-    assert N % 4 == 0 and inp.is_contiguous() and dout.is_contiguous() and out8t.is_contiguous()
-    rows, block_columns, warps = tile
-    G = scratch.shape[0]
-    rows_per_group = triton.cdiv(triton.cdiv(N, G), rows) * rows
-    _, fp8_max, mantissa, min_exp = fp8.FORMATS["e5m2"]
-    _backward_fp8_both_kernel[(G, triton.cdiv(OC, block_columns))](
-        out8, out8t.view(torch.int32), scratch, inp, dout, N, OC, N // 4, rows_per_group, scale, amax,
-        FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXP=min_exp, ROWS=rows, BLOCK_OC=block_columns, num_warps=warps)
-    bias.sum_partials(dbias, scratch)
-
-
-def backward_fp8_v4_turned(out8, out8t, dbias, amax, inp, dout, scratch, scale):
-    """What the mainline does for v5's outputs: v4 writing dinp in e5m2 (fp8_out), then fp8.transpose of the copy."""
-    mainline.gelu_backward(dout, inp, dout, dbias=dbias, scratch=scratch,  # dinp: its dtype only, with fp8_out
-                           fp8_out=(out8, scale, amax))
-    fp8.transpose(out8t, out8)
-
-
-def check_fp8(small: bool) -> list[str]:
-    """v5 against backward_fp8_v4_turned: the e5m2 bytes in both layouts and the amax exactly (the same bf16 dinp,
-    the same rounding), dbias at the bf16 tolerance (its sums run in another order). small: N = 40 rows (2.5 tiles
-    of 16) of 200 columns; else d12's (65,536, 3072)."""
-    dev = device()
-    N, C4 = (40, 200) if small else (64 * 1024, 3072)
-    g = torch.Generator().manual_seed(N + C4 + 1)
-    x = (2 * torch.randn(N, C4, generator=g)).to(dev, torch.bfloat16)
-    dout = torch.randn(N, C4, generator=g).to(dev, torch.bfloat16)
-    dbias0 = torch.randn(C4, generator=g).to(dev)
-    dbias_ref = dbias0.double() + reference_backward(dout.double(), x.double()).sum(0)
-    scale = current_scale(reference_backward(dout.float(), x.float()), torch.float8_e5m2)
-    versions = [("v4 e5m2 + transpose", backward_fp8_v4_turned)]
-    versions += [("v5 ({}, {}) tiles, {} warps".format(*t), lambda *a, t=t: backward_fp8_both_v5(*a, tile=t))
-                 for t in V5_TILES]
-    outputs = {}
-    for name, fn in versions:
-        buffers = (torch.full((N, C4), 0x55, dtype=torch.uint8, device=dev).view(torch.float8_e5m2),
-                   torch.full((C4, N), 0x55, dtype=torch.uint8, device=dev).view(torch.float8_e5m2),
-                   dbias0.clone(), torch.zeros(1, device=dev))
-        fn(*buffers, x, dout, bias.bias_backward_scratch(N, C4, dev), scale)
-        outputs[name] = buffers
-    want8, _, want_dbias, want_amax = outputs.pop("v4 e5m2 + transpose")
-    assert_close(f"gelu backward v4 e5m2 dbias (N={N}, OC={C4})", want_dbias, dbias_ref, BF16_TOL)
-    lines = []
-    for name, (got8, got8t, got_dbias, got_amax) in outputs.items():
-        label = f"gelu backward fp8 both layouts {name} (N={N}, OC={C4})"
-        assert torch.equal(got8.view(torch.uint8), want8.view(torch.uint8)), f"{label}: row-major bytes"
-        assert torch.equal(got8t.view(torch.uint8), want8.view(torch.uint8).t()), f"{label}: turned bytes"
-        assert torch.equal(got_amax, want_amax), f"{label}: amax"
-        err = assert_close(f"{label} dbias", got_dbias, dbias_ref, BF16_TOL)
-        lines.append(f"{label}: e5m2 bytes in both layouts and amax equal to the mainline's, dbias rel error "
-                     f"{err:.1e}")
-    return lines
-
-
 def eager_forward(inp):
     return F.gelu(inp, approximate="tanh")
 
@@ -354,7 +247,7 @@ def check(small: bool) -> list[str]:
         err = assert_close(f"gelu backward v4 mainline in place {tag} dinp", dinp, dinp_ref, tol)
         db_err = assert_close(f"gelu backward v4 mainline in place {tag} dbias", dbias, dbias_ref, dbias_tol)
         lines.append(f"backward + dbias v4 mainline in place {tag}: dinp rel error {err:.1e}, dbias {db_err:.1e}")
-    return lines + check_fp8(small)
+    return lines
 
 
 def benchmark() -> list[Result]:
@@ -393,15 +286,6 @@ def benchmark() -> list[Result]:
         timed(op, "torch eager", eager_backward_bias, (dbias, x, dout), backward_bytes),
         timed(op, "torch.compile", compiled(torch_backward_bias), (out, dbias, x, dout), backward_bytes),
     ])
-    op = "gelu_backward + dbias, e5m2 in both layouts"  # bytes: x and dout read, two copies of a byte written
-    out8 = torch.empty(N, C4, device="cuda", dtype=torch.float8_e5m2)
-    out8t = torch.empty(C4, N, device="cuda", dtype=torch.float8_e5m2)
-    amax = torch.zeros(1, device="cuda")
-    scale = torch.full((1,), 2.0**12, device="cuda")  # about the current scale of this dinp (max ~ 13)
-    args = (out8, out8t, dbias, amax, x, dout, scratch, scale)
-    results += [timed(op, "v4 e5m2, then fp8.transpose", backward_fp8_v4_turned, args, 6 * x.numel(), mainline=True)]
-    results += [timed(op, "v5 both layouts turned in words, ({}, {}) tiles, {} warps".format(*t),
-                      lambda *a, t=t: backward_fp8_both_v5(*a, tile=t), args, 6 * x.numel()) for t in V5_TILES]
     return results
 
 

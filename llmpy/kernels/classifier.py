@@ -17,9 +17,12 @@ column blocks of BLOCK_V. Two sweeps over the row:
    Then loss = (m - logits[target]) + log(sum), the target's logit read with one scalar load.
 2. dlogits: reread the row and write (exp(x - m) / sum - [j == target]) * dloss in the logits' dtype. Padded columns
    read as -inf again, so their gradient comes out as exactly 0 without a separate fill.
-Bytes moved per row: Vp elements read twice and written once (the second read mostly hits L2, as the row was just
-read), the floor for an in-place loss + gradient when the row (100 KB in bf16) is too big for registers. All math
-is fp32; exponentials per element: two (one per sweep).
+Bytes moved per row: Vp elements read twice and written once. The second read comes from HBM, not L2: up to 32
+programs of 2 warps an SM keep thousands of rows (100 KB each) in flight against L2's 50 MB, and the second sweep
+takes the time of its bytes at about HBM's bandwidth (BENCHMARKS.md). A row does fit in the registers of one program
+of 16 or 32 warps (100 KB of bf16 in three power-of-two chunks), to be read once; tried, such programs ran at half
+this kernel's pace: one row at a time an SM, the reductions' barriers between its loads and its stores. All math is
+fp32; exponentials per element: two (one per sweep).
 
 Under --precision fp8 with the LM head's gradients in FP8 (llmpy.precision), sweep 2 can write dlogits in e5m2
 instead (fp8_out, as the GELU backward writes the fc layer's gradient: llmpy.kernels.fp8.store_scaled): 1 byte a
@@ -154,7 +157,9 @@ def fused_classifier(logits, losses, targets, V, dloss, write_dlogits=True, fp8_
     V: the real vocabulary size. dloss: float, d(loss)/d(losses[n]) for every row, e.g. 1 / (N * grad_accum_steps).
     fp8_out (out8, scale, amax), from the LM head's precision (llmpy.precision.FP8.fp8_grad), with write_dlogits:
         out8 (N, Vp) = fp8(dlogits * scale) is written instead of dlogits, as fp8.cast of dlogits would write it, and
-        max |dlogits| maxed into amax; logits are then left as they were.
+        max |dlogits| maxed into amax; logits are then left as they were. On the GPU, up to the order of the fp32 sum
+        of a row's exponentials, which the kernel compiled with the FP8 store may change: at 8,192 rows of GPT-2's
+        vocabulary on the H200, 92 of 412M bytes (one row's) one e5m2 step apart, and that row's loss by 2e-6.
     """
     N, Vp = logits.shape
     if logits.stride(1) != 1 or not 0 < V <= Vp:
