@@ -15,9 +15,10 @@ against the bytes it must move at the device-to-device copy's bandwidth (measure
                       65,536 rows, not from L2
   transpose           an FP8 copy turned (2 bytes an element): (N, Vp), the LM head's dlogits, and (N, 4C)
 
-With --sweep, the GELU backward, the LayerNorm backward (e5m2) and the classifier (e5m2 and bf16 dlogits) are also
-timed at other tiles and warps than the mainline's (gelu: bias.column_tile's (ROWS, BLOCK_OC) and 8 warps;
-layernorm: _row_tile's ROWS and 4 warps; classifier: BLOCK_V and NUM_WARPS);
+With --sweep, the GELU backward (and its e5m2 variant with fewer registers a thread), the LayerNorm forward (bf16
+and e4m3) and backward (e5m2) and the classifier (e5m2 and bf16 dlogits) are also timed at other tiles and warps than
+the mainline's (gelu: bias.column_tile's (ROWS, BLOCK_OC) and 8 warps; layernorm: _row_tile's ROWS and warps;
+classifier: BLOCK_V and NUM_WARPS);
 --vocab_size times the classifier at another vocabulary (Llama 3's: 128256).
 
     python dev/fp8_fused_kernels.py [--model d12] [-b 64] [-t 1024] [--iters 20] [--sweep] [--vocab_size V]
@@ -101,6 +102,15 @@ def main():
                     dinp, scratch, x, dout, N, 4 * C, triton.cdiv(N, G), *pointers, SUM_COLUMNS=True, ROWS=rows,
                     BLOCK_OC=block_oc, num_warps=warps, **constants)
             report(f"gelu_backward e5m2 ({rows}, {block_oc}) warps={warps}", N * 4 * C, 5, launch)
+        # the mainline's tile with fewer registers a thread: the e5m2 variant takes 72 against bf16's 58 (ptxas, sm_90),
+        # 3 programs of 8 warps an SM instead of 4; capped at 64, 4 fit (at the cost of spills, if any)
+        rows, block_oc = bias.column_tile(4 * C)
+        for maxnreg in (64, 56):
+            def launch(maxnreg=maxnreg):
+                gelu._gelu_backward_kernel[(G, triton.cdiv(4 * C, block_oc))](
+                    dinp, scratch, x, dout, N, 4 * C, triton.cdiv(N, G), *pointers, SUM_COLUMNS=True, ROWS=rows,
+                    BLOCK_OC=block_oc, num_warps=8, maxnreg=maxnreg, **constants)
+            report(f"gelu_backward e5m2 maxnreg={maxnreg}", N * 4 * C, 5, launch)
     del x, dout, dinp, scratch, out8
 
     # LayerNorm forward, writing bf16 or e4m3 (the next matmul's input)
@@ -112,6 +122,16 @@ def main():
     report("layernorm_forward bf16", N * C, 4, lambda: layernorm.layernorm_forward(dinp, mean, rstd, inp, w, b))
     report("layernorm_forward e4m3", N * C, 3,
            lambda: layernorm.layernorm_forward(dinp, mean, rstd, inp, w, b, fp8_out=in8))
+    if args.sweep:  # other row tiles and warps than _row_tile's (4 rows of 1024, 8 warps at C = 768)
+        block_c = triton.next_power_of_2(C)
+        for fmt, out_bytes in (("bf16", 4), ("e4m3", 3)):
+            pointers, constants = fp8.fused_output(in8 if fmt == "e4m3" else None, dinp)
+            for rows, warps in ((1, 2), (1, 4), (2, 4), (4, 4), (8, 8), (16, 8)):
+                def launch(rows=rows, warps=warps, pointers=pointers, constants=constants):
+                    layernorm._layernorm_forward_kernel[(triton.cdiv(N, rows),)](
+                        dinp, mean, rstd, inp, w, b, N, C, 1e-5, *pointers, RMS=False, ROWS=rows, BLOCK_C=block_c,
+                        num_warps=warps, **constants)
+                report(f"layernorm_forward {fmt} ROWS={rows} warps={warps}", N * C, out_bytes, launch)
     del in8
 
     # LayerNorm backward (stage 1: the partial sums stay in scratch, as in the step)
