@@ -102,8 +102,9 @@ def main():
                     dinp, scratch, x, dout, N, 4 * C, triton.cdiv(N, G), *pointers, SUM_COLUMNS=True, ROWS=rows,
                     BLOCK_OC=block_oc, num_warps=warps, **constants)
             report(f"gelu_backward e5m2 ({rows}, {block_oc}) warps={warps}", N * 4 * C, 5, launch)
-        # the mainline's tile with fewer registers a thread: the e5m2 variant takes 72 against bf16's 58 (ptxas, sm_90),
-        # 3 programs of 8 warps an SM instead of 4; capped at 64, 4 fit (at the cost of spills, if any)
+        # the mainline's tile with fewer registers a thread: the e5m2 variant takes 72 against bf16's 58 (ptxas for
+        # sm_90 on Triton 3.8's PTX, compiled on the CPU), 3 programs of 8 warps an SM instead of 4; capped at 64, 4
+        # fit (ptxas there: 8 bytes of stack at 64, 80 bytes of spills at 56)
         rows, block_oc = bias.column_tile(4 * C)
         for maxnreg in (64, 56):
             def launch(maxnreg=maxnreg):
