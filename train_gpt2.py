@@ -73,9 +73,21 @@ class Trainer:
     hellaswag: bool  # -h 1 (llm.c's eval files are GPT-2 tokens)
 
 
+FP8_LM_HEAD = {"auto": None, "1": True, "0": False, "gradients": "gradients"}  # --fp8_lm_head -> lm_head option
+
+
+def fp8_options(args):
+    """--fp8_lm_head and --fp8_weight_grads as a model's fp8_options (llmpy.precision.FP8's, and lm_head)."""
+    options = {"weight_grads_fp8": bool(args.fp8_weight_grads)}
+    if FP8_LM_HEAD[args.fp8_lm_head] is not None:
+        options["lm_head"] = FP8_LM_HEAD[args.fp8_lm_head]
+    return options
+
+
 def build_gpt2(config, B, T, runtime, args):
     return gpt2.GPT2(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
-                     gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic), precision=args.precision)
+                     gelu_fusion=args.gelu_fusion, deterministic=bool(args.deterministic), precision=args.precision,
+                     fp8_options=fp8_options(args))
 
 
 GPT2_TRAINER = Trainer(
@@ -165,6 +177,13 @@ def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
              "tensor; needs --dtype bfloat16 on a GPU with FP8 tensor cores: Ada, Hopper or newer): the transformer "
              "blocks' and GPT-2's LM head (Llama 3's stays bf16); attention and the optimizer stay as they are "
              "(llmpy/precision.py)")
+    add("--fp8_lm_head", default="auto", choices=FP8_LM_HEAD,
+        help="--precision fp8: the LM head's three matmuls in FP8 too (1), its two gradients only with the logits "
+             "and loss in bf16 (gradients), or all three in bf16 (0); auto: the family's (GPT-2 1, Llama 3 0; "
+             "BENCHMARKS.md has the loss and speed measured)")
+    add("--fp8_weight_grads", type=int, default=1, choices=(0, 1),
+        help="--precision fp8: the weight gradients' matmuls in FP8 (1), or in bf16 from the bf16 inputs the model "
+             "then keeps (0: more memory, slower)")
     add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
     add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
         help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms "
@@ -232,6 +251,11 @@ def check_args(args, trainer):
         raise ValueError(f"-l/--learning_rate must be positive, got {args.learning_rate}")
     if not 0 <= args.final_lr_frac <= 1:
         raise ValueError(f"-q/--final_lr_frac must be in [0, 1], got {args.final_lr_frac}")
+    if args.precision != "fp8":
+        for flag, value, default in (("--fp8_lm_head", args.fp8_lm_head, "auto"),
+                                     ("--fp8_weight_grads", args.fp8_weight_grads, 1)):
+            if value != default:
+                raise ValueError(f"{flag} {value} applies to --precision fp8 only, this run's is {args.precision}")
     if args.hellaswag and args.batch_size % evals.COMPLETIONS:
         raise ValueError(f"-h 1 needs -b/--batch_size a multiple of {evals.COMPLETIONS} (an example's "
                          f"{evals.COMPLETIONS} completions take {evals.COMPLETIONS} rows of a batch), got "
@@ -384,8 +408,9 @@ def format_mfu(value):
 # the flags that shape the run, saved with each checkpoint so that a resume can say which ones changed
 RUN_FLAGS = ("batch_size", "sequence_length", "total_batch_size", "max_steps", "learning_rate", "warmup_iters",
              "final_lr_frac", "lr_schedule", "weight_decay", "grad_clip", "dtype", "seed", "shuffle", "zero_stage",
-             "skip_update_lossz", "skip_update_gradz", "input_bin", "precision")
-RUN_FLAGS_BEFORE_THEY_EXISTED = {"precision": "bf16"}  # what a checkpoint written before a flag existed ran with
+             "skip_update_lossz", "skip_update_gradz", "input_bin", "precision", "fp8_lm_head", "fp8_weight_grads")
+# what a checkpoint written before a flag existed ran with
+RUN_FLAGS_BEFORE_THEY_EXISTED = {"precision": "bf16", "fp8_lm_head": "auto", "fp8_weight_grads": 1}
 
 
 class Stopped(Exception):
@@ -452,7 +477,10 @@ def restore_run(resume, model, train_loader, guard, grad_accum_steps, run_flags,
             say(f"note: the checkpoint's run differs ({'; '.join(changed)}): it continues, but not as it would have")
         guard.load_state(saved["outlier"])
         if saved.get("fp8_scales") and model.precision == "fp8":  # FP8's delayed scales, as they were
-            model.matmuls.load_state(saved["fp8_scales"])
+            if before["fp8_lm_head"] == run_flags["fp8_lm_head"]:
+                model.matmuls.load_state(saved["fp8_scales"])
+            else:  # the head's scales come and go with it
+                say("note: --fp8_lm_head changed: FP8's scales start afresh, each from its tensor's first cast")
     same_layout = old_world == dist.world_size and (saved is None or (saved["run"]["batch_size"],
                   saved["run"]["sequence_length"]) == (model.B, model.T))
     try:
@@ -609,7 +637,11 @@ def describe_run(args, run, dist, say):
              + (f" (padded {config.padded_vocab_size})" if family is families.GPT2 else "")
              + (", tied head" if getattr(config, "tied_embeddings", True) else ", untied head"))
     say(f"model {args.init}: {shape}, {family.num_parameters(config):,} parameters")
-    say(f"device {run.device_name}, dtype {args.dtype}, matmuls {args.precision}, attention "
+    matmuls = args.precision
+    if args.precision == "fp8":
+        head = {True: "fp8", False: "bf16", "gradients": "fp8 for its gradients only"}[run.model.fp8_lm_head]
+        matmuls += f" (LM head {head}; weight gradients {'fp8' if args.fp8_weight_grads else 'bf16'})"
+    say(f"device {run.device_name}, dtype {args.dtype}, matmuls {matmuls}, attention "
         f"{run.model.attention_impl}, recompute {run.model.recompute}{', deterministic' if args.deterministic else ''}")
     say(f"processes {world}" + (f" (rendezvous {dist.rendezvous})" if dist.group else "") +
         f", zero stage {args.zero_stage}")

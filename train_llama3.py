@@ -17,12 +17,13 @@ from <|begin_of_text|>.
 from llmpy import families
 from llmpy.configs.llama3 import BEGIN_OF_TEXT
 from llmpy.models import llama3
-from train_gpt2 import Trainer, main as run_trainer
+from train_gpt2 import Trainer, fp8_options, main as run_trainer
 
 
 def build_llama3(config, B, T, runtime, args):
     return llama3.Llama3(config, B, T, runtime, recompute=args.recompute, attention_impl=args.attention,
-                         deterministic=bool(args.deterministic), precision=args.precision)
+                         deterministic=bool(args.deterministic), precision=args.precision,
+                         fp8_options=fp8_options(args))
 
 
 LLAMA3_TRAINER = Trainer(

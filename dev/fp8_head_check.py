@@ -1,10 +1,10 @@
 """The LM head's FP8 gradients (fp8_options lm_head="gradients") at a real size, on the GPU: are they the products of
 their FP8 operands, and how far are those from the bf16 head's?
 
-dev/fp8_head_emulation.py finds that rounding the head's backward operands to FP8 costs no loss at a small size on
-the CPU, where the mainline measured 0.22 after 13 steps at d12 B=64; this check found why (BENCHMARKS.md, FP8: an
-amax that came out 0 past 2^31 elements, scale 1, and it prints the scale first). It checks the mainline's own path
-at d12 (B=64, T=1024 by default) after one calibrating micro-batch, on a second one:
+dev/fp8_head_emulation.py (since dev/fp8_emulation.py) found that rounding the head's backward operands to FP8 costs
+no loss at a small size on the CPU, where the mainline measured 0.22 after 13 steps at d12 B=64; this check found why
+(BENCHMARKS.md, FP8: an amax that came out 0 past 2^31 elements, scale 1, and it prints the scale first). It checks
+the mainline's own path at d12 (B=64, T=1024 by default) after one calibrating micro-batch, on a second one:
   1. the classifier's e5m2 dlogits against a cast of dlogits computed by torch from the same logits (the bytes that
      differ: softmax's last bits may flip a bf16 rounding);
   2. the input gradient dlnf = dlogits @ wte (bf16 out) and the weight gradient dwte = dlogits^T @ lnf (fp32 out)

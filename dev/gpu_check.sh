@@ -2,8 +2,9 @@
 # The GPU check: kernel tests, the match test in every mode, and a short training run, in one call.
 #   bash dev/gpu_check.sh [kernels] [match] [train] [compare] [zero] [gelu_fusion] [bench] [long_runs] [sample]
 #                         [hellaswag] [llama] [llama_bench] [fp8] [fp8_bench] [fp8_llama] [fp8_head]
-#                         [fp8_kernels] [fp8_profile] [llama_curves] [fp8_curves] [fp8_curves_low_lr] [matmul_algos]
-#                         [bench_large] (none: all but the last nine)
+#                         [fp8_kernels] [fp8_profile] [llama_curves] [fp8_curves] [fp8_curves_low_lr]
+#                         [fp8_parts_low_lr] [fp8_curves_fresh] [matmul_algos] [bench_large] (none: all but the last
+#                         eleven)
 # Needs the tiny Shakespeare shards (python dev/data/tinyshakespeare.py, and -m llama-3 for the llama steps) and, for
 # the references' tokenizer files, LLMPY_TIKTOKEN_FILE (and LLMPY_LLAMA3_TOKENIZER_FILE for the llama steps); hellaswag also LLMPY_TINYSHAKESPEARE_FILE (the text its examples are made from). Writes its log to $OUT/gpu_check.log when $OUT is set (the device tool), else ./gpu_check.log.
 set -uo pipefail
@@ -34,17 +35,25 @@ bench_largest() {  # model, extra flags, contenders, then batch sizes, largest f
             && return 0
     done
 }
-fp8_curves() {  # peak learning rate, the runs' prefix under $OUT
-    # 1,000 steps of tiny Shakespeare, d12 B=16 T=1024, the same init, data and hyperparameters: FP8 against bf16,
-    # and bf16 against itself run again (float atomics sum in another order): the gap FP8's is to be judged by
-    local lr=$1 dir="${OUT:-.}/$2"
+curves() {  # peak learning rate, the runs' prefix under $OUT, the data's flags ("": tiny Shakespeare), then the
+    # runs as NAME=FLAGS, the first the one the others are compared to. 1,000 steps of d12 B=16 T=1024 each, the same
+    # init, data and hyperparameters; a run repeated (bf16 against itself: float atomics sum in another order each
+    # run) gives the gap the others are to be judged by
+    local lr=$1 dir="${OUT:-.}/$2" data=$3 spec name first=
     local flags=(-e d12 -b 16 -t 1024 -x 1000 -l "$lr" -u 100 -q 0.1 -c 0.1 -v 100 -m 4 -s 0 --seed 42)
-    run python3 train_gpt2.py "${flags[@]}" -o "${dir}_bf16"
-    run python3 train_gpt2.py "${flags[@]}" --precision fp8 -o "${dir}_fp8"
-    run python3 train_gpt2.py "${flags[@]}" -o "${dir}_bf16_again"
-    run python3 dev/compare_logs.py "${dir}_fp8/main.log" "${dir}_bf16/main.log"
-    run python3 dev/compare_logs.py "${dir}_bf16_again/main.log" "${dir}_bf16/main.log"
-    run python3 dev/plot.py "${dir}_bf16" "${dir}_fp8" "${dir}_bf16_again" -o "${dir}_curves.png"
+    shift 3
+    local names=()
+    for spec in "$@"; do
+        name=${spec%%=*}
+        run python3 train_gpt2.py "${flags[@]}" $data ${spec#*=} -o "${dir}_$name"
+        names+=("${dir}_$name")
+        [ -z "$first" ] && first=$name ||
+            run python3 dev/compare_logs.py "${dir}_$name/main.log" "${dir}_$first/main.log"
+    done
+    run python3 dev/plot.py "${names[@]}" -o "${dir}_curves.png"
+}
+fp8_curves() {  # peak learning rate, the runs' prefix, the data's flags: FP8 against bf16, and bf16 against itself
+    curves "$1" "$2" "$3" bf16= fp8="--precision fp8" bf16_again=
 }
 {
     date -u
@@ -62,6 +71,9 @@ has_step fp8_bench && { python3 -c "import torchao" 2>/dev/null ||
     needs+=("torchao (pip install torchao): fp8_bench's float8 contender"); }
 [ -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ] ||
     needs+=("the tiny Shakespeare shards: python dev/data/tinyshakespeare.py")
+PYTHON_SOURCES=dev/data/python_sources
+has_step fp8_curves_fresh && { [ -f $PYTHON_SOURCES/python_sources_train.bin ] ||
+    needs+=("the Python sources shards (fp8_curves_fresh): python dev/data/python_sources.py -t 16500000"); }
 for step in llama llama_bench llama_curves fp8_llama; do
     has_step $step && { [ -f dev/data/tinyshakespeare/tiny_shakespeare_llama3_train.bin ] ||
         needs+=("the Llama 3 tiny Shakespeare shards ($step): python dev/data/tinyshakespeare.py -m llama-3"); break; }
@@ -268,9 +280,16 @@ PY
             --trace "${OUT:-.}/trace_fp8_d24.json"
         gzip -f "${OUT:-.}/trace_fp8_d24.json" ;;
     fp8_curves)  # 1,000 steps at GPT-2 small's learning rate, 6e-4: tiny Shakespeare is overfit from step ~200 on
-        fp8_curves 6e-4 fp8 ;;
+        fp8_curves 6e-4 fp8 "" ;;
     fp8_curves_low_lr)  # the same at 1e-4: overfit past step ~200 too, but there bf16 repeats itself closely
-        fp8_curves 1e-4 fp8_lr1e-4 ;;
+        fp8_curves 1e-4 fp8_lr1e-4 "" ;;
+    fp8_parts_low_lr)  # which of FP8's products slows the memorising at 1e-4: FP8 with its LM head in bf16, and
+        # with its weight gradients in bf16, beside bf16 and FP8 as they are
+        curves 1e-4 fp8_parts_lr1e-4 "" bf16= fp8="--precision fp8" fp8_head_bf16="--precision fp8 --fp8_lm_head 0" \
+            fp8_wgrads_bf16="--precision fp8 --fp8_weight_grads 0" ;;
+    fp8_curves_fresh)  # fp8_curves on text that 1,000 steps see once (dev/data/python_sources.py): no memorising
+        fp8_curves 6e-4 fp8_fresh "-i $PYTHON_SOURCES/python_sources_train.bin
+                                   -j $PYTHON_SOURCES/python_sources_val.bin" ;;
     bench_large)
         # d24 and d36 at the largest B (of those tried, largest first) at which the mainline, bf16 and FP8, and
         # torch.compile all run (issue 19's target there: FP8 at 1.4x torch.compile)
@@ -279,7 +298,8 @@ PY
     *)
         echo "unknown step $step (kernels, match, train, compare, zero, gelu_fusion, bench, long_runs, sample," \
             "hellaswag, llama, llama_bench, fp8, fp8_llama, fp8_bench, fp8_head, fp8_kernels, fp8_profile," \
-            "llama_curves, fp8_curves, fp8_curves_low_lr, matmul_algos, bench_large)"; status=1 ;;
+            "llama_curves, fp8_curves, fp8_curves_low_lr, fp8_parts_low_lr, fp8_curves_fresh, matmul_algos," \
+            "bench_large)"; status=1 ;;
     esac
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all passed || echo FAILURES, see above)" | tee -a "$LOG"

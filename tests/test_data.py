@@ -9,6 +9,7 @@ The scripts run as subprocesses on local inputs, offline; their shards are read 
 <|endoftext|> + the tokens of each document, encoded here with the same GPT-2 encoding.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -411,6 +412,43 @@ def test_tinystories_local_sample_is_eot_prefixed_stripped_stories_in_shards(tmp
     assert result.returncode == 0, result.stderr
     names, shards = read_shards(out, "TinyStories")
     check_shards(names, shards, "TinyStories", 1000, expected_tokens(encoding, [s.strip() for s in stories]))
+
+
+def test_python_sources_are_distinct_utf8_py_files_in_content_hash_order(tmp_path, encoding):
+    """dev/data/python_sources.py: every distinct UTF-8 .py file under --roots, EOT-prefixed, in the order of the
+    SHA-256 of its bytes; a copy of a file, a non-.py file, a file that is not UTF-8, one over --max_file_bytes and
+    one of whitespace only left out; the first --val_tokens tokens the val split, the next --train_tokens the train split."""
+    # the one long document (12.6 KB) is over the limit, as big.py below
+    documents = [d for d in random_documents(seed=3, count=30) if d.strip() and len(d.encode()) <= 10000]
+    root = tmp_path / "site-packages"
+    for i, text in enumerate(random_documents(seed=3, count=30)):
+        (root / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"pkg{i % 3}" / f"module{i}.py").write_text(text, encoding="utf-8")
+    (root / "pkg0" / "copy.py").write_text(documents[0], encoding="utf-8")
+    (root / "pkg1" / "notes.txt").write_text("not a .py file")
+    (root / "pkg2" / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    (root / "pkg2" / "big.py").write_text("x = 1\n" * 2000)
+    (root / "pkg2" / "blank.py").write_text(" \n\n")
+    ordered = sorted(documents, key=lambda d: hashlib.sha256(d.encode("utf-8")).hexdigest())
+    everything = expected_tokens(encoding, ordered)
+    val_tokens, train_tokens = 300, len(everything) - 300 - 50  # the last 50 tokens are not wanted
+    out = tmp_path / "shards"
+    result = run_data_script("python_sources.py", "--roots", root, "--output_dir", out, "--val_tokens", val_tokens,
+                             "--train_tokens", train_tokens, "--max_file_bytes", 10000, "--processes", 1)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(documents)} distinct .py files" in result.stdout
+    val = read_shard(out / "python_sources_val.bin", GPT2_VOCAB)
+    train = read_shard(out / "python_sources_train.bin", GPT2_VOCAB)
+    np.testing.assert_array_equal(val, everything[:val_tokens])
+    np.testing.assert_array_equal(train, everything[val_tokens:val_tokens + train_tokens])
+
+
+def test_python_sources_refuse_a_missing_root_and_too_little_text(tmp_path):
+    assert_fails_with_one_line(run_data_script("python_sources.py", "--roots", tmp_path / "nope"),
+                               f"--roots: {tmp_path / 'nope'}: not a folder")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    assert_fails_with_one_line(run_data_script("python_sources.py", "--roots", tmp_path, "--output_dir", tmp_path,
+                                               "--processes", 1), "tokens under --roots, the val split alone")
 
 
 def test_tinystories_online_path_unpacks_the_downloaded_tarball(tmp_path, encoding):

@@ -312,6 +312,22 @@ def test_an_fp8_run_resumes_exactly(files, tmp_path):
     assert (resumed / "model_00000004.bin").read_bytes() == (tmp_path / "whole" / "model_00000004.bin").read_bytes()
 
 
+def test_an_fp8_run_resumes_with_its_lm_head_in_bf16(files, tmp_path):
+    """--fp8_lm_head changed on a resume: the LM head's scales are gone from (or new to) the run, so the scales all
+    start afresh, and the run says so, and which run flag changed, and goes on; the startup line says where the head
+    and the weight gradients run."""
+    args = [*base_args(files), "--dtype", "bfloat16", "--precision", "fp8", "-x", 3, "-n", 2, "-v", 0, "-s", 0]
+    code, _, err = run([*args, "-o", tmp_path / "run"], tmp_path)
+    assert code == 0, err
+    code, out, err = run([*args, "-o", tmp_path / "run", "-y", 1, "--fp8_lm_head", "0", "--fp8_weight_grads", "0"],
+                         tmp_path)
+    assert code == 0 and "resumed from" in out, out + err
+    assert "matmuls fp8 (LM head bf16; weight gradients bf16)" in out, out
+    assert "the checkpoint's run differs (fp8_lm_head auto -> 0; fp8_weight_grads 1 -> 0)" in out, out
+    assert "note: --fp8_lm_head changed: FP8's scales start afresh" in out, out
+    assert [step for step, kind, _ in losses(tmp_path / "run") if kind == "trl"] == [0, 1, 2]
+
+
 def test_a_bf16_run_checkpoints_its_master_weights_and_resumes_exactly(files, tmp_path):
     """bf16: the model file is a bf16 (v5) one, the state carries the fp32 master weights; a run resumed from the
     checkpoint of step 2 (copied into a fresh folder with the log) ends as the run that went on."""

@@ -226,6 +226,8 @@ BAD_INPUTS = [
     ("negative learning rate", ["-l", -1], None, r"-l/--learning_rate must be positive"),
     ("unknown flag", ["--nonsense", 1], None, r"unrecognized arguments: --nonsense"),
     ("bad schedule", ["-k", "step"], None, r"argument -k/--lr_schedule: invalid choice: 'step'"),
+    ("an FP8 option without FP8", ["--fp8_lm_head", "0"], None,
+     r"--fp8_lm_head 0 applies to --precision fp8 only, this run's is bf16"),
 ]
 
 

@@ -32,6 +32,7 @@ class Model:
         lm_head = fp8_options.pop("lm_head", self.FP8_LM_HEAD)
         if lm_head not in (False, True, "gradients"):
             raise ValueError(f"fp8_options lm_head must be False, True or 'gradients', not {lm_head!r}")
+        self.fp8_lm_head = lm_head if precision == "fp8" else False
         if lm_head:
             linear.append([(self.p[self.head_name(config)], self.g[self.head_name(config)])])
             if lm_head == "gradients":
