@@ -234,7 +234,7 @@ def main():
     config = GPT2Config(max_seq_len=args.sequence_length, vocab_size=50257, padded_vocab_size=50304,
                         num_layers=args.layers, num_heads=4, channels=args.channels)
     passes = args.steps * args.batch_size * args.sequence_length / len(train_tokens)
-    print(f"{len(train_tokens):,} training tokens ({passes:.1f} passes), {len(val_tokens):,} validation tokens; "
+    print(f"{len(train_tokens):,} training tokens ({passes:.2f} passes), {len(val_tokens):,} validation tokens; "
           f"d{args.layers} C={args.channels}, B={args.batch_size} T={args.sequence_length}, lr {args.learning_rate}")
     results = {}
     for v in variants:
