@@ -175,15 +175,15 @@ def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
     add("--precision", default="bf16", choices=precision.PRECISIONS,
         help="the linear layers' matmuls: bf16, or fp8 (e4m3 weights and activations, e5m2 gradients, scaled per "
              "tensor; needs --dtype bfloat16 on a GPU with FP8 tensor cores: Ada, Hopper or newer): the transformer "
-             "blocks' and GPT-2's LM head (Llama 3's stays bf16); attention and the optimizer stay as they are "
-             "(llmpy/precision.py)")
+             "blocks' and GPT-2's LM head (Llama 3's in bf16: --fp8_lm_head); attention and the optimizer stay as "
+             "they are (llmpy/precision.py)")
     add("--fp8_lm_head", default="auto", choices=FP8_LM_HEAD,
         help="--precision fp8: the LM head's three matmuls in FP8 too (1), its two gradients only with the logits "
              "and loss in bf16 (gradients), or all three in bf16 (0); auto: the family's (GPT-2 1, Llama 3 0; "
              "BENCHMARKS.md has the loss and speed measured)")
     add("--fp8_weight_grads", type=int, default=1, choices=(0, 1),
         help="--precision fp8: the weight gradients' matmuls in FP8 (1), or in bf16 from the bf16 inputs the model "
-             "then keeps (0: more memory, slower)")
+             "then keeps (0: more activation memory)")
     add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
     add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
         help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms "

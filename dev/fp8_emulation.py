@@ -195,7 +195,7 @@ def read_tokens(path, count, flag):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="bf16,fp8", help="comma-separated: fp32, bf16, fp8 or BLOCKS/HEAD")
     ap.add_argument("--base", default=None, help="the variant the others are compared to (default: the first)")
     ap.add_argument("-i", "--input_bin", default=TRAIN, help="the training tokens (an llm.c shard)")
