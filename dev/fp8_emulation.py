@@ -50,7 +50,6 @@ from llmpy.schedule import lr_at  # noqa: E402
 from train_gpt2_torch import GPT, configure_optimizer, init_weights  # noqa: E402
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 ALIASES = {"bf16": "/", "fp8": "fdw/fdw"}
 TRAIN = "dev/data/tinyshakespeare/tiny_shakespeare_train.bin"
 VAL = "dev/data/tinyshakespeare/tiny_shakespeare_val.bin"
@@ -66,8 +65,9 @@ def rounded(x, fmt):
     amax = x.abs().max().item()
     if amax == 0:
         return x
-    scale = 2.0 ** math.floor(math.log2(FP8_MAX[fmt] / amax))
-    return (x * scale).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(fmt).float() / scale
+    top = torch.finfo(fmt).max  # 448 (e4m3), 57344 (e5m2)
+    scale = 2.0 ** math.floor(math.log2(top / amax))
+    return (x * scale).clamp(-top, top).to(fmt).float() / scale
 
 
 def operand_formats(fp8_products):
