@@ -183,7 +183,7 @@ def parse_args(argv=None, trainer=GPT2_TRAINER, description=None):
              "BENCHMARKS.md has the loss and speed measured)")
     add("--fp8_weight_grads", type=int, default=1, choices=(0, 1),
         help="--precision fp8: the weight gradients' matmuls in FP8 (1), or in bf16 from the bf16 inputs the model "
-             "then keeps (0: more activation memory)")
+             "then keeps (0: a step about as long as bf16's; BENCHMARKS.md, FP8)")
     add("-f", "--tf32", type=int, default=1, choices=(0, 1), help="allow TF32 tensor cores in float32 matmuls")
     add("-r", "--recompute", type=int, default=0, choices=(0, 1, 2),
         help="activation memory: 1 recomputes the MLP's activation (GELU, SwiGLU) in the backward, 2 also the norms "
